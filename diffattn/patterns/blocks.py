@@ -1,0 +1,172 @@
+"""Block-level description of a sparse attention pattern, the form kernels consume.
+
+A pattern is described on a grid of ``block_m x block_n`` tiles of the ``[q_len, kv_len]`` score
+matrix. For every query block it lists the key blocks to compute, split into
+
+- **full** blocks: every (query, key) pair inside is attended; no element mask is evaluated;
+- **partial** blocks: an element predicate decides per pair (a structured pattern such as a
+  neighborhood window, or the sequence tail).
+
+and, for the backward pass, the transposed lists (for every key block, the query blocks that
+touch it). Lists are ``int32`` and sorted ascending; counts say how many entries are valid.
+Tensors carry a leading head axis of size 1 (shared by all heads) or H (per head).
+
+The sequence tail (``q_len``/``kv_len`` not multiples of the block) is always masked by the
+kernel; the last key block is listed as partial so that full blocks never need a bounds check.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class Predicate:
+    """An element-level rule evaluated inside partial blocks.
+
+    kind: "none" (block-level pattern: every pair inside a listed block is attended, only the
+          sequence tail is masked), "neighborhood" or "circle".
+    params: the rule's integer parameters (see ``kernels.block_sparse`` for their meaning).
+    """
+
+    kind: str = "none"
+    params: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.kind not in ("none", "neighborhood", "circle"):
+            raise ValueError(f"Predicate.kind must be 'none', 'neighborhood' or 'circle', got {self.kind!r}")
+
+
+@dataclass(frozen=True, eq=False)
+class BlockSparsity:
+    q_len: int
+    kv_len: int
+    block_m: int
+    block_n: int
+    full_num: torch.Tensor  # [Hm, nq] int32
+    full_idx: torch.Tensor  # [Hm, nq, max_full] int32
+    part_num: torch.Tensor  # [Hm, nq] int32
+    part_idx: torch.Tensor  # [Hm, nq, max_part] int32
+    # transposed lists for the dK/dV pass
+    q_full_num: torch.Tensor  # [Hm, nk] int32
+    q_full_idx: torch.Tensor  # [Hm, nk, max] int32
+    q_part_num: torch.Tensor  # [Hm, nk] int32
+    q_part_idx: torch.Tensor  # [Hm, nk, max] int32
+    mask: torch.Tensor  # [Hm, nq, nk] bool: listed blocks (full or partial)
+    partial: torch.Tensor  # [Hm, nq, nk] bool: listed blocks that need the element predicate
+    predicate: Predicate = field(default_factory=Predicate)
+    density: float = 1.0
+
+    @property
+    def heads(self) -> int:
+        return self.full_num.shape[0]
+
+    @property
+    def num_q_blocks(self) -> int:
+        return self.full_num.shape[1]
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return self.q_full_num.shape[1]
+
+    def to(self, device) -> "BlockSparsity":
+        moved = {
+            name: getattr(self, name).to(device)
+            for name in (
+                "full_num", "full_idx", "part_num", "part_idx",
+                "q_full_num", "q_full_idx", "q_part_num", "q_part_idx", "mask", "partial",
+            )
+        }
+        return BlockSparsity(
+            self.q_len, self.kv_len, self.block_m, self.block_n, predicate=self.predicate,
+            density=self.density, **moved,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"BlockSparsity(q={self.q_len}, kv={self.kv_len}, block={self.block_m}x{self.block_n}, "
+            f"heads={self.heads}, density={self.density:.3f}, predicate={self.predicate.kind})"
+        )
+
+
+def block_lists(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ascending column indices of the True entries of each row: counts [.., R], idx [.., R, max]."""
+    counts = mask.sum(-1, dtype=torch.int32)
+    width = max(int(counts.max()) if counts.numel() else 0, 1)
+    cols = torch.arange(mask.shape[-1], device=mask.device, dtype=torch.int32)
+    # True entries first, in column order: sort by (not mask, column).
+    order = torch.argsort((~mask).to(torch.int32) * mask.shape[-1] + cols, dim=-1)
+    return counts, order[..., :width].to(torch.int32).contiguous()
+
+
+def from_block_mask(
+    mask: torch.Tensor,
+    q_len: int,
+    kv_len: int | None = None,
+    *,
+    block_m: int,
+    block_n: int | None = None,
+    partial: torch.Tensor | None = None,
+    predicate: Predicate | None = None,
+) -> BlockSparsity:
+    """Describe a block mask ``[nq, nk]`` or ``[H, nq, nk]`` (bool) for the kernels.
+
+    partial: same shape, True where a listed block needs the element predicate. Default: none
+             besides the last key block when ``kv_len`` is not a multiple of ``block_n``.
+    Raises ValueError when a query block has no key block at all (its softmax would be empty).
+    """
+    kv_len = q_len if kv_len is None else kv_len
+    block_n = block_m if block_n is None else block_n
+    if mask.dtype != torch.bool:
+        raise ValueError(f"from_block_mask: mask must be bool, got dtype={mask.dtype}")
+    if mask.dim() == 2:
+        mask = mask[None]
+    nq, nk = -(-q_len // block_m), -(-kv_len // block_n)
+    if tuple(mask.shape[1:]) != (nq, nk):
+        raise ValueError(
+            f"from_block_mask: mask has {tuple(mask.shape[1:])} blocks, expected {(nq, nk)} for "
+            f"q_len={q_len}, kv_len={kv_len}, blocks {block_m}x{block_n}"
+        )
+    empty = ~mask.any(-1)
+    if bool(empty.any()):
+        head, row = (int(v) for v in empty.nonzero()[0])
+        raise ValueError(
+            f"from_block_mask: query block {row} (head {head}) has no key block; every query needs at "
+            "least one key (add the diagonal block, or check the pattern parameters)"
+        )
+    part = torch.zeros_like(mask) if partial is None else (partial.expand_as(mask) & mask)
+    if kv_len % block_n:
+        part = part.clone()
+        part[..., nk - 1] |= mask[..., nk - 1]
+    full = mask & ~part
+    full_num, full_idx = block_lists(full)
+    part_num, part_idx = block_lists(part)
+    q_full_num, q_full_idx = block_lists(full.transpose(-1, -2))
+    q_part_num, q_part_idx = block_lists(part.transpose(-1, -2))
+    # density over computed score entries, tails included
+    rows = torch.full((nq,), block_m, dtype=torch.float64)
+    rows[-1] = q_len - (nq - 1) * block_m
+    cols = torch.full((nk,), block_n, dtype=torch.float64)
+    cols[-1] = kv_len - (nk - 1) * block_n
+    area = (mask.to(torch.float64).cpu() * rows[:, None] * cols[None, :]).sum() / (mask.shape[0] * q_len * kv_len)
+    return BlockSparsity(
+        q_len, kv_len, block_m, block_n, full_num, full_idx, part_num, part_idx,
+        q_full_num, q_full_idx, q_part_num, q_part_idx, mask, part,
+        predicate=predicate or Predicate(), density=float(area),
+    )
+
+
+def dense(q_len: int, kv_len: int | None = None, *, block_m: int = 128, block_n: int | None = None) -> BlockSparsity:
+    """Every block listed: the sparse kernel run as a dense one (density 1.0)."""
+    kv_len = q_len if kv_len is None else kv_len
+    block_n = block_m if block_n is None else block_n
+    mask = torch.ones(-(-q_len // block_m), -(-kv_len // block_n), dtype=torch.bool)
+    return from_block_mask(mask, q_len, kv_len, block_m=block_m, block_n=block_n)
+
+
+def expand_block_mask(mask: torch.Tensor, q_len: int, kv_len: int, block_m: int, block_n: int) -> torch.Tensor:
+    """Token-level mask ``[.., q_len, kv_len]`` of a block mask (for references at small sizes)."""
+    out = mask.repeat_interleave(block_m, dim=-2).repeat_interleave(block_n, dim=-1)
+    return out[..., :q_len, :kv_len]

@@ -1,0 +1,562 @@
+"""Block-sparse flash attention in Triton: forward and backward, driven by a ``BlockSparsity``.
+
+Layout: q, k, v ``[B, H, S, D]`` (any strides), bf16 / fp16 (fp32 under ``TRITON_INTERPRET=1``
+and for tests). Any S: the sequence tail is masked in-kernel, never truncated. Head dims that are
+not a power of two (40, 80, 96) are padded inside the kernel with masked loads.
+
+For every query block the kernel walks the listed key blocks: **full** blocks without any element
+mask, **partial** blocks (the sequence tail) with one. Keys at positions >= ``kv_len[b]`` (padded
+text) are skipped block-wise and masked element-wise. The forward returns the output and the
+natural-log log-sum-exp per query, so partial results merge exactly (``kernels.merge``).
+
+The backward is FlashAttention-2's: a pre-pass computes delta = rowsum(dO * O); one kernel walks,
+for every key block, the query blocks that list it (the transposed lists) and accumulates dK, dV;
+another walks each query block's key list and accumulates dQ. No atomics.
+
+Order follows the Triton fused-attention tutorial: helpers, inner loops, configs, kernels,
+autograd wrapper (a ``torch.library.custom_op`` with fake implementations, so torch.compile traces
+it), public function.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from diffattn.patterns.blocks import BlockSparsity
+
+try:  # triton is a Linux dependency; elsewhere the backend reports it cannot run
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised only on machines without triton
+    HAS_TRITON = False
+
+LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)): the kernels work in base 2
+LN2 = 0.6931471805599453
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256  # registers: q, acc and a K tile of 256 fp32 columns is the practical limit
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def can_run(q: torch.Tensor, sparsity: BlockSparsity, forced: bool = False) -> tuple[bool, str]:
+    """Whether this backend can run ``q`` with ``sparsity``, and why not."""
+    if not HAS_TRITON:
+        return False, "triton is not installed (pip install triton, Linux only)"
+    if not q.is_cuda and not (_interpreting() and forced):
+        return False, "tensors are on the CPU (the Triton backend needs CUDA; under TRITON_INTERPRET=1 it runs on CPU when forced with backend='triton')"
+    if q.dtype not in SUPPORTED_DTYPES:
+        return False, f"dtype {q.dtype} is not supported (fp16, bf16; fp32 for tests)"
+    if q.dtype == torch.float32 and q.is_cuda and not forced:
+        return False, "fp32 runs through tf32 tensor cores in Triton; use bf16/fp16, or the flex/sdpa backend for fp32"
+    if q.shape[-1] > MAX_HEAD_DIM:
+        return False, f"head_dim {q.shape[-1]} > {MAX_HEAD_DIM}"
+    if sparsity.predicate.kind != "none":
+        return False, f"predicate {sparsity.predicate.kind!r} is not implemented in this kernel"
+    if sparsity.block_m < 16 or sparsity.block_n < 16 or sparsity.block_m & (sparsity.block_m - 1) or sparsity.block_n & (sparsity.block_n - 1):
+        return False, f"blocks must be powers of two >= 16, got {sparsity.block_m}x{sparsity.block_n}"
+    return True, ""
+
+
+if HAS_TRITON:
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    @triton.jit
+    def _load_tile(base, rows, cols, stride_r, stride_c, n_rows, n_cols, MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr):
+        ptrs = base + rows[:, None] * stride_r + cols[None, :] * stride_c
+        if MASK_ROWS and MASK_COLS:
+            return tl.load(ptrs, mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols), other=0.0)
+        elif MASK_ROWS:
+            return tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
+        elif MASK_COLS:
+            return tl.load(ptrs, mask=cols[None, :] < n_cols, other=0.0)
+        else:
+            return tl.load(ptrs)
+
+    # -- forward inner loop ----------------------------------------------------------------------
+
+    @triton.jit
+    def _fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, idx_ptr, count, kv_end,
+        stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale,
+        BLOCK_N: tl.constexpr, SPARSE_N: tl.constexpr, MASKED: tl.constexpr, PAD_D: tl.constexpr,
+    ):
+        tl.static_assert(SPARSE_N % BLOCK_N == 0, "the kernel tile must divide the sparse block")
+        SUB: tl.constexpr = SPARSE_N // BLOCK_N
+        for t in range(0, count * SUB):
+            kb = tl.load(idx_ptr + t // SUB)
+            start = kb * SPARSE_N + (t % SUB) * BLOCK_N
+            offs_n = start + tl.arange(0, BLOCK_N)
+            k = _load_tile(k_base, offs_n, offs_d, stride_kn, stride_kd, kv_end, head_dim, MASKED, PAD_D)
+            v = _load_tile(v_base, offs_n, offs_d, stride_vn, stride_vd, kv_end, head_dim, MASKED, PAD_D)
+            qk = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_M, BLOCK_N], base-2 logits
+            if MASKED:
+                qk = tl.where(offs_n[None, :] < kv_end, qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            if MASKED:  # a fully masked row keeps m = -inf: subtract 0 instead (exp2(-inf) = 0)
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            else:
+                m_safe = m_new
+            p = tl.math.exp2(qk - m_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        return acc, l_i, m_i
+
+    # -- configs -----------------------------------------------------------------------------
+
+    def _fwd_configs():
+        if _interpreting():
+            # the interpreter pays per loop iteration: the pruner keeps the largest tile that fits
+            # (it only runs with more than one config, so there is always a ladder)
+            return [triton.Config({"BLOCK_N": bn}, num_warps=4, num_stages=1) for bn in (128, 64, 32, 16)]
+        return [
+            triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bn in (64, 128)
+            for w in (4, 8)
+            for s in (2, 3, 4)
+        ]
+
+    def _prune_fwd(configs, named_args, **kwargs):
+        sparse_n = kwargs.get("SPARSE_N", named_args.get("SPARSE_N"))
+        head = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
+        kept = [c for c in configs if c.kwargs["BLOCK_N"] <= sparse_n and not (head > 128 and c.kwargs["BLOCK_N"] > 64)]
+        if _interpreting():
+            kept = [max(kept, key=lambda c: c.kwargs["BLOCK_N"])]
+        return kept
+
+    # -- forward kernel --------------------------------------------------------------------------
+
+    @triton.autotune(
+        configs=_fwd_configs(), key=["HEAD_DIM", "SPARSE_M", "SPARSE_N", "HAS_KV_LEN"],
+        prune_configs_by={"early_config_prune": _prune_fwd},
+    )
+    @triton.jit
+    def _fwd_kernel(
+        Q, K, V, Out, Lse,
+        full_num, full_idx, part_num, part_idx, kv_len_ptr,
+        stride_qb, stride_qh, stride_qm, stride_qd,
+        stride_kb, stride_kh, stride_kn, stride_kd,
+        stride_vb, stride_vh, stride_vn, stride_vd,
+        stride_ob, stride_oh, stride_om, stride_od,
+        num_heads, q_len, kv_len, head_dim, qk_scale,
+        list_head_stride, num_q_blocks, full_width, part_width,
+        HEAD_DIM: tl.constexpr, SPARSE_M: tl.constexpr, SPARSE_N: tl.constexpr,
+        HAS_KV_LEN: tl.constexpr, PAD_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        qb = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // num_heads
+        h = bh % num_heads
+        offs_m = qb * SPARSE_M + tl.arange(0, SPARSE_M)
+        offs_d = tl.arange(0, HEAD_DIM)
+        q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+        k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+        v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+        q_ptrs = q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+        q = tl.load(q_ptrs, mask=(offs_m[:, None] < q_len) & (offs_d[None, :] < head_dim), other=0.0)
+
+        kv_end = kv_len
+        if HAS_KV_LEN:
+            kv_end = tl.minimum(tl.load(kv_len_ptr + b), kv_len)
+        row = h.to(tl.int64) * list_head_stride + qb
+        n_full = tl.load(full_num + row)
+        n_part = tl.load(part_num + row)
+
+        m_i = tl.full([SPARSE_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([SPARSE_M], tl.float32)
+        acc = tl.zeros([SPARSE_M, HEAD_DIM], tl.float32)
+        full_list = full_idx + row * full_width
+        if HAS_KV_LEN:
+            # full blocks wholly inside the valid keys run unmasked; later ones (sorted) masked
+            n_clean = 0
+            for i in range(0, n_full):
+                kb = tl.load(full_list + i)
+                n_clean += ((kb + 1) * SPARSE_N <= kv_end).to(tl.int32)
+            if PAD_D:
+                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, full_list, n_clean, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, BLOCK_N, SPARSE_N, False, True)
+                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, full_list + n_clean, n_full - n_clean, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, BLOCK_N, SPARSE_N, True, True)
+            else:
+                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, full_list, n_clean, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, BLOCK_N, SPARSE_N, False, False)
+                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, full_list + n_clean, n_full - n_clean, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, BLOCK_N, SPARSE_N, True, False)
+        else:
+            if PAD_D:
+                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, full_list, n_full, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, BLOCK_N, SPARSE_N, False, True)
+            else:
+                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, full_list, n_full, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, BLOCK_N, SPARSE_N, False, False)
+        part_list = part_idx + row * part_width
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, part_list, n_part, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, BLOCK_N, SPARSE_N, True, True)
+
+        empty = l_i == 0.0
+        l_safe = tl.where(empty, 1.0, l_i)
+        out = acc / l_safe[:, None]
+        lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)  # natural log
+        o_ptrs = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < q_len) & (offs_d[None, :] < head_dim))
+        tl.store(Lse + bh.to(tl.int64) * q_len + offs_m, lse, mask=offs_m < q_len)
+
+    # -- backward ------------------------------------------------------------------------------
+
+    @triton.jit
+    def _bwd_delta(Out, dOut, Delta, stride_ob, stride_oh, stride_om, stride_od,
+                   stride_db, stride_dh, stride_dm, stride_dd, num_heads, q_len, head_dim,
+                   BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
+        pid = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // num_heads
+        h = bh % num_heads
+        offs_m = pid * BLOCK + tl.arange(0, BLOCK)
+        offs_d = tl.arange(0, HEAD_DIM)
+        mask = (offs_m[:, None] < q_len) & (offs_d[None, :] < head_dim)
+        o = tl.load(Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od, mask=mask, other=0.0)
+        do = tl.load(dOut + b.to(tl.int64) * stride_db + h.to(tl.int64) * stride_dh + offs_m[:, None] * stride_dm + offs_d[None, :] * stride_dd, mask=mask, other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        tl.store(Delta + bh.to(tl.int64) * q_len + offs_m, delta, mask=offs_m < q_len)
+
+    @triton.jit
+    def _dkdv_inner(
+        dk, dv, k, v, q_base, do_base, lse_base, delta_base, idx_ptr, count,
+        offs_n, offs_d, stride_qm, stride_qd, stride_dom, stride_dod, q_len, kv_end, head_dim, qk_scale,
+        BLOCK_M: tl.constexpr, SPARSE_M: tl.constexpr, MASKED: tl.constexpr,
+    ):
+        tl.static_assert(SPARSE_M % BLOCK_M == 0, "the kernel tile must divide the sparse block")
+        SUB: tl.constexpr = SPARSE_M // BLOCK_M
+        for t in range(0, count * SUB):
+            qb = tl.load(idx_ptr + t // SUB)
+            offs_m = qb * SPARSE_M + (t % SUB) * BLOCK_M + tl.arange(0, BLOCK_M)
+            q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                        mask=(offs_m[:, None] < q_len) & (offs_d[None, :] < head_dim), other=0.0)
+            do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                         mask=(offs_m[:, None] < q_len) & (offs_d[None, :] < head_dim), other=0.0)
+            lse = tl.load(lse_base + offs_m, mask=offs_m < q_len, other=0.0) * 1.4426950408889634
+            lse = tl.where(lse == float("-inf"), float("inf"), lse)  # rows with no key: p = 0
+            delta = tl.load(delta_base + offs_m, mask=offs_m < q_len, other=0.0)
+            qkT = tl.dot(k, tl.trans(q)) * qk_scale  # [BLOCK_N, BLOCK_M] base-2
+            pT = tl.math.exp2(qkT - lse[None, :])
+            valid = offs_m[None, :] < q_len
+            if MASKED:
+                valid = valid & (offs_n[:, None] < kv_end)
+            pT = tl.where(valid, pT, 0.0)
+            dv += tl.dot(pT.to(do.dtype), do)
+            dpT = tl.dot(v, tl.trans(do))
+            dsT = pT * (dpT - delta[None, :])
+            dk += tl.dot(dsT.to(q.dtype), q)
+        return dk, dv
+
+    def _bwd_configs():
+        if _interpreting():
+            return [triton.Config({"BLOCK_M": b, "BLOCK_N": b}, num_warps=4, num_stages=1) for b in (128, 64, 32, 16)]
+        return [
+            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bm, bn in ((32, 64), (64, 64), (32, 128), (64, 128))
+            for w in (4, 8)
+            for s in (2, 3)
+        ]
+
+    def _prune_bwd(configs, named_args, **kwargs):
+        sm = kwargs.get("SPARSE_M", named_args.get("SPARSE_M"))
+        sn = kwargs.get("SPARSE_N", named_args.get("SPARSE_N"))
+        head = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
+        kept = [
+            c for c in configs
+            if c.kwargs["BLOCK_M"] <= sm and c.kwargs["BLOCK_N"] <= sn
+            and not (head > 128 and c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_M"] > 64 * 64)
+        ]
+        if _interpreting():
+            kept = [max(kept, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+        return kept
+
+    @triton.autotune(
+        configs=_bwd_configs(), key=["HEAD_DIM", "SPARSE_M", "SPARSE_N", "HAS_KV_LEN"],
+        prune_configs_by={"early_config_prune": _prune_bwd}, reset_to_zero=[],
+    )
+    @triton.jit
+    def _dkdv_kernel(
+        Q, K, V, dO, Lse, Delta, dK, dV,
+        q_full_num, q_full_idx, q_part_num, q_part_idx, kv_len_ptr,
+        stride_qb, stride_qh, stride_qm, stride_qd,
+        stride_kb, stride_kh, stride_kn, stride_kd,
+        stride_vb, stride_vh, stride_vn, stride_vd,
+        stride_dob, stride_doh, stride_dom, stride_dod,
+        stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+        num_heads, q_len, kv_len, head_dim, qk_scale, sm_scale,
+        list_head_stride, full_width, part_width,
+        HEAD_DIM: tl.constexpr, SPARSE_M: tl.constexpr, SPARSE_N: tl.constexpr,
+        HAS_KV_LEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        tile = tl.program_id(0)  # key tile of BLOCK_N rows
+        bh = tl.program_id(1)
+        b = bh // num_heads
+        h = bh % num_heads
+        kb = (tile * BLOCK_N) // SPARSE_N
+        offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+        kv_end = kv_len
+        if HAS_KV_LEN:
+            kv_end = tl.minimum(tl.load(kv_len_ptr + b), kv_len)
+        k_mask = (offs_n[:, None] < kv_end) & (offs_d[None, :] < head_dim)
+        k = tl.load(K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=k_mask, other=0.0)
+        v = tl.load(V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=k_mask, other=0.0)
+        dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+        dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+        q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+        do_base = dO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+        lse_base = Lse + bh.to(tl.int64) * q_len
+        delta_base = Delta + bh.to(tl.int64) * q_len
+        row = h.to(tl.int64) * list_head_stride + kb
+        clean = (kb + 1) * SPARSE_N <= kv_end
+        if tile * BLOCK_N < kv_end:
+            n_full = tl.load(q_full_num + row)
+            n_part = tl.load(q_part_num + row)
+            if clean:
+                dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, q_full_idx + row * full_width, n_full, offs_n, offs_d, stride_qm, stride_qd, stride_dom, stride_dod, q_len, kv_end, head_dim, qk_scale, BLOCK_M, SPARSE_M, False)
+            else:
+                dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, q_full_idx + row * full_width, n_full, offs_n, offs_d, stride_qm, stride_qd, stride_dom, stride_dod, q_len, kv_end, head_dim, qk_scale, BLOCK_M, SPARSE_M, True)
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, q_part_idx + row * part_width, n_part, offs_n, offs_d, stride_qm, stride_qd, stride_dom, stride_dod, q_len, kv_end, head_dim, qk_scale, BLOCK_M, SPARSE_M, True)
+        dk = dk * sm_scale
+        out_mask = (offs_n[:, None] < kv_len) & (offs_d[None, :] < head_dim)
+        dk_off = b.to(tl.int64) * stride_dkb + h.to(tl.int64) * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
+        tl.store(dK + dk_off, dk.to(dK.dtype.element_ty), mask=out_mask)
+        tl.store(dV + dk_off, dv.to(dV.dtype.element_ty), mask=out_mask)
+
+    @triton.jit
+    def _dq_inner(
+        dq, q, do, lse, delta, k_base, v_base, idx_ptr, count, offs_m, offs_d,
+        stride_kn, stride_kd, stride_vn, stride_vd, q_len, kv_end, head_dim, qk_scale,
+        BLOCK_N: tl.constexpr, SPARSE_N: tl.constexpr, MASKED: tl.constexpr,
+    ):
+        tl.static_assert(SPARSE_N % BLOCK_N == 0, "the kernel tile must divide the sparse block")
+        SUB: tl.constexpr = SPARSE_N // BLOCK_N
+        for t in range(0, count * SUB):
+            kb = tl.load(idx_ptr + t // SUB)
+            offs_n = kb * SPARSE_N + (t % SUB) * BLOCK_N + tl.arange(0, BLOCK_N)
+            kmask = (offs_n[:, None] < kv_end) & (offs_d[None, :] < head_dim)
+            k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kmask, other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kmask, other=0.0)
+            qk = tl.dot(q, tl.trans(k)) * qk_scale
+            p = tl.math.exp2(qk - lse[:, None])
+            if MASKED:
+                p = tl.where(offs_n[None, :] < kv_end, p, 0.0)
+            dp = tl.dot(do, tl.trans(v))
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k)
+        return dq
+
+    @triton.autotune(
+        configs=_bwd_configs(), key=["HEAD_DIM", "SPARSE_M", "SPARSE_N", "HAS_KV_LEN"],
+        prune_configs_by={"early_config_prune": _prune_bwd},
+    )
+    @triton.jit
+    def _dq_kernel(
+        Q, K, V, dO, Lse, Delta, dQ,
+        full_num, full_idx, part_num, part_idx, kv_len_ptr,
+        stride_qb, stride_qh, stride_qm, stride_qd,
+        stride_kb, stride_kh, stride_kn, stride_kd,
+        stride_vb, stride_vh, stride_vn, stride_vd,
+        stride_dob, stride_doh, stride_dom, stride_dod,
+        stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+        num_heads, q_len, kv_len, head_dim, qk_scale, sm_scale,
+        list_head_stride, full_width, part_width,
+        HEAD_DIM: tl.constexpr, SPARSE_M: tl.constexpr, SPARSE_N: tl.constexpr,
+        HAS_KV_LEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        tile = tl.program_id(0)  # query tile of BLOCK_M rows
+        bh = tl.program_id(1)
+        b = bh // num_heads
+        h = bh % num_heads
+        qb = (tile * BLOCK_M) // SPARSE_M
+        offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, HEAD_DIM)
+        qmask = (offs_m[:, None] < q_len) & (offs_d[None, :] < head_dim)
+        q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=qmask, other=0.0)
+        do = tl.load(dO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=qmask, other=0.0)
+        lse = tl.load(Lse + bh.to(tl.int64) * q_len + offs_m, mask=offs_m < q_len, other=0.0) * 1.4426950408889634
+        # rows that saw no key have lse = -inf: their gradient is 0 (p = exp2(x - inf) = 0)
+        lse = tl.where(lse == float("-inf"), float("inf"), lse)
+        delta = tl.load(Delta + bh.to(tl.int64) * q_len + offs_m, mask=offs_m < q_len, other=0.0)
+        kv_end = kv_len
+        if HAS_KV_LEN:
+            kv_end = tl.minimum(tl.load(kv_len_ptr + b), kv_len)
+        k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+        v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+        row = h.to(tl.int64) * list_head_stride + qb
+        dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        n_full = tl.load(full_num + row)
+        n_part = tl.load(part_num + row)
+        if HAS_KV_LEN:
+            dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, full_idx + row * full_width, n_full, offs_m, offs_d, stride_kn, stride_kd, stride_vn, stride_vd, q_len, kv_end, head_dim, qk_scale, BLOCK_N, SPARSE_N, True)
+        else:
+            dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, full_idx + row * full_width, n_full, offs_m, offs_d, stride_kn, stride_kd, stride_vn, stride_vd, q_len, kv_end, head_dim, qk_scale, BLOCK_N, SPARSE_N, False)
+        dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, part_idx + row * part_width, n_part, offs_m, offs_d, stride_kn, stride_kd, stride_vn, stride_vd, q_len, kv_end, head_dim, qk_scale, BLOCK_N, SPARSE_N, True)
+        dq = dq * sm_scale
+        tl.store(dQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd, dq.to(dQ.dtype.element_ty), mask=qmask)
+
+
+# -- launchers -----------------------------------------------------------------------------------
+
+def _head_dim_pow2(d: int) -> int:
+    return max(16, 1 << (d - 1).bit_length())
+
+
+def _list_head_stride(num: torch.Tensor) -> int:
+    # lists shared by all heads (Hm = 1) are read at head stride 0
+    return 0 if num.shape[0] == 1 else num.shape[1]
+
+
+def _check_inputs(q, k, v, num_heads_lists: int):
+    if q.dim() != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(
+            f"block_sparse_attention: expected q [B, H, Sq, D] and k, v [B, H, Sk, D], got "
+            f"q={tuple(q.shape)}, k={tuple(k.shape)}, v={tuple(v.shape)}"
+        )
+    if num_heads_lists not in (1, q.shape[1]):
+        raise ValueError(f"block_sparse_attention: block lists have {num_heads_lists} heads, expected 1 or {q.shape[1]}")
+
+
+def _forward(q, k, v, full_num, full_idx, part_num, part_idx, kv_len, scale, sparse_m, sparse_n):
+    b, h, sq, d = q.shape
+    sk = k.shape[2]
+    out = torch.empty_like(q)
+    lse = torch.empty(b, h, sq, device=q.device, dtype=torch.float32)
+    kv_ptr = kv_len if kv_len is not None else full_num  # never read when HAS_KV_LEN is False
+    grid = (-(-sq // sparse_m), b * h)
+    _fwd_kernel[grid](
+        q, k, v, out, lse, full_num, full_idx, part_num, part_idx, kv_ptr,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        h, sq, sk, d, scale * LOG2E,
+        _list_head_stride(full_num), full_num.shape[1], full_idx.shape[-1], part_idx.shape[-1],
+        HEAD_DIM=_head_dim_pow2(d), SPARSE_M=sparse_m, SPARSE_N=sparse_n, HAS_KV_LEN=kv_len is not None,
+        PAD_D=_head_dim_pow2(d) != d,
+    )
+    return out, lse
+
+
+def _backward(do, q, k, v, out, lse, lists, kv_len, scale, sparse_m, sparse_n):
+    (full_num, full_idx, part_num, part_idx, q_full_num, q_full_idx, q_part_num, q_part_idx) = lists
+    b, h, sq, d = q.shape
+    sk = k.shape[2]
+    head = _head_dim_pow2(d)
+    delta = torch.empty(b, h, sq, device=q.device, dtype=torch.float32)
+    _bwd_delta[(-(-sq // 64), b * h)](out, do, delta, *out.stride(), *do.stride(), h, sq, d, BLOCK=64, HEAD_DIM=head)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    kv_ptr = kv_len if kv_len is not None else full_num
+    has_kv = kv_len is not None
+    _dkdv_kernel[lambda meta: (-(-sk // meta["BLOCK_N"]), b * h)](
+        q, k, v, do, lse, delta, dk, dv, q_full_num, q_full_idx, q_part_num, q_part_idx, kv_ptr,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(),
+        h, sq, sk, d, scale * LOG2E, scale,
+        _list_head_stride(q_full_num), q_full_idx.shape[-1], q_part_idx.shape[-1],
+        HEAD_DIM=head, SPARSE_M=sparse_m, SPARSE_N=sparse_n, HAS_KV_LEN=has_kv,
+    )
+    _dq_kernel[lambda meta: (-(-sq // meta["BLOCK_M"]), b * h)](
+        q, k, v, do, lse, delta, dq, full_num, full_idx, part_num, part_idx, kv_ptr,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+        h, sq, sk, d, scale * LOG2E, scale,
+        _list_head_stride(full_num), full_idx.shape[-1], part_idx.shape[-1],
+        HEAD_DIM=head, SPARSE_M=sparse_m, SPARSE_N=sparse_n, HAS_KV_LEN=has_kv,
+    )
+    return dq, dk, dv
+
+
+# -- custom op + autograd ------------------------------------------------------------------------
+
+@torch.library.custom_op("diffattn::block_sparse_fwd", mutates_args=())
+def block_sparse_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    full_num: torch.Tensor, full_idx: torch.Tensor, part_num: torch.Tensor, part_idx: torch.Tensor,
+    q_full_num: torch.Tensor, q_full_idx: torch.Tensor, q_part_num: torch.Tensor, q_part_idx: torch.Tensor,
+    kv_len: torch.Tensor | None, scale: float, sparse_m: int, sparse_n: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward: (out [B, H, Sq, D], lse [B, H, Sq] fp32 natural log)."""
+    return _forward(q, k, v, full_num, full_idx, part_num, part_idx, kv_len, scale, sparse_m, sparse_n)
+
+
+@block_sparse_fwd.register_fake
+def _(q, k, v, full_num, full_idx, part_num, part_idx, q_full_num, q_full_idx, q_part_num, q_part_idx, kv_len, scale, sparse_m, sparse_n):
+    return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("diffattn::block_sparse_bwd", mutates_args=())
+def block_sparse_bwd(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    full_num: torch.Tensor, full_idx: torch.Tensor, part_num: torch.Tensor, part_idx: torch.Tensor,
+    q_full_num: torch.Tensor, q_full_idx: torch.Tensor, q_part_num: torch.Tensor, q_part_idx: torch.Tensor,
+    kv_len: torch.Tensor | None, scale: float, sparse_m: int, sparse_n: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward: (dq, dk, dv)."""
+    lists = (full_num, full_idx, part_num, part_idx, q_full_num, q_full_idx, q_part_num, q_part_idx)
+    return _backward(do.contiguous(), q, k, v, out, lse, lists, kv_len, scale, sparse_m, sparse_n)
+
+
+@block_sparse_bwd.register_fake
+def _(do, q, k, v, out, lse, *rest):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, *lists, kv_len, scale, sparse_m, sparse_n = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, *lists, *(() if kv_len is None else (kv_len,)))
+    ctx.has_kv_len = kv_len is not None
+    ctx.scale, ctx.sparse_m, ctx.sparse_n = scale, sparse_m, sparse_n
+
+
+def _backward_rule(ctx, grad_out, grad_lse):
+    saved = ctx.saved_tensors
+    q, k, v, out, lse = saved[:5]
+    lists = saved[5:13]
+    kv_len = saved[13] if ctx.has_kv_len else None
+    # grad_lse is not propagated: callers that merge partial results differentiate through out only
+    dq, dk, dv = block_sparse_bwd(grad_out, q, k, v, out, lse, *lists, kv_len, ctx.scale, ctx.sparse_m, ctx.sparse_n)
+    return (dq, dk, dv) + (None,) * 12
+
+
+block_sparse_fwd.register_autograd(_backward_rule, setup_context=_setup_context)
+
+
+# -- public function -------------------------------------------------------------------------------
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sparsity: BlockSparsity,
+    kv_len: torch.Tensor | None = None,
+    scale: float | None = None,
+    return_lse: bool = False,
+):
+    """Attention of q ``[B, H, Sq, D]`` over k, v ``[B, H, Sk, D]`` restricted to ``sparsity``.
+
+    kv_len: ``[B]`` int32, keys at positions >= kv_len[b] are ignored (padded text), or None.
+    Returns out ``[B, H, Sq, D]`` (and lse ``[B, H, Sq]`` fp32, natural log, with return_lse).
+    Differentiable in q, k, v. Rows that see no key return 0 with lse -inf.
+    """
+    ok, why = can_run(q, sparsity, forced=True)
+    if not ok:
+        raise NotImplementedError(f"block_sparse_attention cannot run: {why}")
+    _check_inputs(q, k, v, sparsity.heads)
+    if (q.shape[2], k.shape[2]) != (sparsity.q_len, sparsity.kv_len):
+        raise ValueError(
+            f"block_sparse_attention: q/k lengths {(q.shape[2], k.shape[2])} do not match the "
+            f"description's {(sparsity.q_len, sparsity.kv_len)}; rebuild it for this layout"
+        )
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    if kv_len is not None:
+        kv_len = kv_len.to(device=q.device, dtype=torch.int32).contiguous()
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    s = sparsity
+    out, lse = block_sparse_fwd(
+        q, k, v, s.full_num, s.full_idx, s.part_num, s.part_idx,
+        s.q_full_num, s.q_full_idx, s.q_part_num, s.q_part_idx,
+        kv_len, scale, s.block_m, s.block_n,
+    )
+    return (out, lse) if return_lse else out

@@ -1,0 +1,79 @@
+"""FlexAttention backend: a block description becomes a ``BlockMask`` for compiled flex_attention.
+
+Full blocks map to flex's full blocks; partial blocks (sequence tails) and, when keys are padded,
+every block of the padded key region map to flex's partial blocks, whose ``mask_mod`` masks keys
+at positions >= kv_len[b]. The index tensors are built once per description (cache them on the
+handle through ``FlexBackend``); only the mask_mod changes per call.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from diffattn.patterns.blocks import BlockSparsity, block_lists
+
+FLEX_MIN_BLOCK = 16  # flex tiles must divide the sparse block; below 16 the kernel does not tile
+
+
+def can_run(q: torch.Tensor, sparsity: BlockSparsity) -> tuple[bool, str]:
+    if not q.is_cuda:
+        return False, "flex backend runs compiled kernels on CUDA only (use backend='sdpa' on CPU)"
+    if sparsity.block_m != sparsity.block_n or sparsity.block_m < FLEX_MIN_BLOCK:
+        return False, f"flex backend needs square blocks >= {FLEX_MIN_BLOCK}, got {sparsity.block_m}x{sparsity.block_n}"
+    if sparsity.predicate.kind != "none":
+        return False, f"flex backend here evaluates block-level patterns only, got {sparsity.predicate.kind!r}"
+    return True, ""
+
+
+def _padded(num: torch.Tensor, idx: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # flex reads column ids against the width of the index array: it must be >= the block count.
+    out = torch.zeros(*idx.shape[:-1], width, dtype=torch.int32, device=idx.device)
+    out[..., : idx.shape[-1]] = idx
+    return num[None].contiguous(), out[None].contiguous()  # add the batch axis
+
+
+class FlexBackend:
+    """Compiled flex_attention plus the BlockMask index tensors of one description.
+
+    Keep one per (description, device) on the handle: compiling is slow, building indices is not free.
+    """
+
+    def __init__(self, sparsity: BlockSparsity, device, compiled=None, text_key_start: int | None = None):
+        from torch.nn.attention.flex_attention import flex_attention
+
+        self.sparsity = sparsity.to(device)
+        self.compiled = compiled if compiled is not None else torch.compile(flex_attention, dynamic=False)
+        s = self.sparsity
+        part = s.partial
+        if text_key_start is not None:
+            # every block from the first one holding a possibly padded key checks kv_idx < kv_len[b]
+            part = part.clone()
+            part[..., text_key_start // s.block_n:] |= s.mask[..., text_key_start // s.block_n:]
+        self.masks_padding = text_key_start is not None
+        full_num, full_idx = block_lists(s.mask & ~part)
+        part_num, part_idx = block_lists(part)
+        self.full_num, self.full_idx = _padded(full_num, full_idx, s.num_kv_blocks)
+        self.part_num, self.part_idx = _padded(part_num, part_idx, s.num_kv_blocks)
+
+    def __call__(self, q, k, v, kv_len: torch.Tensor | None = None, scale: float | None = None):
+        from torch.nn.attention.flex_attention import BlockMask
+
+        s = self.sparsity
+        if kv_len is not None and not self.masks_padding:
+            raise ValueError("FlexBackend: kv_len given but the backend was built without text_key_start")
+
+        if kv_len is None:
+            def mask_mod(b, h, q_idx, kv_idx):
+                return kv_idx < s.kv_len
+        else:
+            def mask_mod(b, h, q_idx, kv_idx):
+                return kv_idx < kv_len[b]
+
+        block_mask = BlockMask.from_kv_blocks(
+            self.part_num, self.part_idx, self.full_num, self.full_idx,
+            BLOCK_SIZE=(s.block_m, s.block_n), mask_mod=mask_mod, seq_lengths=(s.q_len, s.kv_len),
+        )
+        options = None
+        if s.block_m < 128:
+            options = {"BLOCK_M": s.block_m, "BLOCK_N": s.block_n}
+        return self.compiled(q, k, v, block_mask=block_mask, scale=scale, kernel_options=options)

@@ -1,0 +1,174 @@
+"""Kernels vs their reference twin on fresh random inputs.
+
+CPU: the Triton kernel under TRITON_INTERPRET=1 at tiny sizes (CI). GPU: real sizes (marker gpu).
+"""
+
+import os
+
+import pytest
+import torch
+
+from diffattn.kernels import block_sparse, sdpa
+from diffattn.kernels.merge import merge_attention
+from diffattn.kernels.reference import attention_reference
+from diffattn.patterns.blocks import dense, expand_block_mask, from_block_mask
+from helpers import assert_error_ratio
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+needs_interpreter = pytest.mark.skipif(not INTERPRET, reason="set TRITON_INTERPRET=1 to run the Triton kernel on CPU")
+
+
+def _random_mask(heads, nq, nk, density, generator):
+    mask = torch.rand(heads, nq, nk, generator=generator) < density
+    rows = torch.arange(nq)
+    mask[:, rows, torch.minimum(rows * nk // nq, torch.tensor(nk - 1))] = True  # no empty row
+    mask[:, :, 0] = True  # and a key below any kv_len padding
+    return mask
+
+
+def _check_against_reference(b, h, s, d, block, heads_in_mask, dtype, device, kv_pad=0, density=0.5, grad=True, partial=None):
+    g = torch.Generator().manual_seed(s * 31 + d)
+    nb = -(-s // block)
+    mask = _random_mask(heads_in_mask, nb, nb, density, g)
+    sp = from_block_mask(mask, s, block_m=block, partial=partial)
+    q, k, v = (torch.randn(b, h, s, d, generator=g).to(device, dtype).requires_grad_(grad) for _ in range(3))
+    kv_len = None
+    if kv_pad:
+        kv_len = torch.tensor([s] + [s - kv_pad] * (b - 1), dtype=torch.int32, device=device)
+    out, lse = block_sparse.block_sparse_attention(q, k, v, sp.to(device), kv_len=kv_len, return_lse=True)
+    tok = expand_block_mask(mask, s, s, block, block).to(device)[None]
+    ref32, lse32 = attention_reference(q, k, v, tok, kv_len=kv_len)
+    ref_lp, _ = attention_reference(q, k, v, tok, kv_len=kv_len, compute_dtype=dtype)
+    assert_error_ratio(out, ref32, ref_lp.to(dtype), "forward")
+    assert (lse.float() - lse32).abs().max() < 1e-2 if dtype != torch.float32 else 1e-4
+    if grad:
+        do = torch.randn_like(out)
+        got = torch.autograd.grad(out, (q, k, v), do)
+        want32 = torch.autograd.grad(ref32, (q, k, v), do.float())
+        want_lp = torch.autograd.grad(ref_lp.to(dtype), (q, k, v), do)
+        for name, a, r32, rlp in zip("qkv", got, want32, want_lp):
+            assert_error_ratio(a, r32, rlp, f"d{name}", floor=1e-5 if dtype == torch.float32 else 1e-3)
+
+
+@needs_interpreter
+@pytest.mark.cpu
+@pytest.mark.parametrize(
+    "b,h,s,d,block,heads_in_mask,kv_pad",
+    [
+        (1, 1, 64, 16, 16, 1, 0),     # aligned
+        (2, 2, 77, 24, 16, 1, 0),     # tail, head dim padded to 32
+        (1, 2, 50, 16, 32, 2, 0),     # per-head lists
+        (2, 1, 96, 16, 32, 1, 21),    # padded keys (kv_len) cutting into blocks
+        (1, 2, 40, 40, 16, 2, 9),     # head dim 40, per head, padded keys
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_matches_reference_cpu(b, h, s, d, block, heads_in_mask, kv_pad, dtype):
+    _check_against_reference(b, h, s, d, block, heads_in_mask, dtype, "cpu", kv_pad=kv_pad)
+
+
+@needs_interpreter
+@pytest.mark.cpu
+def test_triton_partial_blocks_cpu():
+    # blocks flagged partial run the masked path; the result must not change
+    g = torch.Generator().manual_seed(3)
+    partial = torch.rand(1, 4, 4, generator=g) < 0.5
+    _check_against_reference(1, 1, 64, 16, 16, 1, torch.float32, "cpu", partial=partial)
+
+
+@needs_interpreter
+@pytest.mark.cpu
+def test_triton_full_density_equals_dense_sdpa_cpu():
+    q, k, v = (torch.randn(2, 2, 70, 32) for _ in range(3))
+    out = block_sparse.block_sparse_attention(q, k, v, dense(70, block_m=16))
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.cpu
+def test_empty_row_is_an_error_before_launch():
+    mask = torch.ones(3, 3, dtype=torch.bool)
+    mask[1] = False
+    with pytest.raises(ValueError, match="no key block"):
+        from_block_mask(mask, 48, block_m=16)
+
+
+@needs_interpreter
+@pytest.mark.cpu
+def test_bad_shapes_raise():
+    sp = dense(32, block_m=16)
+    q = torch.randn(1, 2, 32, 16)
+    with pytest.raises(ValueError, match="do not match"):
+        block_sparse.block_sparse_attention(q[:, :, :16], q[:, :, :16], q[:, :, :16], sp)
+    with pytest.raises(ValueError, match="expected q"):
+        block_sparse.block_sparse_attention(q, q[:, :1], q[:, :1], sp)
+
+
+@pytest.mark.cpu
+def test_can_run_explains_itself():
+    q = torch.randn(1, 1, 8, 16)
+    ok, why = block_sparse.can_run(q, dense(8, block_m=16))
+    assert not ok and "CPU" in why  # automatic choice never picks the interpreter
+    ok, why = block_sparse.can_run(q, dense(8, block_m=16), forced=True)
+    assert ok == INTERPRET
+    ok, why = block_sparse.can_run(q.double(), dense(8, block_m=16), forced=True)
+    assert not ok and "dtype" in why
+
+
+@pytest.mark.cpu
+def test_merge_equals_one_masked_call():
+    # video x video sparse + video x text dense, merged by lse == one dense masked call
+    g = torch.Generator().manual_seed(5)
+    b, h, n_video, n_text, d, block = 2, 2, 64, 12, 16, 16
+    s = n_video + n_text
+    q, k, v = (torch.randn(b, h, s, d, generator=g) for _ in range(3))
+    kv_len = torch.tensor([s, s - 5])
+    vv = _random_mask(1, 4, 4, 0.5, g)[0]
+    full = torch.ones(s, s, dtype=torch.bool)
+    full[:n_video, :n_video] = expand_block_mask(vv, n_video, n_video, block, block)
+    want, _ = attention_reference(q, k, v, full, kv_len=kv_len)
+    out_vv, lse_vv = attention_reference(q[:, :, :n_video], k[:, :, :n_video], v[:, :, :n_video], full[:n_video, :n_video])
+    out_vt, lse_vt = attention_reference(q[:, :, :n_video], k[:, :, n_video:], v[:, :, n_video:], kv_len=kv_len - n_video)
+    merged, _ = merge_attention(out_vv, lse_vv, out_vt, lse_vt)
+    torch.testing.assert_close(merged, want[:, :, :n_video], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.cpu
+def test_sdpa_backend_matches_reference():
+    g = torch.Generator().manual_seed(7)
+    mask = _random_mask(1, 5, 5, 0.4, g)
+    sp = from_block_mask(mask, 70, block_m=16)
+    q, k, v = (torch.randn(2, 3, 70, 16, generator=g) for _ in range(3))
+    kv_len = torch.tensor([70, 60])
+    out = sdpa.sdpa_block_sparse(q, k, v, sp, kv_len=kv_len)
+    want, _ = attention_reference(q, k, v, expand_block_mask(mask, 70, 70, 16, 16), kv_len=kv_len)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+
+
+# -- GPU: real sizes ------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "b,h,s,d,block,heads_in_mask,kv_pad,density",
+    [
+        (1, 2, 4096, 128, 128, 1, 0, 0.3),
+        (2, 2, 3000, 64, 64, 2, 0, 0.4),
+        (1, 3, 2500, 128, 128, 1, 300, 0.5),
+        (1, 2, 1800, 80, 64, 1, 0, 0.6),
+        (1, 2, 2048, 40, 128, 1, 77, 1.0),
+    ],
+)
+def test_triton_matches_reference_gpu(b, h, s, d, block, heads_in_mask, kv_pad, density, dtype):
+    _check_against_reference(b, h, s, d, block, heads_in_mask, dtype, "cuda", kv_pad=kv_pad, density=density)
+
+
+@pytest.mark.gpu
+def test_triton_compiles_under_torch_compile():
+    q, k, v = (torch.randn(1, 2, 1000, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    sp = dense(1000, block_m=64).to("cuda")
+    f = torch.compile(lambda q, k, v: block_sparse.block_sparse_attention(q, k, v, sp), fullgraph=True)
+    out = f(q, k, v)
+    out.sum().backward()
+    want = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    assert (out.float() - want).abs().max() < 2e-2
