@@ -1,0 +1,211 @@
+"""Attention kernels, one run, same inputs: cuDNN SDPA, FlashAttention-2 SDPA, FlexAttention (dense
+and with the radial block mask) and diffattn's Triton block-sparse kernel.
+
+    python benchmarks/attention.py                       # every shape below, forward and fwd+bwd
+    python benchmarks/attention.py --shapes wan14b hunyuan129 --no-backward
+    python benchmarks/attention.py --json out.json       # also write the rows
+
+Prints ms, TFLOP/s on computed blocks, and efficiency = density x t(best dense) / t(ours):
+1.0 means our kernel is as fast per computed block as the best dense kernel over all blocks.
+Needs a CUDA GPU (bf16). Results go to benchmarks/RESULTS.md by hand, with the command, GPU,
+versions and date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from diffattn.kernels.block_sparse import block_sparse_attention
+from diffattn.kernels.flex import FlexBackend
+from diffattn.patterns import radial
+from diffattn.patterns.blocks import dense as dense_blocks
+from diffattn.patterns.blocks import from_block_mask
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    heads: int
+    frames: int
+    tokens_per_frame: int
+    text: int
+    decay: float
+    sink: bool
+    backward: bool = True
+    dense_only: bool = False
+    head_dim: int = 128
+
+    @property
+    def seq(self) -> int:
+        return self.frames * self.tokens_per_frame + self.text
+
+
+SHAPES = {
+    "wan13b": Shape("Wan2.1-1.3B 480x832x81", 12, 21, 1560, 0, 0.2, True),
+    "wan14b": Shape("Wan2.1-14B 720x1280x81", 40, 21, 3600, 0, 0.2, True),
+    "hunyuan129": Shape("HunyuanVideo 720x1280x129 +256 text", 24, 33, 3600, 256, 0.95, False),
+    "hunyuan509": Shape("HunyuanVideo 720x1280x509 +256 text", 24, 128, 3600, 256, 1.0, False, backward=False),
+    "flux4k": Shape("FLUX 4096x4096 +512 text (dense)", 24, 1, 65536, 512, 1.0, False, dense_only=True),
+}
+
+
+@dataclass
+class Row:
+    shape: str
+    kernel: str
+    density: float
+    fwd_ms: float
+    fwd_tflops: float
+    fwd_eff: float | None
+    bwd_ms: float | None = None
+    bwd_tflops: float | None = None
+    bwd_eff: float | None = None
+
+
+def _bench(fn, ms_warmup=50, ms_rep=300) -> float:
+    import triton
+
+    return triton.testing.do_bench(fn, warmup=ms_warmup, rep=ms_rep, return_mode="median")
+
+
+def _time_pair(attn, q, k, v, backward: bool):
+    fwd = _bench(lambda: attn(q, k, v))
+    if not backward:
+        return fwd, None
+    qg, kg, vg = (t.detach().requires_grad_(True) for t in (q, k, v))
+    do = torch.randn_like(q)
+
+    def step():
+        out = attn(qg, kg, vg)
+        torch.autograd.grad(out, (qg, kg, vg), do)
+
+    return fwd, _bench(step) - fwd
+
+
+def run_shape(key: str, backward: bool, flex_sparse: bool = True) -> list[Row]:
+    shape = SHAPES[key]
+    backward = backward and shape.backward
+    s, h, d = shape.seq, shape.heads, shape.head_dim
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, h, s, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    flops_dense = 4.0 * h * s * s * d  # two matmuls of 2*S*S*D each, per head
+
+    if shape.dense_only:
+        mask = None
+        sp = dense_blocks(s, block_m=128).to("cuda")
+    else:
+        mask = radial.block_mask(
+            shape.frames, shape.tokens_per_frame, block_size=128, decay=shape.decay, sink=shape.sink,
+            text_tokens=shape.text, device="cuda",
+        )
+        sp = from_block_mask(mask, s, block_m=128)
+    density = sp.density
+
+    kernels = {}
+
+    def cudnn(q, k, v):
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v)
+
+    def fa2(q, k, v):
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v)
+
+    from torch.nn.attention.flex_attention import flex_attention
+
+    flex_fn = torch.compile(flex_attention, dynamic=False)  # one compiled function for both flex rows
+    kernels["cuDNN SDPA (dense)"] = (cudnn, 1.0)
+    if key != "hunyuan509":
+        kernels["FA2 SDPA (dense)"] = (fa2, 1.0)
+    if shape.dense_only or key != "hunyuan509":
+        flex_dense = FlexBackend(dense_blocks(s, block_m=128), "cuda", compiled=flex_fn)
+        kernels["Flex (dense)"] = (lambda q, k, v: flex_dense(q, k, v), 1.0)
+    if not shape.dense_only and flex_sparse:
+        flex_sparse_backend = FlexBackend(sp, "cuda", compiled=flex_fn)
+        kernels["Flex (radial mask)"] = (lambda q, k, v: flex_sparse_backend(q, k, v), density)
+    kernels["diffattn Triton" + (" (dense)" if shape.dense_only else " (radial mask)")] = (
+        lambda q, k, v: block_sparse_attention(q, k, v, sp), density,
+    )
+
+    # correctness of ours vs cuDNN at this size, on a slice of heads (dense comparison only)
+    if shape.dense_only:
+        ref = cudnn(q[:, :2], k[:, :2], v[:, :2]).float()
+        got = block_sparse_attention(q[:, :2].contiguous(), k[:, :2].contiguous(), v[:, :2].contiguous(), sp).float()
+        print(f"  dense check vs cuDNN: max abs err {(got - ref).abs().max().item():.3e}", flush=True)
+
+    times = {}
+    for name, (fn, dens) in kernels.items():
+        try:
+            times[name] = (_time_pair(fn, q, k, v, backward), dens)
+        except Exception as exc:  # report and go on: one failing baseline must not hide the rest
+            print(f"  {name}: failed: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+            continue
+        (f, b), _ = times[name]
+        print(f"  {name}: fwd {f:.2f} ms" + (f", bwd {b:.2f} ms" if b is not None else ""), flush=True)
+
+    dense_names = [n for n, (_, dn) in kernels.items() if dn == 1.0 and "diffattn" not in n and n in times]
+    best_fwd = min(times[n][0][0] for n in dense_names)
+    best_bwd = min((times[n][0][1] for n in dense_names if times[n][0][1] is not None), default=None)
+    rows = []
+    for name, ((f, b), dens) in times.items():
+        computed = flops_dense * dens
+        row = Row(
+            SHAPES[key].name, name, round(dens, 4), round(f, 3), round(computed / f / 1e9, 1),
+            round(dens * best_fwd / f, 3) if dens < 1.0 or "diffattn" in name else None,
+        )
+        if b is not None:
+            row.bwd_ms = round(b, 3)
+            row.bwd_tflops = round(2.5 * computed / b / 1e9, 1)  # backward is 2.5x the forward's matmuls
+            if best_bwd is not None and (dens < 1.0 or "diffattn" in name):
+                row.bwd_eff = round(dens * best_bwd / b, 3)
+        rows.append(row)
+    del q, k, v
+    torch.cuda.empty_cache()
+    return rows
+
+
+def print_table(rows: list[Row]) -> None:
+    head = f"{'shape':38s} {'kernel':28s} {'dens':>6s} {'fwd ms':>9s} {'TF/s':>6s} {'eff':>6s} {'bwd ms':>9s} {'TF/s':>6s} {'eff':>6s}"
+    print(head)
+    print("-" * len(head))
+    fmt = lambda x, spec: format(x, spec) if x is not None else "-".rjust(int(spec.split(".")[0]) if "." in spec else 6)
+    for r in rows:
+        print(
+            f"{r.shape:38s} {r.kernel:28s} {r.density:6.3f} {r.fwd_ms:9.2f} {r.fwd_tflops:6.0f} "
+            f"{fmt(r.fwd_eff, '6.2f')} {fmt(r.bwd_ms, '9.2f')} {fmt(r.bwd_tflops, '6.0f')} {fmt(r.bwd_eff, '6.2f')}"
+        )
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--no-backward", action="store_true")
+    parser.add_argument("--no-flex-sparse", action="store_true", help="skip Flex with the block mask (slow to compile)")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks/attention.py needs a CUDA GPU")
+    import triton
+
+    print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}", flush=True)
+    rows = []
+    for key in args.shapes:
+        print(f"{SHAPES[key].name}: S={SHAPES[key].seq}", flush=True)
+        rows += run_shape(key, not args.no_backward, flex_sparse=not args.no_flex_sparse)
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump([asdict(r) for r in rows], fh, indent=1)
+    print()
+    print_table(rows)
+
+
+if __name__ == "__main__":
+    main()
