@@ -90,7 +90,7 @@ def _time_pair(attn, q, k, v, backward: bool):
     return fwd, _bench(step) - fwd
 
 
-def run_shape(key: str, backward: bool, flex_sparse: bool = True) -> list[Row]:
+def run_shape(key: str, backward: bool, flex_sparse: bool = True, compare_tma: bool = False) -> list[Row]:
     shape = SHAPES[key]
     backward = backward and shape.backward
     s, h, d = shape.seq, shape.heads, shape.head_dim
@@ -131,9 +131,10 @@ def run_shape(key: str, backward: bool, flex_sparse: bool = True) -> list[Row]:
     if not shape.dense_only and flex_sparse:
         flex_sparse_backend = FlexBackend(sp, "cuda", compiled=flex_fn)
         kernels["Flex (radial mask)"] = (lambda q, k, v: flex_sparse_backend(q, k, v), density)
-    kernels["diffattn Triton" + (" (dense)" if shape.dense_only else " (radial mask)")] = (
-        lambda q, k, v: block_sparse_attention(q, k, v, sp), density,
-    )
+    label = " (dense)" if shape.dense_only else " (radial mask)"
+    kernels["diffattn Triton" + label] = (lambda q, k, v: block_sparse_attention(q, k, v, sp), density)
+    if compare_tma:
+        kernels["diffattn no-TMA" + label] = (lambda q, k, v: block_sparse_attention(q, k, v, sp, tma=False), density)
 
     # correctness of ours vs cuDNN at this size, on a slice of heads (dense comparison only)
     if shape.dense_only:
@@ -190,6 +191,7 @@ def main(argv=None) -> None:
     parser.add_argument("--no-backward", action="store_true")
     parser.add_argument("--no-flex-sparse", action="store_true", help="skip Flex with the block mask (slow to compile)")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--compare-tma", action="store_true", help="also time our kernel with pointer loads")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("benchmarks/attention.py needs a CUDA GPU")
@@ -199,10 +201,16 @@ def main(argv=None) -> None:
     rows = []
     for key in args.shapes:
         print(f"{SHAPES[key].name}: S={SHAPES[key].seq}", flush=True)
-        rows += run_shape(key, not args.no_backward, flex_sparse=not args.no_flex_sparse)
+        rows += run_shape(key, not args.no_backward, flex_sparse=not args.no_flex_sparse, compare_tma=args.compare_tma)
         if args.json:
             with open(args.json, "w") as fh:
                 json.dump([asdict(r) for r in rows], fh, indent=1)
+    from diffattn.kernels import block_sparse
+
+    print("\nautotuned configs (key -> config):")
+    for name in ("_fwd_kernel", "_dkdv_kernel", "_dq_kernel"):
+        for key, config in getattr(block_sparse, name).cache.items():
+            print(f"  {name} {key[:12]} -> {config}")
     print()
     print_table(rows)
 

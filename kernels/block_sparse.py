@@ -32,6 +32,10 @@ try:  # triton is a Linux dependency; elsewhere the backend reports it cannot ru
     import triton.language as tl
 
     HAS_TRITON = True
+    try:  # host-side TMA descriptors (Hopper and newer)
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:  # pragma: no cover - older triton
+        TensorDescriptor = None
 except ImportError:  # pragma: no cover - exercised only on machines without triton
     HAS_TRITON = False
 
@@ -43,6 +47,19 @@ MAX_HEAD_DIM = 256  # registers: q, acc and a K tile of 256 fp32 columns is the 
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _use_tma(*tensors: torch.Tensor) -> bool:
+    """TMA loads need Hopper+, host descriptors, unit last stride and 16-byte aligned strides."""
+    if TensorDescriptor is None or _interpreting() or not tensors[0].is_cuda:
+        return False
+    if torch.cuda.get_device_capability(tensors[0].device)[0] < 9:
+        return False
+    for t in tensors:
+        size = t.element_size()
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any((st * size) % 16 for st in t.stride()[:-1]):
+            return False
+    return True
 
 
 def can_run(q: torch.Tensor, sparsity: BlockSparsity, forced: bool = False) -> tuple[bool, str]:
@@ -83,10 +100,22 @@ if HAS_TRITON:
     # -- forward inner loop ----------------------------------------------------------------------
 
     @triton.jit
+    def _load_rows(desc, base, b, h, start, rows, offs_d, stride_r, stride_d, n_rows, head_dim,
+                   BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, MASK_ROWS: tl.constexpr, PAD_D: tl.constexpr,
+                   USE_TMA: tl.constexpr):
+        """A [BLOCK, HEAD_DIM] tile of rows starting at rows[0]: TMA (out-of-bounds rows and
+        columns read as 0) or masked pointer loads."""
+        if USE_TMA:
+            return desc.load([b, h, start, 0]).reshape([BLOCK, HEAD_DIM])
+        else:
+            return _load_tile(base, rows, offs_d, stride_r, stride_d, n_rows, head_dim, MASK_ROWS, PAD_D)
+
+    @triton.jit
     def _fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, idx_ptr, count, kv_end,
+        acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, h, idx_ptr, count, kv_end,
         stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale,
         BLOCK_N: tl.constexpr, SPARSE_N: tl.constexpr, MASKED: tl.constexpr, PAD_D: tl.constexpr,
+        HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr,
     ):
         tl.static_assert(SPARSE_N % BLOCK_N == 0, "the kernel tile must divide the sparse block")
         SUB: tl.constexpr = SPARSE_N // BLOCK_N
@@ -94,8 +123,8 @@ if HAS_TRITON:
             kb = tl.load(idx_ptr + t // SUB)
             start = kb * SPARSE_N + (t % SUB) * BLOCK_N
             offs_n = start + tl.arange(0, BLOCK_N)
-            k = _load_tile(k_base, offs_n, offs_d, stride_kn, stride_kd, kv_end, head_dim, MASKED, PAD_D)
-            v = _load_tile(v_base, offs_n, offs_d, stride_vn, stride_vd, kv_end, head_dim, MASKED, PAD_D)
+            k = _load_rows(k_desc, k_base, b, h, start, offs_n, offs_d, stride_kn, stride_kd, kv_end, head_dim, BLOCK_N, HEAD_DIM, MASKED, PAD_D, USE_TMA)
+            v = _load_rows(v_desc, v_base, b, h, start, offs_n, offs_d, stride_vn, stride_vd, kv_end, head_dim, BLOCK_N, HEAD_DIM, MASKED, PAD_D, USE_TMA)
             qk = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_M, BLOCK_N], base-2 logits
             if MASKED:
                 qk = tl.where(offs_n[None, :] < kv_end, qk, float("-inf"))
@@ -113,17 +142,22 @@ if HAS_TRITON:
 
     # -- configs -----------------------------------------------------------------------------
 
+    def _set_block_shapes(nargs):
+        # host TMA descriptors take their block shape from the config being launched
+        head = nargs["HEAD_DIM"]
+        for name, rows in (("K_desc", "BLOCK_N"), ("V_desc", "BLOCK_N"), ("Q_desc", "BLOCK_M"), ("dO_desc", "BLOCK_M")):
+            desc = nargs.get(name)
+            if TensorDescriptor is not None and isinstance(desc, TensorDescriptor):
+                desc.block_shape = [1, 1, nargs[rows], head]
+
     def _fwd_configs():
         if _interpreting():
             # the interpreter pays per loop iteration: the pruner keeps the largest tile that fits
             # (it only runs with more than one config, so there is always a ladder)
             return [triton.Config({"BLOCK_N": bn}, num_warps=4, num_stages=1) for bn in (128, 64, 32, 16)]
-        return [
-            triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bn in (64, 128)
-            for w in (4, 8)
-            for s in (2, 3, 4)
-        ]
+        # (BLOCK_N, warps, stages): measured candidates on H100/H200 for head dims 64-128
+        shapes = ((128, 8, 3), (128, 8, 4), (64, 4, 3), (64, 8, 3), (32, 4, 2))
+        return [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=st, pre_hook=_set_block_shapes) for bn, w, st in shapes]
 
     def _prune_fwd(configs, named_args, **kwargs):
         sparse_n = kwargs.get("SPARSE_N", named_args.get("SPARSE_N"))
@@ -136,12 +170,12 @@ if HAS_TRITON:
     # -- forward kernel --------------------------------------------------------------------------
 
     @triton.autotune(
-        configs=_fwd_configs(), key=["HEAD_DIM", "SPARSE_M", "SPARSE_N", "HAS_KV_LEN"],
+        configs=_fwd_configs(), key=["HEAD_DIM", "SPARSE_M", "SPARSE_N", "HAS_KV_LEN", "USE_TMA"],
         prune_configs_by={"early_config_prune": _prune_fwd},
     )
     @triton.jit
     def _fwd_kernel(
-        Q, K, V, Out, Lse,
+        Q, K, V, K_desc, V_desc, Out, Lse,
         full_num, full_idx, part_num, part_idx, kv_len_ptr,
         stride_qb, stride_qh, stride_qm, stride_qd,
         stride_kb, stride_kh, stride_kn, stride_kd,
@@ -150,7 +184,7 @@ if HAS_TRITON:
         num_heads, q_len, kv_len, head_dim, qk_scale,
         list_head_stride, num_q_blocks, full_width, part_width,
         HEAD_DIM: tl.constexpr, SPARSE_M: tl.constexpr, SPARSE_N: tl.constexpr,
-        HAS_KV_LEN: tl.constexpr, PAD_D: tl.constexpr, BLOCK_N: tl.constexpr,
+        HAS_KV_LEN: tl.constexpr, PAD_D: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         qb = tl.program_id(0)
         bh = tl.program_id(1)
@@ -182,18 +216,18 @@ if HAS_TRITON:
                 kb = tl.load(full_list + i)
                 n_clean += ((kb + 1) * SPARSE_N <= kv_end).to(tl.int32)
             if PAD_D:
-                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, full_list, n_clean, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, BLOCK_N, SPARSE_N, False, True)
-                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, full_list + n_clean, n_full - n_clean, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, BLOCK_N, SPARSE_N, True, True)
+                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, K_desc, V_desc, b, h, full_list, n_clean, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, BLOCK_N, SPARSE_N, False, True, HEAD_DIM, USE_TMA)
+                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, K_desc, V_desc, b, h, full_list + n_clean, n_full - n_clean, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, BLOCK_N, SPARSE_N, True, True, HEAD_DIM, USE_TMA)
             else:
-                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, full_list, n_clean, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, BLOCK_N, SPARSE_N, False, False)
-                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, full_list + n_clean, n_full - n_clean, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, BLOCK_N, SPARSE_N, True, False)
+                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, K_desc, V_desc, b, h, full_list, n_clean, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, BLOCK_N, SPARSE_N, False, False, HEAD_DIM, USE_TMA)
+                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, K_desc, V_desc, b, h, full_list + n_clean, n_full - n_clean, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, BLOCK_N, SPARSE_N, True, False, HEAD_DIM, USE_TMA)
         else:
             if PAD_D:
-                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, full_list, n_full, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, BLOCK_N, SPARSE_N, False, True)
+                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, K_desc, V_desc, b, h, full_list, n_full, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, BLOCK_N, SPARSE_N, False, True, HEAD_DIM, USE_TMA)
             else:
-                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, full_list, n_full, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, BLOCK_N, SPARSE_N, False, False)
+                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, K_desc, V_desc, b, h, full_list, n_full, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, BLOCK_N, SPARSE_N, False, False, HEAD_DIM, USE_TMA)
         part_list = part_idx + row * part_width
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, part_list, n_part, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, BLOCK_N, SPARSE_N, True, True)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, K_desc, V_desc, b, h, part_list, n_part, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, BLOCK_N, SPARSE_N, True, True, HEAD_DIM, USE_TMA)
 
         empty = l_i == 0.0
         l_safe = tl.where(empty, 1.0, l_i)
@@ -223,19 +257,19 @@ if HAS_TRITON:
 
     @triton.jit
     def _dkdv_inner(
-        dk, dv, k, v, q_base, do_base, lse_base, delta_base, idx_ptr, count,
+        dk, dv, k, v, q_base, do_base, q_desc, do_desc, b, h, lse_base, delta_base, idx_ptr, count,
         offs_n, offs_d, stride_qm, stride_qd, stride_dom, stride_dod, q_len, kv_end, head_dim, qk_scale,
-        BLOCK_M: tl.constexpr, SPARSE_M: tl.constexpr, MASKED: tl.constexpr,
+        BLOCK_M: tl.constexpr, SPARSE_M: tl.constexpr, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr,
+        PAD_D: tl.constexpr, USE_TMA: tl.constexpr,
     ):
         tl.static_assert(SPARSE_M % BLOCK_M == 0, "the kernel tile must divide the sparse block")
         SUB: tl.constexpr = SPARSE_M // BLOCK_M
         for t in range(0, count * SUB):
             qb = tl.load(idx_ptr + t // SUB)
-            offs_m = qb * SPARSE_M + (t % SUB) * BLOCK_M + tl.arange(0, BLOCK_M)
-            q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                        mask=(offs_m[:, None] < q_len) & (offs_d[None, :] < head_dim), other=0.0)
-            do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
-                         mask=(offs_m[:, None] < q_len) & (offs_d[None, :] < head_dim), other=0.0)
+            start = qb * SPARSE_M + (t % SUB) * BLOCK_M
+            offs_m = start + tl.arange(0, BLOCK_M)
+            q = _load_rows(q_desc, q_base, b, h, start, offs_m, offs_d, stride_qm, stride_qd, q_len, head_dim, BLOCK_M, HEAD_DIM, True, PAD_D, USE_TMA)
+            do = _load_rows(do_desc, do_base, b, h, start, offs_m, offs_d, stride_dom, stride_dod, q_len, head_dim, BLOCK_M, HEAD_DIM, True, PAD_D, USE_TMA)
             lse = tl.load(lse_base + offs_m, mask=offs_m < q_len, other=0.0) * 1.4426950408889634
             lse = tl.where(lse == float("-inf"), float("inf"), lse)  # rows with no key: p = 0
             delta = tl.load(delta_base + offs_m, mask=offs_m < q_len, other=0.0)
@@ -251,14 +285,16 @@ if HAS_TRITON:
             dk += tl.dot(dsT.to(q.dtype), q)
         return dk, dv
 
-    def _bwd_configs():
+    def _bwd_configs(kind: str):
         if _interpreting():
             return [triton.Config({"BLOCK_M": b, "BLOCK_N": b}, num_warps=4, num_stages=1) for b in (128, 64, 32, 16)]
+        if kind == "dkdv":  # a tall key tile (BLOCK_N) accumulates dK, dV over short query tiles
+            shapes = ((64, 128, 8, 2), (32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3))
+        else:  # dq: a tall query tile accumulates dQ over short key tiles
+            shapes = ((128, 64, 8, 2), (128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 4, 3), (64, 64, 4, 3))
         return [
-            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bm, bn in ((32, 64), (64, 64), (32, 128), (64, 128))
-            for w in (4, 8)
-            for s in (2, 3)
+            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st, pre_hook=_set_block_shapes)
+            for bm, bn, w, st in shapes
         ]
 
     def _prune_bwd(configs, named_args, **kwargs):
@@ -272,15 +308,15 @@ if HAS_TRITON:
         ]
         if _interpreting():
             kept = [max(kept, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
-        return kept
+        return kept or [triton.Config({"BLOCK_M": min(sm, 32), "BLOCK_N": min(sn, 32)}, num_warps=4, num_stages=2, pre_hook=_set_block_shapes)]
 
     @triton.autotune(
-        configs=_bwd_configs(), key=["HEAD_DIM", "SPARSE_M", "SPARSE_N", "HAS_KV_LEN"],
-        prune_configs_by={"early_config_prune": _prune_bwd}, reset_to_zero=[],
+        configs=_bwd_configs("dkdv"), key=["HEAD_DIM", "SPARSE_M", "SPARSE_N", "HAS_KV_LEN", "USE_TMA"],
+        prune_configs_by={"early_config_prune": _prune_bwd},
     )
     @triton.jit
     def _dkdv_kernel(
-        Q, K, V, dO, Lse, Delta, dK, dV,
+        Q, K, V, dO, Q_desc, dO_desc, Lse, Delta, dK, dV,
         q_full_num, q_full_idx, q_part_num, q_part_idx, kv_len_ptr,
         stride_qb, stride_qh, stride_qm, stride_qd,
         stride_kb, stride_kh, stride_kn, stride_kd,
@@ -290,7 +326,8 @@ if HAS_TRITON:
         num_heads, q_len, kv_len, head_dim, qk_scale, sm_scale,
         list_head_stride, full_width, part_width,
         HEAD_DIM: tl.constexpr, SPARSE_M: tl.constexpr, SPARSE_N: tl.constexpr,
-        HAS_KV_LEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        HAS_KV_LEN: tl.constexpr, PAD_D: tl.constexpr, USE_TMA: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         tile = tl.program_id(0)  # key tile of BLOCK_N rows
         bh = tl.program_id(1)
@@ -317,10 +354,10 @@ if HAS_TRITON:
             n_full = tl.load(q_full_num + row)
             n_part = tl.load(q_part_num + row)
             if clean:
-                dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, q_full_idx + row * full_width, n_full, offs_n, offs_d, stride_qm, stride_qd, stride_dom, stride_dod, q_len, kv_end, head_dim, qk_scale, BLOCK_M, SPARSE_M, False)
+                dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, Q_desc, dO_desc, b, h, lse_base, delta_base, q_full_idx + row * full_width, n_full, offs_n, offs_d, stride_qm, stride_qd, stride_dom, stride_dod, q_len, kv_end, head_dim, qk_scale, BLOCK_M, SPARSE_M, False, HEAD_DIM, PAD_D, USE_TMA)
             else:
-                dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, q_full_idx + row * full_width, n_full, offs_n, offs_d, stride_qm, stride_qd, stride_dom, stride_dod, q_len, kv_end, head_dim, qk_scale, BLOCK_M, SPARSE_M, True)
-            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, q_part_idx + row * part_width, n_part, offs_n, offs_d, stride_qm, stride_qd, stride_dom, stride_dod, q_len, kv_end, head_dim, qk_scale, BLOCK_M, SPARSE_M, True)
+                dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, Q_desc, dO_desc, b, h, lse_base, delta_base, q_full_idx + row * full_width, n_full, offs_n, offs_d, stride_qm, stride_qd, stride_dom, stride_dod, q_len, kv_end, head_dim, qk_scale, BLOCK_M, SPARSE_M, True, HEAD_DIM, PAD_D, USE_TMA)
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, Q_desc, dO_desc, b, h, lse_base, delta_base, q_part_idx + row * part_width, n_part, offs_n, offs_d, stride_qm, stride_qd, stride_dom, stride_dod, q_len, kv_end, head_dim, qk_scale, BLOCK_M, SPARSE_M, True, HEAD_DIM, PAD_D, USE_TMA)
         dk = dk * sm_scale
         out_mask = (offs_n[:, None] < kv_len) & (offs_d[None, :] < head_dim)
         dk_off = b.to(tl.int64) * stride_dkb + h.to(tl.int64) * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
@@ -329,18 +366,19 @@ if HAS_TRITON:
 
     @triton.jit
     def _dq_inner(
-        dq, q, do, lse, delta, k_base, v_base, idx_ptr, count, offs_m, offs_d,
+        dq, q, do, lse, delta, k_base, v_base, k_desc, v_desc, b, h, idx_ptr, count, offs_m, offs_d,
         stride_kn, stride_kd, stride_vn, stride_vd, q_len, kv_end, head_dim, qk_scale,
-        BLOCK_N: tl.constexpr, SPARSE_N: tl.constexpr, MASKED: tl.constexpr,
+        BLOCK_N: tl.constexpr, SPARSE_N: tl.constexpr, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr,
+        PAD_D: tl.constexpr, USE_TMA: tl.constexpr,
     ):
         tl.static_assert(SPARSE_N % BLOCK_N == 0, "the kernel tile must divide the sparse block")
         SUB: tl.constexpr = SPARSE_N // BLOCK_N
         for t in range(0, count * SUB):
             kb = tl.load(idx_ptr + t // SUB)
-            offs_n = kb * SPARSE_N + (t % SUB) * BLOCK_N + tl.arange(0, BLOCK_N)
-            kmask = (offs_n[:, None] < kv_end) & (offs_d[None, :] < head_dim)
-            k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kmask, other=0.0)
-            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kmask, other=0.0)
+            start = kb * SPARSE_N + (t % SUB) * BLOCK_N
+            offs_n = start + tl.arange(0, BLOCK_N)
+            k = _load_rows(k_desc, k_base, b, h, start, offs_n, offs_d, stride_kn, stride_kd, kv_end, head_dim, BLOCK_N, HEAD_DIM, MASKED, PAD_D, USE_TMA)
+            v = _load_rows(v_desc, v_base, b, h, start, offs_n, offs_d, stride_vn, stride_vd, kv_end, head_dim, BLOCK_N, HEAD_DIM, MASKED, PAD_D, USE_TMA)
             qk = tl.dot(q, tl.trans(k)) * qk_scale
             p = tl.math.exp2(qk - lse[:, None])
             if MASKED:
@@ -351,12 +389,12 @@ if HAS_TRITON:
         return dq
 
     @triton.autotune(
-        configs=_bwd_configs(), key=["HEAD_DIM", "SPARSE_M", "SPARSE_N", "HAS_KV_LEN"],
+        configs=_bwd_configs("dq"), key=["HEAD_DIM", "SPARSE_M", "SPARSE_N", "HAS_KV_LEN", "USE_TMA"],
         prune_configs_by={"early_config_prune": _prune_bwd},
     )
     @triton.jit
     def _dq_kernel(
-        Q, K, V, dO, Lse, Delta, dQ,
+        Q, K, V, dO, K_desc, V_desc, Lse, Delta, dQ,
         full_num, full_idx, part_num, part_idx, kv_len_ptr,
         stride_qb, stride_qh, stride_qm, stride_qd,
         stride_kb, stride_kh, stride_kn, stride_kd,
@@ -366,7 +404,8 @@ if HAS_TRITON:
         num_heads, q_len, kv_len, head_dim, qk_scale, sm_scale,
         list_head_stride, full_width, part_width,
         HEAD_DIM: tl.constexpr, SPARSE_M: tl.constexpr, SPARSE_N: tl.constexpr,
-        HAS_KV_LEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        HAS_KV_LEN: tl.constexpr, PAD_D: tl.constexpr, USE_TMA: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         tile = tl.program_id(0)  # query tile of BLOCK_M rows
         bh = tl.program_id(1)
@@ -392,10 +431,10 @@ if HAS_TRITON:
         n_full = tl.load(full_num + row)
         n_part = tl.load(part_num + row)
         if HAS_KV_LEN:
-            dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, full_idx + row * full_width, n_full, offs_m, offs_d, stride_kn, stride_kd, stride_vn, stride_vd, q_len, kv_end, head_dim, qk_scale, BLOCK_N, SPARSE_N, True)
+            dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, K_desc, V_desc, b, h, full_idx + row * full_width, n_full, offs_m, offs_d, stride_kn, stride_kd, stride_vn, stride_vd, q_len, kv_end, head_dim, qk_scale, BLOCK_N, SPARSE_N, True, HEAD_DIM, PAD_D, USE_TMA)
         else:
-            dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, full_idx + row * full_width, n_full, offs_m, offs_d, stride_kn, stride_kd, stride_vn, stride_vd, q_len, kv_end, head_dim, qk_scale, BLOCK_N, SPARSE_N, False)
-        dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, part_idx + row * part_width, n_part, offs_m, offs_d, stride_kn, stride_kd, stride_vn, stride_vd, q_len, kv_end, head_dim, qk_scale, BLOCK_N, SPARSE_N, True)
+            dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, K_desc, V_desc, b, h, full_idx + row * full_width, n_full, offs_m, offs_d, stride_kn, stride_kd, stride_vn, stride_vd, q_len, kv_end, head_dim, qk_scale, BLOCK_N, SPARSE_N, False, HEAD_DIM, PAD_D, USE_TMA)
+        dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, K_desc, V_desc, b, h, part_idx + row * part_width, n_part, offs_m, offs_d, stride_kn, stride_kd, stride_vn, stride_vd, q_len, kv_end, head_dim, qk_scale, BLOCK_N, SPARSE_N, True, HEAD_DIM, PAD_D, USE_TMA)
         dq = dq * sm_scale
         tl.store(dQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd, dq.to(dQ.dtype.element_ty), mask=qmask)
 
@@ -421,25 +460,34 @@ def _check_inputs(q, k, v, num_heads_lists: int):
         raise ValueError(f"block_sparse_attention: block lists have {num_heads_lists} heads, expected 1 or {q.shape[1]}")
 
 
-def _forward(q, k, v, full_num, full_idx, part_num, part_idx, kv_len, scale, sparse_m, sparse_n):
+def _descriptors(use_tma: bool, head: int, *tensors):
+    """Host TMA descriptors (block shapes are set per config by the pre-hook), or the tensors."""
+    if not use_tma:
+        return tensors
+    return tuple(TensorDescriptor.from_tensor(t, [1, 1, 16, head]) for t in tensors)
+
+
+def _forward(q, k, v, full_num, full_idx, part_num, part_idx, kv_len, scale, sparse_m, sparse_n, tma):
     b, h, sq, d = q.shape
     sk = k.shape[2]
+    use_tma = tma and _use_tma(q, k, v)
+    k_desc, v_desc = _descriptors(use_tma, _head_dim_pow2(d), k, v)
     out = torch.empty_like(q)
     lse = torch.empty(b, h, sq, device=q.device, dtype=torch.float32)
     kv_ptr = kv_len if kv_len is not None else full_num  # never read when HAS_KV_LEN is False
     grid = (-(-sq // sparse_m), b * h)
     _fwd_kernel[grid](
-        q, k, v, out, lse, full_num, full_idx, part_num, part_idx, kv_ptr,
+        q, k, v, k_desc, v_desc, out, lse, full_num, full_idx, part_num, part_idx, kv_ptr,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         h, sq, sk, d, scale * LOG2E,
         _list_head_stride(full_num), full_num.shape[1], full_idx.shape[-1], part_idx.shape[-1],
         HEAD_DIM=_head_dim_pow2(d), SPARSE_M=sparse_m, SPARSE_N=sparse_n, HAS_KV_LEN=kv_len is not None,
-        PAD_D=_head_dim_pow2(d) != d,
+        PAD_D=_head_dim_pow2(d) != d, USE_TMA=use_tma,
     )
     return out, lse
 
 
-def _backward(do, q, k, v, out, lse, lists, kv_len, scale, sparse_m, sparse_n):
+def _backward(do, q, k, v, out, lse, lists, kv_len, scale, sparse_m, sparse_n, tma):
     (full_num, full_idx, part_num, part_idx, q_full_num, q_full_idx, q_part_num, q_part_idx) = lists
     b, h, sq, d = q.shape
     sk = k.shape[2]
@@ -449,19 +497,22 @@ def _backward(do, q, k, v, out, lse, lists, kv_len, scale, sparse_m, sparse_n):
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     kv_ptr = kv_len if kv_len is not None else full_num
     has_kv = kv_len is not None
+    use_tma = tma and _use_tma(q, k, v, do)
+    q_desc, do_desc, k_desc, v_desc = _descriptors(use_tma, head, q, do, k, v)
+    pad_d = head != d
     _dkdv_kernel[lambda meta: (-(-sk // meta["BLOCK_N"]), b * h)](
-        q, k, v, do, lse, delta, dk, dv, q_full_num, q_full_idx, q_part_num, q_part_idx, kv_ptr,
+        q, k, v, do, q_desc, do_desc, lse, delta, dk, dv, q_full_num, q_full_idx, q_part_num, q_part_idx, kv_ptr,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(),
         h, sq, sk, d, scale * LOG2E, scale,
         _list_head_stride(q_full_num), q_full_idx.shape[-1], q_part_idx.shape[-1],
-        HEAD_DIM=head, SPARSE_M=sparse_m, SPARSE_N=sparse_n, HAS_KV_LEN=has_kv,
+        HEAD_DIM=head, SPARSE_M=sparse_m, SPARSE_N=sparse_n, HAS_KV_LEN=has_kv, PAD_D=pad_d, USE_TMA=use_tma,
     )
     _dq_kernel[lambda meta: (-(-sq // meta["BLOCK_M"]), b * h)](
-        q, k, v, do, lse, delta, dq, full_num, full_idx, part_num, part_idx, kv_ptr,
+        q, k, v, do, k_desc, v_desc, lse, delta, dq, full_num, full_idx, part_num, part_idx, kv_ptr,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         h, sq, sk, d, scale * LOG2E, scale,
         _list_head_stride(full_num), full_idx.shape[-1], part_idx.shape[-1],
-        HEAD_DIM=head, SPARSE_M=sparse_m, SPARSE_N=sparse_n, HAS_KV_LEN=has_kv,
+        HEAD_DIM=head, SPARSE_M=sparse_m, SPARSE_N=sparse_n, HAS_KV_LEN=has_kv, PAD_D=pad_d, USE_TMA=use_tma,
     )
     return dq, dk, dv
 
@@ -473,14 +524,14 @@ def block_sparse_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     full_num: torch.Tensor, full_idx: torch.Tensor, part_num: torch.Tensor, part_idx: torch.Tensor,
     q_full_num: torch.Tensor, q_full_idx: torch.Tensor, q_part_num: torch.Tensor, q_part_idx: torch.Tensor,
-    kv_len: torch.Tensor | None, scale: float, sparse_m: int, sparse_n: int,
+    kv_len: torch.Tensor | None, scale: float, sparse_m: int, sparse_n: int, tma: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward: (out [B, H, Sq, D], lse [B, H, Sq] fp32 natural log)."""
-    return _forward(q, k, v, full_num, full_idx, part_num, part_idx, kv_len, scale, sparse_m, sparse_n)
+    return _forward(q, k, v, full_num, full_idx, part_num, part_idx, kv_len, scale, sparse_m, sparse_n, tma)
 
 
 @block_sparse_fwd.register_fake
-def _(q, k, v, full_num, full_idx, part_num, part_idx, q_full_num, q_full_idx, q_part_num, q_part_idx, kv_len, scale, sparse_m, sparse_n):
+def _(q, k, v, full_num, full_idx, part_num, part_idx, q_full_num, q_full_idx, q_part_num, q_part_idx, kv_len, scale, sparse_m, sparse_n, tma):
     return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
@@ -489,11 +540,11 @@ def block_sparse_bwd(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     full_num: torch.Tensor, full_idx: torch.Tensor, part_num: torch.Tensor, part_idx: torch.Tensor,
     q_full_num: torch.Tensor, q_full_idx: torch.Tensor, q_part_num: torch.Tensor, q_part_idx: torch.Tensor,
-    kv_len: torch.Tensor | None, scale: float, sparse_m: int, sparse_n: int,
+    kv_len: torch.Tensor | None, scale: float, sparse_m: int, sparse_n: int, tma: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward: (dq, dk, dv)."""
     lists = (full_num, full_idx, part_num, part_idx, q_full_num, q_full_idx, q_part_num, q_part_idx)
-    return _backward(do.contiguous(), q, k, v, out, lse, lists, kv_len, scale, sparse_m, sparse_n)
+    return _backward(do.contiguous(), q, k, v, out, lse, lists, kv_len, scale, sparse_m, sparse_n, tma)
 
 
 @block_sparse_bwd.register_fake
@@ -502,11 +553,11 @@ def _(do, q, k, v, out, lse, *rest):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, *lists, kv_len, scale, sparse_m, sparse_n = inputs
+    q, k, v, *lists, kv_len, scale, sparse_m, sparse_n, tma = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, *lists, *(() if kv_len is None else (kv_len,)))
     ctx.has_kv_len = kv_len is not None
-    ctx.scale, ctx.sparse_m, ctx.sparse_n = scale, sparse_m, sparse_n
+    ctx.scale, ctx.sparse_m, ctx.sparse_n, ctx.tma = scale, sparse_m, sparse_n, tma
 
 
 def _backward_rule(ctx, grad_out, grad_lse):
@@ -515,8 +566,8 @@ def _backward_rule(ctx, grad_out, grad_lse):
     lists = saved[5:13]
     kv_len = saved[13] if ctx.has_kv_len else None
     # grad_lse is not propagated: callers that merge partial results differentiate through out only
-    dq, dk, dv = block_sparse_bwd(grad_out, q, k, v, out, lse, *lists, kv_len, ctx.scale, ctx.sparse_m, ctx.sparse_n)
-    return (dq, dk, dv) + (None,) * 12
+    dq, dk, dv = block_sparse_bwd(grad_out, q, k, v, out, lse, *lists, kv_len, ctx.scale, ctx.sparse_m, ctx.sparse_n, ctx.tma)
+    return (dq, dk, dv) + (None,) * 13
 
 
 block_sparse_fwd.register_autograd(_backward_rule, setup_context=_setup_context)
@@ -532,10 +583,14 @@ def block_sparse_attention(
     kv_len: torch.Tensor | None = None,
     scale: float | None = None,
     return_lse: bool = False,
+    *,
+    tma: bool = True,
 ):
     """Attention of q ``[B, H, Sq, D]`` over k, v ``[B, H, Sk, D]`` restricted to ``sparsity``.
 
     kv_len: ``[B]`` int32, keys at positions >= kv_len[b] are ignored (padded text), or None.
+    tma:    load tiles through the Hopper tensor-memory accelerator where the GPU and strides allow
+            (performance knob; False forces masked pointer loads).
     Returns out ``[B, H, Sq, D]`` (and lse ``[B, H, Sq]`` fp32, natural log, with return_lse).
     Differentiable in q, k, v. Rows that see no key return 0 with lse -inf.
     """
@@ -557,6 +612,6 @@ def block_sparse_attention(
     out, lse = block_sparse_fwd(
         q, k, v, s.full_num, s.full_idx, s.part_num, s.part_idx,
         s.q_full_num, s.q_full_idx, s.q_part_num, s.q_part_idx,
-        kv_len, scale, s.block_m, s.block_n,
+        kv_len, scale, s.block_m, s.block_n, bool(tma),
     )
     return (out, lse) if return_lse else out
