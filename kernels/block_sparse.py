@@ -125,18 +125,18 @@ if HAS_TRITON:
             offs_n = start + tl.arange(0, BLOCK_N)
             k = _load_rows(k_desc, k_base, b, h, start, offs_n, offs_d, stride_kn, stride_kd, kv_end, head_dim, BLOCK_N, HEAD_DIM, MASKED, PAD_D, USE_TMA)
             v = _load_rows(v_desc, v_base, b, h, start, offs_n, offs_d, stride_vn, stride_vd, kv_end, head_dim, BLOCK_N, HEAD_DIM, MASKED, PAD_D, USE_TMA)
-            qk = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_M, BLOCK_N], base-2 logits
+            qk = tl.dot(q, tl.trans(k))  # [BLOCK_M, BLOCK_N] raw scores
             if MASKED:
                 qk = tl.where(offs_n[None, :] < kv_end, qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)  # running max of base-2 logits
             if MASKED:  # a fully masked row keeps m = -inf: subtract 0 instead (exp2(-inf) = 0)
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             else:
                 m_safe = m_new
-            p = tl.math.exp2(qk - m_safe[:, None])
+            p = tl.math.exp2(qk * qk_scale - m_safe[:, None])  # one FMA per score, then exp2
             alpha = tl.math.exp2(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])  # rescale, then accumulate in the MMA
             m_i = m_new
         return acc, l_i, m_i
 

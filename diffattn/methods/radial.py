@@ -115,9 +115,9 @@ class Radial:
         def build():
             mask = radial_pattern.block_mask(
                 layout.frames, layout.tokens_per_frame, block_size=c.block_size, decay=c.decay,
-                sink=c.sink, text_tokens=layout.text_tokens,
+                sink=c.sink, text_tokens=layout.text_tokens, device=device,
             )
-            return from_block_mask(mask, layout.seq_len, block_m=c.block_size).to(device)
+            return from_block_mask(mask, layout.seq_len, block_m=c.block_size)
 
         return ctx.cache(key, build)
 

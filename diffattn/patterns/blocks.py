@@ -92,13 +92,21 @@ class BlockSparsity:
 
 
 def block_lists(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ascending column indices of the True entries of each row: counts [.., R], idx [.., R, max]."""
-    counts = mask.sum(-1, dtype=torch.int32)
+    """Ascending column indices of the True entries of each row: counts [.., R], idx [.., R, max].
+
+    O(nnz): the row-major ``nonzero`` is already sorted; each entry goes to its rank in its row.
+    Entries past a row's count are 0 and never read.
+    """
+    *lead, rows, cols = mask.shape
+    flat = mask.reshape(-1, cols)
+    counts = flat.sum(-1, dtype=torch.int32)  # [R']
     width = max(int(counts.max()) if counts.numel() else 0, 1)
-    cols = torch.arange(mask.shape[-1], device=mask.device, dtype=torch.int32)
-    # True entries first, in column order: sort by (not mask, column).
-    order = torch.argsort((~mask).to(torch.int32) * mask.shape[-1] + cols, dim=-1)
-    return counts, order[..., :width].to(torch.int32).contiguous()
+    row, col = flat.nonzero(as_tuple=True)
+    first = torch.cumsum(counts, 0, dtype=torch.int64) - counts  # exclusive prefix sum
+    rank = torch.arange(row.numel(), device=mask.device) - first[row]
+    idx = torch.zeros(flat.shape[0], width, dtype=torch.int32, device=mask.device)
+    idx[row, rank] = col.to(torch.int32)
+    return counts.reshape(*lead, rows), idx.reshape(*lead, rows, width)
 
 
 def from_block_mask(
@@ -146,11 +154,11 @@ def from_block_mask(
     q_full_num, q_full_idx = block_lists(full.transpose(-1, -2))
     q_part_num, q_part_idx = block_lists(part.transpose(-1, -2))
     # density over computed score entries, tails included
-    rows = torch.full((nq,), block_m, dtype=torch.float64)
+    rows = torch.full((nq,), block_m, dtype=torch.float64, device=mask.device)
     rows[-1] = q_len - (nq - 1) * block_m
-    cols = torch.full((nk,), block_n, dtype=torch.float64)
+    cols = torch.full((nk,), block_n, dtype=torch.float64, device=mask.device)
     cols[-1] = kv_len - (nk - 1) * block_n
-    area = (mask.to(torch.float64).cpu() * rows[:, None] * cols[None, :]).sum() / (mask.shape[0] * q_len * kv_len)
+    area = (mask.to(torch.float64) * rows[:, None] * cols[None, :]).sum() / (mask.shape[0] * q_len * kv_len)
     return BlockSparsity(
         q_len, kv_len, block_m, block_n, full_num, full_idx, part_num, part_idx,
         q_full_num, q_full_idx, q_part_num, q_part_idx, mask, part,

@@ -119,7 +119,7 @@ def _tile_votes(half_widths, r_rows, r_cols, t: int, b: int, n: int) -> torch.Te
     fw = half_widths[:, None, None]  # [K, 1, 1]
     ri = r_rows[:, None, None]
     rj = r_cols[:, None, None]
-    tiles = torch.arange(n, dtype=torch.int64)
+    tiles = torch.arange(n, dtype=torch.int64, device=half_widths.device)
     a = tiles[None, :, None]  # tile row
     c = tiles[None, None, :]  # tile column
     # Rows of the frame (local index r) inside tile row a, and columns (local c) inside tile col.
@@ -157,9 +157,11 @@ def block_mask(
     """Radial block mask ``[ceil(S/B), ceil(S/B)]`` bool, S = frames * tokens_per_frame + text.
 
     Rows are query blocks, columns key blocks. ``sink=True`` is Wan's frame-0 sink (HunyuanVideo
-    runs without). Text tokens follow the video and are dense both ways.
+    runs without). Text tokens follow the video and are dense both ways. ``device``: where the mask
+    is built and returned (CUDA builds the largest masks in milliseconds).
     """
     _check(frames, tokens_per_frame, block_size, decay, text_tokens)
+    dev = torch.device(device) if device is not None else torch.device("cpu")
     t, b = tokens_per_frame, block_size
     n_video = frames * t
     s = n_video + text_tokens
@@ -185,18 +187,22 @@ def block_mask(
     ).reshape(-1, 3)
     classes, pair_class = torch.unique(key, dim=0, return_inverse=True)
     pair_class = pair_class.reshape(frames, frames)
+    classes = classes.to(dev)
     tiles = _tile_votes(classes[:, 0], classes[:, 1], classes[:, 2], t, b, n)  # [K, n, n]
     tiles &= (classes[:, 0] >= 0)[:, None, None]
+    pair_class = pair_class.to(dev)
 
     # 2. Place each pair's n x n tiles at block (iT // B, jT // B), OR-ed. Frames g apart never
     #    overlap, so each of the g*g residue groups is one disjoint scatter.
-    starts = (dist * t) // b  # [F]
+    start_list = [(i * t) // b for i in range(frames)]
     g = 1
-    while g < frames and any(int(starts[i + g] - starts[i]) < n for i in range(frames - g)):
+    while g < frames and any(start_list[i + g] - start_list[i] < n for i in range(frames - g)):
         g += 1
+    starts = torch.tensor(start_list, dtype=torch.int64, device=dev)  # [F]
+    dist = dist.to(dev)
     pad = nb + n  # room for overhanging tiles, clipped below
-    canvas = torch.zeros(pad, pad, dtype=torch.bool)
-    span = torch.arange(n)
+    canvas = torch.zeros(pad, pad, dtype=torch.bool, device=dev)
+    span = torch.arange(n, device=dev)
     for gi in range(g):
         rows_f = dist[gi::g]
         row_idx = (starts[rows_f][:, None] + span)[:, :, None, None]  # [Fi, n, 1, 1]
@@ -210,7 +216,7 @@ def block_mask(
 
     # 3. Every token keeps its own frame and the sink, also across unaligned frame boundaries.
     video_blocks = -(-n_video // b)
-    block_start = torch.arange(video_blocks) * b
+    block_start = torch.arange(video_blocks, device=dev) * b
     first_frame = block_start // t
     last_frame = torch.clamp((block_start + b - 1) // t, max=frames - 1)
     same = (first_frame[:, None] <= last_frame[None, :]) & (first_frame[None, :] <= last_frame[:, None])
@@ -222,7 +228,7 @@ def block_mask(
     border = n_video // b
     out[border:, :] = True
     out[:, border:] = True
-    return out.to(device) if device is not None else out
+    return out
 
 
 def density(mask: torch.Tensor, video_tokens: int | None = None, block_size: int | None = None) -> float:
