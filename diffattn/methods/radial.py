@@ -121,6 +121,15 @@ class Radial:
 
         return ctx.cache(key, build)
 
+    def density(self, layout) -> float:
+        """Fraction of the score matrix computed on sparse steps for ``layout`` (text included)."""
+        c = self.config
+        mask = radial_pattern.block_mask(
+            layout.frames, layout.tokens_per_frame, block_size=c.block_size, decay=c.decay, sink=c.sink,
+            text_tokens=layout.text_tokens,
+        )
+        return from_block_mask(mask, layout.seq_len, block_m=c.block_size).density
+
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
         layout = ctx.layout
         if q.shape[-2] != layout.seq_len or k.shape[-2] != layout.seq_len:

@@ -1,1 +1,1 @@
-"""x"""
+"""Patterns: pure index and mask maths, one file per pattern. No model code, no kernels."""

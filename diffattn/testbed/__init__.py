@@ -1,1 +1,1 @@
-"""x"""
+"""Tiny pipelines and models built in code for tests, the CLI default and benchmarks."""
