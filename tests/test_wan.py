@@ -148,3 +148,32 @@ def test_apply_twice_says_remove_first(pipe):
         with pytest.raises(RuntimeError, match="remove"):
             diffattn.apply(pipe, "radial")
     diffattn.apply(pipe, "radial").remove()  # after remove, apply works again
+
+
+def test_i2v_transformer_keeps_image_cross_attention_stock():
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=36, out_channels=16,
+        text_dim=32, freq_dim=256, ffn_dim=64, num_layers=2, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", rope_max_seq_len=64, image_dim=8, added_kv_proj_dim=32,
+    ).eval()
+    g = torch.Generator().manual_seed(2)
+    inputs = dict(
+        hidden_states=torch.randn(1, 36, 4, 32, 32, generator=g), timestep=torch.tensor([700]),
+        encoder_hidden_states=torch.randn(1, 512, 32, generator=g),
+        encoder_hidden_states_image=torch.randn(1, 5, 8, generator=g),
+    )
+    with torch.no_grad():
+        stock = model(**inputs).sample
+        with diffattn.apply(model, "radial", dense_steps=0, dense_layers=0, block_size=64, decay=100.0) as handle:
+            assert handle.family == "wan2.1"
+            assert all(".attn1." in k for k, p in model.attn_processors.items() if type(p).__module__.startswith("diffattn"))
+            full = model(**inputs).sample
+        with diffattn.apply(model, "radial", dense_steps=0, dense_layers=0, block_size=32, decay=0.2):
+            sparse = model(**inputs).sample
+        restored = model(**inputs).sample
+    torch.testing.assert_close(full, stock, atol=1e-5, rtol=1e-5)
+    assert (sparse - stock).abs().max() > 1e-4
+    assert torch.equal(restored, stock)
