@@ -42,6 +42,7 @@ except ImportError:  # pragma: no cover - exercised only on machines without tri
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)): the kernels work in base 2
 LN2 = 0.6931471805599453
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+PREDICATES = {"none": 0, "neighborhood": 1, "circle": 2}  # element rules of partial blocks
 MAX_HEAD_DIM = 256  # registers: q, acc and a K tile of 256 fp32 columns is the practical limit
 
 
@@ -74,8 +75,6 @@ def can_run(q: torch.Tensor, sparsity: BlockSparsity, forced: bool = False) -> t
         return False, "fp32 runs through tf32 tensor cores in Triton; use bf16/fp16, or the flex/sdpa backend for fp32"
     if q.shape[-1] > MAX_HEAD_DIM:
         return False, f"head_dim {q.shape[-1]} > {MAX_HEAD_DIM}"
-    if sparsity.predicate.kind != "none":
-        return False, f"predicate {sparsity.predicate.kind!r} is not implemented in this kernel"
     if sparsity.block_m < 16 or sparsity.block_n < 16 or sparsity.block_m & (sparsity.block_m - 1) or sparsity.block_n & (sparsity.block_n - 1):
         return False, f"blocks must be powers of two >= 16, got {sparsity.block_m}x{sparsity.block_n}"
     return True, ""
@@ -97,6 +96,54 @@ if HAS_TRITON:
         else:
             return tl.load(ptrs)
 
+    @triton.jit
+    def _na_dim(cq, ck, length, k, s, d, causal):
+        # NATTEN window along one dimension (patterns/neighborhood.py `window`), per element
+        group = cq % d
+        w = cq // d
+        glen = (length - group + d - 1) // d
+        lo_causal = tl.maximum(tl.minimum((w // s) * s + s - 1, glen - 1) - k + 1, 0)
+        leader = tl.minimum((w // s) * s + s // 2, glen - 1)
+        lo = tl.minimum(tl.maximum(leader - k // 2, 0), glen - k)
+        lo = tl.where(causal != 0, lo_causal, lo)
+        hi = tl.where(causal != 0, w, lo + k - 1)
+        wk = ck // d
+        return (ck % d == group) & (wk >= lo) & (wk <= hi)
+
+    @triton.jit
+    def _predicate(qi, ki, pred_ptr, PREDICATE: tl.constexpr):
+        """Element rule of partial blocks (1: neighborhood, 2: circle); qi, ki broadcast.
+
+        pred_ptr holds the pattern's int parameters: video start, video tokens, F, Y, X, then
+        kernel, stride, dilation and causal per dimension (neighborhood) or r^2 (circle).
+        """
+        v0 = tl.load(pred_ptr + 0)
+        n = tl.load(pred_ptr + 1)
+        nf = tl.load(pred_ptr + 2)
+        ny = tl.load(pred_ptr + 3)
+        nx = tl.load(pred_ptr + 4)
+        rq = qi - v0
+        rk = ki - v0
+        text = (rq < 0) | (rq >= n) | (rk < 0) | (rk >= n)  # text tokens are global
+        rq = tl.minimum(tl.maximum(rq, 0), n - 1)
+        rk = tl.minimum(tl.maximum(rk, 0), n - 1)
+        per_frame = ny * nx
+        fq = rq // per_frame
+        fk = rk // per_frame
+        yq = (rq % per_frame) // nx
+        yk = (rk % per_frame) // nx
+        xq = rq % nx
+        xk = rk % nx
+        if PREDICATE == 1:
+            ok = _na_dim(fq, fk, nf, tl.load(pred_ptr + 5), tl.load(pred_ptr + 8), tl.load(pred_ptr + 11), tl.load(pred_ptr + 14))
+            ok = ok & _na_dim(yq, yk, ny, tl.load(pred_ptr + 6), tl.load(pred_ptr + 9), tl.load(pred_ptr + 12), tl.load(pred_ptr + 15))
+            ok = ok & _na_dim(xq, xk, nx, tl.load(pred_ptr + 7), tl.load(pred_ptr + 10), tl.load(pred_ptr + 13), tl.load(pred_ptr + 16))
+        else:
+            dy = yq - yk
+            dx = xq - xk
+            ok = (fq == fk) & (dy * dy + dx * dx < tl.load(pred_ptr + 5))
+        return ok | text
+
     # -- forward inner loop ----------------------------------------------------------------------
 
     @triton.jit
@@ -113,9 +160,9 @@ if HAS_TRITON:
     @triton.jit
     def _fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, h, idx_ptr, count, kv_end,
-        stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale,
+        stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, offs_m, pred_ptr,
         BLOCK_N: tl.constexpr, SPARSE_N: tl.constexpr, MASKED: tl.constexpr, PAD_D: tl.constexpr,
-        HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr,
+        HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr, PREDICATE: tl.constexpr,
     ):
         tl.static_assert(SPARSE_N % BLOCK_N == 0, "the kernel tile must divide the sparse block")
         SUB: tl.constexpr = SPARSE_N // BLOCK_N
@@ -127,7 +174,10 @@ if HAS_TRITON:
             v = _load_rows(v_desc, v_base, b, h, start, offs_n, offs_d, stride_vn, stride_vd, kv_end, head_dim, BLOCK_N, HEAD_DIM, MASKED, PAD_D, USE_TMA)
             qk = tl.dot(q, tl.trans(k))  # [BLOCK_M, BLOCK_N] raw scores
             if MASKED:
-                qk = tl.where(offs_n[None, :] < kv_end, qk, float("-inf"))
+                valid = offs_n[None, :] < kv_end
+                if PREDICATE != 0:
+                    valid = valid & _predicate(offs_m[:, None], offs_n[None, :], pred_ptr, PREDICATE)
+                qk = tl.where(valid, qk, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)  # running max of base-2 logits
             if MASKED:  # a fully masked row keeps m = -inf: subtract 0 instead (exp2(-inf) = 0)
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -176,7 +226,7 @@ if HAS_TRITON:
     @triton.jit
     def _fwd_kernel(
         Q, K, V, K_desc, V_desc, Out, Lse,
-        full_num, full_idx, part_num, part_idx, kv_len_ptr,
+        full_num, full_idx, part_num, part_idx, kv_len_ptr, pred_ptr,
         stride_qb, stride_qh, stride_qm, stride_qd,
         stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd,
@@ -184,7 +234,8 @@ if HAS_TRITON:
         num_heads, q_len, kv_len, head_dim, qk_scale,
         list_head_stride, num_q_blocks, full_width, part_width,
         HEAD_DIM: tl.constexpr, SPARSE_M: tl.constexpr, SPARSE_N: tl.constexpr,
-        HAS_KV_LEN: tl.constexpr, PAD_D: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_N: tl.constexpr,
+        HAS_KV_LEN: tl.constexpr, PAD_D: tl.constexpr, USE_TMA: tl.constexpr, PREDICATE: tl.constexpr,
+        BLOCK_N: tl.constexpr,
     ):
         qb = tl.program_id(0)
         bh = tl.program_id(1)
@@ -216,18 +267,18 @@ if HAS_TRITON:
                 kb = tl.load(full_list + i)
                 n_clean += ((kb + 1) * SPARSE_N <= kv_end).to(tl.int32)
             if PAD_D:
-                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, K_desc, V_desc, b, h, full_list, n_clean, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, BLOCK_N, SPARSE_N, False, True, HEAD_DIM, USE_TMA)
-                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, K_desc, V_desc, b, h, full_list + n_clean, n_full - n_clean, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, BLOCK_N, SPARSE_N, True, True, HEAD_DIM, USE_TMA)
+                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, K_desc, V_desc, b, h, full_list, n_clean, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, offs_m, pred_ptr, BLOCK_N, SPARSE_N, False, True, HEAD_DIM, USE_TMA, PREDICATE)
+                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, K_desc, V_desc, b, h, full_list + n_clean, n_full - n_clean, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, offs_m, pred_ptr, BLOCK_N, SPARSE_N, True, True, HEAD_DIM, USE_TMA, PREDICATE)
             else:
-                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, K_desc, V_desc, b, h, full_list, n_clean, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, BLOCK_N, SPARSE_N, False, False, HEAD_DIM, USE_TMA)
-                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, K_desc, V_desc, b, h, full_list + n_clean, n_full - n_clean, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, BLOCK_N, SPARSE_N, True, False, HEAD_DIM, USE_TMA)
+                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, K_desc, V_desc, b, h, full_list, n_clean, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, offs_m, pred_ptr, BLOCK_N, SPARSE_N, False, False, HEAD_DIM, USE_TMA, PREDICATE)
+                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, K_desc, V_desc, b, h, full_list + n_clean, n_full - n_clean, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, offs_m, pred_ptr, BLOCK_N, SPARSE_N, True, False, HEAD_DIM, USE_TMA, PREDICATE)
         else:
             if PAD_D:
-                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, K_desc, V_desc, b, h, full_list, n_full, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, BLOCK_N, SPARSE_N, False, True, HEAD_DIM, USE_TMA)
+                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, K_desc, V_desc, b, h, full_list, n_full, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, offs_m, pred_ptr, BLOCK_N, SPARSE_N, False, True, HEAD_DIM, USE_TMA, PREDICATE)
             else:
-                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, K_desc, V_desc, b, h, full_list, n_full, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, BLOCK_N, SPARSE_N, False, False, HEAD_DIM, USE_TMA)
+                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, K_desc, V_desc, b, h, full_list, n_full, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, offs_m, pred_ptr, BLOCK_N, SPARSE_N, False, False, HEAD_DIM, USE_TMA, PREDICATE)
         part_list = part_idx + row * part_width
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, K_desc, V_desc, b, h, part_list, n_part, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, BLOCK_N, SPARSE_N, True, True, HEAD_DIM, USE_TMA)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, K_desc, V_desc, b, h, part_list, n_part, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, offs_m, pred_ptr, BLOCK_N, SPARSE_N, True, True, HEAD_DIM, USE_TMA, PREDICATE)
 
         empty = l_i == 0.0
         l_safe = tl.where(empty, 1.0, l_i)
@@ -259,8 +310,8 @@ if HAS_TRITON:
     def _dkdv_inner(
         dk, dv, k, v, q_base, do_base, q_desc, do_desc, b, h, lse_base, delta_base, idx_ptr, count,
         offs_n, offs_d, stride_qm, stride_qd, stride_dom, stride_dod, q_len, kv_end, head_dim, qk_scale,
-        BLOCK_M: tl.constexpr, SPARSE_M: tl.constexpr, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr,
-        PAD_D: tl.constexpr, USE_TMA: tl.constexpr,
+        pred_ptr, BLOCK_M: tl.constexpr, SPARSE_M: tl.constexpr, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr,
+        PAD_D: tl.constexpr, USE_TMA: tl.constexpr, PREDICATE: tl.constexpr,
     ):
         tl.static_assert(SPARSE_M % BLOCK_M == 0, "the kernel tile must divide the sparse block")
         SUB: tl.constexpr = SPARSE_M // BLOCK_M
@@ -278,6 +329,8 @@ if HAS_TRITON:
             valid = offs_m[None, :] < q_len
             if MASKED:
                 valid = valid & (offs_n[:, None] < kv_end)
+                if PREDICATE != 0:
+                    valid = valid & _predicate(offs_m[None, :], offs_n[:, None], pred_ptr, PREDICATE)
             pT = tl.where(valid, pT, 0.0)
             dv += tl.dot(pT.to(do.dtype), do)
             dpT = tl.dot(v, tl.trans(do))
@@ -317,7 +370,7 @@ if HAS_TRITON:
     @triton.jit
     def _dkdv_kernel(
         Q, K, V, dO, Q_desc, dO_desc, Lse, Delta, dK, dV,
-        q_full_num, q_full_idx, q_part_num, q_part_idx, kv_len_ptr,
+        q_full_num, q_full_idx, q_part_num, q_part_idx, kv_len_ptr, pred_ptr,
         stride_qb, stride_qh, stride_qm, stride_qd,
         stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd,
@@ -326,7 +379,7 @@ if HAS_TRITON:
         num_heads, q_len, kv_len, head_dim, qk_scale, sm_scale,
         list_head_stride, full_width, part_width,
         HEAD_DIM: tl.constexpr, SPARSE_M: tl.constexpr, SPARSE_N: tl.constexpr,
-        HAS_KV_LEN: tl.constexpr, PAD_D: tl.constexpr, USE_TMA: tl.constexpr,
+        HAS_KV_LEN: tl.constexpr, PAD_D: tl.constexpr, USE_TMA: tl.constexpr, PREDICATE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         tile = tl.program_id(0)  # key tile of BLOCK_N rows
@@ -354,10 +407,10 @@ if HAS_TRITON:
             n_full = tl.load(q_full_num + row)
             n_part = tl.load(q_part_num + row)
             if clean:
-                dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, Q_desc, dO_desc, b, h, lse_base, delta_base, q_full_idx + row * full_width, n_full, offs_n, offs_d, stride_qm, stride_qd, stride_dom, stride_dod, q_len, kv_end, head_dim, qk_scale, BLOCK_M, SPARSE_M, False, HEAD_DIM, PAD_D, USE_TMA)
+                dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, Q_desc, dO_desc, b, h, lse_base, delta_base, q_full_idx + row * full_width, n_full, offs_n, offs_d, stride_qm, stride_qd, stride_dom, stride_dod, q_len, kv_end, head_dim, qk_scale, pred_ptr, BLOCK_M, SPARSE_M, False, HEAD_DIM, PAD_D, USE_TMA, PREDICATE)
             else:
-                dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, Q_desc, dO_desc, b, h, lse_base, delta_base, q_full_idx + row * full_width, n_full, offs_n, offs_d, stride_qm, stride_qd, stride_dom, stride_dod, q_len, kv_end, head_dim, qk_scale, BLOCK_M, SPARSE_M, True, HEAD_DIM, PAD_D, USE_TMA)
-            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, Q_desc, dO_desc, b, h, lse_base, delta_base, q_part_idx + row * part_width, n_part, offs_n, offs_d, stride_qm, stride_qd, stride_dom, stride_dod, q_len, kv_end, head_dim, qk_scale, BLOCK_M, SPARSE_M, True, HEAD_DIM, PAD_D, USE_TMA)
+                dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, Q_desc, dO_desc, b, h, lse_base, delta_base, q_full_idx + row * full_width, n_full, offs_n, offs_d, stride_qm, stride_qd, stride_dom, stride_dod, q_len, kv_end, head_dim, qk_scale, pred_ptr, BLOCK_M, SPARSE_M, True, HEAD_DIM, PAD_D, USE_TMA, PREDICATE)
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, Q_desc, dO_desc, b, h, lse_base, delta_base, q_part_idx + row * part_width, n_part, offs_n, offs_d, stride_qm, stride_qd, stride_dom, stride_dod, q_len, kv_end, head_dim, qk_scale, pred_ptr, BLOCK_M, SPARSE_M, True, HEAD_DIM, PAD_D, USE_TMA, PREDICATE)
         dk = dk * sm_scale
         out_mask = (offs_n[:, None] < kv_len) & (offs_d[None, :] < head_dim)
         dk_off = b.to(tl.int64) * stride_dkb + h.to(tl.int64) * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
@@ -368,8 +421,8 @@ if HAS_TRITON:
     def _dq_inner(
         dq, q, do, lse, delta, k_base, v_base, k_desc, v_desc, b, h, idx_ptr, count, offs_m, offs_d,
         stride_kn, stride_kd, stride_vn, stride_vd, q_len, kv_end, head_dim, qk_scale,
-        BLOCK_N: tl.constexpr, SPARSE_N: tl.constexpr, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr,
-        PAD_D: tl.constexpr, USE_TMA: tl.constexpr,
+        pred_ptr, BLOCK_N: tl.constexpr, SPARSE_N: tl.constexpr, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr,
+        PAD_D: tl.constexpr, USE_TMA: tl.constexpr, PREDICATE: tl.constexpr,
     ):
         tl.static_assert(SPARSE_N % BLOCK_N == 0, "the kernel tile must divide the sparse block")
         SUB: tl.constexpr = SPARSE_N // BLOCK_N
@@ -382,7 +435,10 @@ if HAS_TRITON:
             qk = tl.dot(q, tl.trans(k)) * qk_scale
             p = tl.math.exp2(qk - lse[:, None])
             if MASKED:
-                p = tl.where(offs_n[None, :] < kv_end, p, 0.0)
+                valid = offs_n[None, :] < kv_end
+                if PREDICATE != 0:
+                    valid = valid & _predicate(offs_m[:, None], offs_n[None, :], pred_ptr, PREDICATE)
+                p = tl.where(valid, p, 0.0)
             dp = tl.dot(do, tl.trans(v))
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(k.dtype), k)
@@ -395,7 +451,7 @@ if HAS_TRITON:
     @triton.jit
     def _dq_kernel(
         Q, K, V, dO, K_desc, V_desc, Lse, Delta, dQ,
-        full_num, full_idx, part_num, part_idx, kv_len_ptr,
+        full_num, full_idx, part_num, part_idx, kv_len_ptr, pred_ptr,
         stride_qb, stride_qh, stride_qm, stride_qd,
         stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd,
@@ -404,7 +460,7 @@ if HAS_TRITON:
         num_heads, q_len, kv_len, head_dim, qk_scale, sm_scale,
         list_head_stride, full_width, part_width,
         HEAD_DIM: tl.constexpr, SPARSE_M: tl.constexpr, SPARSE_N: tl.constexpr,
-        HAS_KV_LEN: tl.constexpr, PAD_D: tl.constexpr, USE_TMA: tl.constexpr,
+        HAS_KV_LEN: tl.constexpr, PAD_D: tl.constexpr, USE_TMA: tl.constexpr, PREDICATE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         tile = tl.program_id(0)  # query tile of BLOCK_M rows
@@ -431,10 +487,10 @@ if HAS_TRITON:
         n_full = tl.load(full_num + row)
         n_part = tl.load(part_num + row)
         if HAS_KV_LEN:
-            dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, K_desc, V_desc, b, h, full_idx + row * full_width, n_full, offs_m, offs_d, stride_kn, stride_kd, stride_vn, stride_vd, q_len, kv_end, head_dim, qk_scale, BLOCK_N, SPARSE_N, True, HEAD_DIM, PAD_D, USE_TMA)
+            dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, K_desc, V_desc, b, h, full_idx + row * full_width, n_full, offs_m, offs_d, stride_kn, stride_kd, stride_vn, stride_vd, q_len, kv_end, head_dim, qk_scale, pred_ptr, BLOCK_N, SPARSE_N, True, HEAD_DIM, PAD_D, USE_TMA, PREDICATE)
         else:
-            dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, K_desc, V_desc, b, h, full_idx + row * full_width, n_full, offs_m, offs_d, stride_kn, stride_kd, stride_vn, stride_vd, q_len, kv_end, head_dim, qk_scale, BLOCK_N, SPARSE_N, False, HEAD_DIM, PAD_D, USE_TMA)
-        dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, K_desc, V_desc, b, h, part_idx + row * part_width, n_part, offs_m, offs_d, stride_kn, stride_kd, stride_vn, stride_vd, q_len, kv_end, head_dim, qk_scale, BLOCK_N, SPARSE_N, True, HEAD_DIM, PAD_D, USE_TMA)
+            dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, K_desc, V_desc, b, h, full_idx + row * full_width, n_full, offs_m, offs_d, stride_kn, stride_kd, stride_vn, stride_vd, q_len, kv_end, head_dim, qk_scale, pred_ptr, BLOCK_N, SPARSE_N, False, HEAD_DIM, PAD_D, USE_TMA, PREDICATE)
+        dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, K_desc, V_desc, b, h, part_idx + row * part_width, n_part, offs_m, offs_d, stride_kn, stride_kd, stride_vn, stride_vd, q_len, kv_end, head_dim, qk_scale, pred_ptr, BLOCK_N, SPARSE_N, True, HEAD_DIM, PAD_D, USE_TMA, PREDICATE)
         dq = dq * sm_scale
         tl.store(dQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd, dq.to(dQ.dtype.element_ty), mask=qmask)
 
@@ -467,7 +523,7 @@ def _descriptors(use_tma: bool, head: int, *tensors):
     return tuple(TensorDescriptor.from_tensor(t, [1, 1, 16, head]) for t in tensors)
 
 
-def _forward(q, k, v, full_num, full_idx, part_num, part_idx, kv_len, scale, sparse_m, sparse_n, tma):
+def _forward(q, k, v, full_num, full_idx, part_num, part_idx, kv_len, pred, predicate, scale, sparse_m, sparse_n, tma):
     b, h, sq, d = q.shape
     sk = k.shape[2]
     use_tma = tma and _use_tma(q, k, v)
@@ -478,16 +534,17 @@ def _forward(q, k, v, full_num, full_idx, part_num, part_idx, kv_len, scale, spa
     grid = (-(-sq // sparse_m), b * h)
     _fwd_kernel[grid](
         q, k, v, k_desc, v_desc, out, lse, full_num, full_idx, part_num, part_idx, kv_ptr,
+        pred if pred is not None else full_num,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         h, sq, sk, d, scale * LOG2E,
         _list_head_stride(full_num), full_num.shape[1], full_idx.shape[-1], part_idx.shape[-1],
         HEAD_DIM=_head_dim_pow2(d), SPARSE_M=sparse_m, SPARSE_N=sparse_n, HAS_KV_LEN=kv_len is not None,
-        PAD_D=_head_dim_pow2(d) != d, USE_TMA=use_tma,
+        PAD_D=_head_dim_pow2(d) != d, USE_TMA=use_tma, PREDICATE=predicate,
     )
     return out, lse
 
 
-def _backward(do, q, k, v, out, lse, lists, kv_len, scale, sparse_m, sparse_n, tma):
+def _backward(do, q, k, v, out, lse, lists, kv_len, pred, predicate, scale, sparse_m, sparse_n, tma):
     (full_num, full_idx, part_num, part_idx, q_full_num, q_full_idx, q_part_num, q_part_idx) = lists
     b, h, sq, d = q.shape
     sk = k.shape[2]
@@ -500,19 +557,20 @@ def _backward(do, q, k, v, out, lse, lists, kv_len, scale, sparse_m, sparse_n, t
     use_tma = tma and _use_tma(q, k, v, do)
     q_desc, do_desc, k_desc, v_desc = _descriptors(use_tma, head, q, do, k, v)
     pad_d = head != d
+    pred_ptr = pred if pred is not None else full_num
     _dkdv_kernel[lambda meta: (-(-sk // meta["BLOCK_N"]), b * h)](
-        q, k, v, do, q_desc, do_desc, lse, delta, dk, dv, q_full_num, q_full_idx, q_part_num, q_part_idx, kv_ptr,
+        q, k, v, do, q_desc, do_desc, lse, delta, dk, dv, q_full_num, q_full_idx, q_part_num, q_part_idx, kv_ptr, pred_ptr,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(),
         h, sq, sk, d, scale * LOG2E, scale,
         _list_head_stride(q_full_num), q_full_idx.shape[-1], q_part_idx.shape[-1],
-        HEAD_DIM=head, SPARSE_M=sparse_m, SPARSE_N=sparse_n, HAS_KV_LEN=has_kv, PAD_D=pad_d, USE_TMA=use_tma,
+        HEAD_DIM=head, SPARSE_M=sparse_m, SPARSE_N=sparse_n, HAS_KV_LEN=has_kv, PAD_D=pad_d, USE_TMA=use_tma, PREDICATE=predicate,
     )
     _dq_kernel[lambda meta: (-(-sq // meta["BLOCK_M"]), b * h)](
-        q, k, v, do, k_desc, v_desc, lse, delta, dq, full_num, full_idx, part_num, part_idx, kv_ptr,
+        q, k, v, do, k_desc, v_desc, lse, delta, dq, full_num, full_idx, part_num, part_idx, kv_ptr, pred_ptr,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         h, sq, sk, d, scale * LOG2E, scale,
         _list_head_stride(full_num), full_idx.shape[-1], part_idx.shape[-1],
-        HEAD_DIM=head, SPARSE_M=sparse_m, SPARSE_N=sparse_n, HAS_KV_LEN=has_kv, PAD_D=pad_d, USE_TMA=use_tma,
+        HEAD_DIM=head, SPARSE_M=sparse_m, SPARSE_N=sparse_n, HAS_KV_LEN=has_kv, PAD_D=pad_d, USE_TMA=use_tma, PREDICATE=predicate,
     )
     return dq, dk, dv
 
@@ -524,14 +582,15 @@ def block_sparse_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     full_num: torch.Tensor, full_idx: torch.Tensor, part_num: torch.Tensor, part_idx: torch.Tensor,
     q_full_num: torch.Tensor, q_full_idx: torch.Tensor, q_part_num: torch.Tensor, q_part_idx: torch.Tensor,
-    kv_len: torch.Tensor | None, scale: float, sparse_m: int, sparse_n: int, tma: bool,
+    kv_len: torch.Tensor | None, pred: torch.Tensor | None, predicate: int,
+    scale: float, sparse_m: int, sparse_n: int, tma: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward: (out [B, H, Sq, D], lse [B, H, Sq] fp32 natural log)."""
-    return _forward(q, k, v, full_num, full_idx, part_num, part_idx, kv_len, scale, sparse_m, sparse_n, tma)
+    return _forward(q, k, v, full_num, full_idx, part_num, part_idx, kv_len, pred, predicate, scale, sparse_m, sparse_n, tma)
 
 
 @block_sparse_fwd.register_fake
-def _(q, k, v, full_num, full_idx, part_num, part_idx, q_full_num, q_full_idx, q_part_num, q_part_idx, kv_len, scale, sparse_m, sparse_n, tma):
+def _(q, k, v, full_num, full_idx, part_num, part_idx, q_full_num, q_full_idx, q_part_num, q_part_idx, kv_len, pred, predicate, scale, sparse_m, sparse_n, tma):
     return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
@@ -540,11 +599,12 @@ def block_sparse_bwd(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     full_num: torch.Tensor, full_idx: torch.Tensor, part_num: torch.Tensor, part_idx: torch.Tensor,
     q_full_num: torch.Tensor, q_full_idx: torch.Tensor, q_part_num: torch.Tensor, q_part_idx: torch.Tensor,
-    kv_len: torch.Tensor | None, scale: float, sparse_m: int, sparse_n: int, tma: bool,
+    kv_len: torch.Tensor | None, pred: torch.Tensor | None, predicate: int,
+    scale: float, sparse_m: int, sparse_n: int, tma: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward: (dq, dk, dv)."""
     lists = (full_num, full_idx, part_num, part_idx, q_full_num, q_full_idx, q_part_num, q_part_idx)
-    return _backward(do.contiguous(), q, k, v, out, lse, lists, kv_len, scale, sparse_m, sparse_n, tma)
+    return _backward(do.contiguous(), q, k, v, out, lse, lists, kv_len, pred, predicate, scale, sparse_m, sparse_n, tma)
 
 
 @block_sparse_bwd.register_fake
@@ -553,21 +613,26 @@ def _(do, q, k, v, out, lse, *rest):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, *lists, kv_len, scale, sparse_m, sparse_n, tma = inputs
+    q, k, v, *lists, kv_len, pred, predicate, scale, sparse_m, sparse_n, tma = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, *lists, *(() if kv_len is None else (kv_len,)))
-    ctx.has_kv_len = kv_len is not None
-    ctx.scale, ctx.sparse_m, ctx.sparse_n, ctx.tma = scale, sparse_m, sparse_n, tma
+    optional = tuple(t for t in (kv_len, pred) if t is not None)
+    ctx.save_for_backward(q, k, v, out, lse, *lists, *optional)
+    ctx.has_kv_len, ctx.has_pred = kv_len is not None, pred is not None
+    ctx.predicate, ctx.scale, ctx.sparse_m, ctx.sparse_n, ctx.tma = predicate, scale, sparse_m, sparse_n, tma
 
 
 def _backward_rule(ctx, grad_out, grad_lse):
     saved = ctx.saved_tensors
     q, k, v, out, lse = saved[:5]
     lists = saved[5:13]
-    kv_len = saved[13] if ctx.has_kv_len else None
+    optional = list(saved[13:])
+    kv_len = optional.pop(0) if ctx.has_kv_len else None
+    pred = optional.pop(0) if ctx.has_pred else None
     # grad_lse is not propagated: callers that merge partial results differentiate through out only
-    dq, dk, dv = block_sparse_bwd(grad_out, q, k, v, out, lse, *lists, kv_len, ctx.scale, ctx.sparse_m, ctx.sparse_n, ctx.tma)
-    return (dq, dk, dv) + (None,) * 13
+    dq, dk, dv = block_sparse_bwd(
+        grad_out, q, k, v, out, lse, *lists, kv_len, pred, ctx.predicate, ctx.scale, ctx.sparse_m, ctx.sparse_n, ctx.tma
+    )
+    return (dq, dk, dv) + (None,) * 15
 
 
 block_sparse_fwd.register_autograd(_backward_rule, setup_context=_setup_context)
@@ -609,9 +674,13 @@ def block_sparse_attention(
         kv_len = kv_len.to(device=q.device, dtype=torch.int32).contiguous()
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     s = sparsity
+    predicate = PREDICATES[s.predicate.kind]
+    pred = None
+    if predicate:
+        pred = torch.tensor(s.predicate.params, dtype=torch.int32, device=q.device)
     out, lse = block_sparse_fwd(
         q, k, v, s.full_num, s.full_idx, s.part_num, s.part_idx,
         s.q_full_num, s.q_full_idx, s.q_part_num, s.q_part_idx,
-        kv_len, scale, s.block_m, s.block_n, bool(tma),
+        kv_len, pred, predicate, scale, s.block_m, s.block_n, bool(tma),
     )
     return (out, lse) if return_lse else out

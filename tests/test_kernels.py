@@ -76,6 +76,37 @@ def test_triton_partial_blocks_cpu():
     _check_against_reference(1, 1, 64, 16, 16, 1, torch.float32, "cpu", partial=partial)
 
 
+def _predicate_cases():
+    from diffattn.core.layout import TokenLayout
+    from diffattn.patterns import clear
+    from diffattn.patterns import neighborhood as nbm
+
+    a = TokenLayout(3, 6, 7, 5, "after")
+    sa = nbm.spec(a, (3, 3, 5), (1, 2, 2), 1, (True, False, False))
+    b = TokenLayout(2, 8, 9)
+    sb = nbm.spec(b, (1, 3, 3), 1, (1, 2, 3))
+    c = TokenLayout(1, 10, 11, 6, "before")
+    return [
+        ("neighborhood causal+stride, text after", nbm.block_sparsity(a, sa, block_m=32, block_n=16), nbm.token_mask(a, sa)),
+        ("neighborhood dilated", nbm.block_sparsity(b, sb, block_m=16, block_n=16), nbm.token_mask(b, sb)),
+        ("circle, text before", clear.block_sparsity(c, 4, block_m=32, block_n=16), clear.token_mask(c, 4)),
+    ]
+
+
+@needs_interpreter
+@pytest.mark.cpu
+@pytest.mark.parametrize("case", range(3))
+def test_triton_predicates_cpu(case):
+    name, desc, tok = _predicate_cases()[case]
+    q, k, v = (torch.randn(2, 2, desc.q_len, 16, requires_grad=True) for _ in range(3))
+    out = block_sparse.block_sparse_attention(q, k, v, desc)
+    ref, _ = attention_reference(q, k, v, tok)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5, msg=name)
+    g = torch.randn_like(out)
+    for a, r in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+        torch.testing.assert_close(a, r, atol=5e-5, rtol=1e-5, msg=name)
+
+
 @needs_interpreter
 @pytest.mark.cpu
 def test_triton_full_density_equals_dense_sdpa_cpu():
@@ -160,6 +191,36 @@ def test_sdpa_backend_matches_reference():
 )
 def test_triton_matches_reference_gpu(b, h, s, d, block, heads_in_mask, kv_pad, density, dtype):
     _check_against_reference(b, h, s, d, block, heads_in_mask, dtype, "cuda", kv_pad=kv_pad, density=density)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["neighborhood3d", "neighborhood2d_gna", "circle"])
+def test_triton_predicates_gpu(kind):
+    from diffattn.core.layout import TokenLayout
+    from diffattn.patterns import clear
+    from diffattn.patterns import neighborhood as nbm
+
+    if kind == "neighborhood3d":  # a small video grid with text after
+        layout = TokenLayout(6, 30, 52, 77, "after")
+        spec = nbm.spec(layout, (3, 11, 11))
+        desc, tok = nbm.block_sparsity(layout, spec, device="cuda"), nbm.token_mask(layout, spec)
+    elif kind == "neighborhood2d_gna":
+        layout = TokenLayout(1, 64, 64)
+        spec = nbm.spec(layout, 16, 8)
+        desc, tok = nbm.block_sparsity(layout, spec, device="cuda"), nbm.token_mask(layout, spec)
+    else:  # CLEAR r=16 with text first
+        layout = TokenLayout(1, 64, 64, 512, "before")
+        desc, tok = clear.block_sparsity(layout, 16, device="cuda"), clear.token_mask(layout, 16)
+    g = torch.Generator().manual_seed(13)
+    q, k, v = (torch.randn(1, 2, layout.seq_len, 128, generator=g).to("cuda", torch.bfloat16).requires_grad_(True) for _ in range(3))
+    out = block_sparse.block_sparse_attention(q, k, v, desc)
+    tok = tok.to("cuda")[None, None]
+    ref32, _ = attention_reference(q, k, v, tok)
+    ref_lp, _ = attention_reference(q, k, v, tok, compute_dtype=torch.bfloat16)
+    assert_error_ratio(out, ref32, ref_lp.to(torch.bfloat16), f"{kind} forward")
+    do = torch.randn_like(out)
+    for name, a, r32, rlp in zip("qkv", torch.autograd.grad(out, (q, k, v), do), torch.autograd.grad(ref32, (q, k, v), do.float()), torch.autograd.grad(ref_lp.to(torch.bfloat16), (q, k, v), do)):
+        assert_error_ratio(a, r32, rlp, f"{kind} d{name}", floor=1e-3)
 
 
 @pytest.mark.gpu
