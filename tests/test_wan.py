@@ -1,5 +1,7 @@
 """Wan adapter end to end on a tiny WanPipeline built in code."""
 
+import os
+
 import pytest
 import torch
 
@@ -14,6 +16,9 @@ from diffattn.testbed.tiny import tiny_wan_pipeline
 from helpers import record_steps, run_twice_with_remove
 
 pytestmark = pytest.mark.cpu
+# forcing backend="triton" on CPU tensors needs Triton's interpreter (tests/conftest.py sets it on
+# machines without CUDA, which is where CI runs)
+needs_interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
 
 SPARSE = dict(dense_steps=0, dense_layers=0, block_size=32, decay=0.5)
 
@@ -52,6 +57,7 @@ def test_sparse_changes_output_and_remove_restores(pipe):
     assert (applied - stock).abs().max() > 1e-3  # the pattern genuinely changes the computation
 
 
+@needs_interpreter
 def test_backends_agree_inside_the_pipeline(pipe):
     outs = {}
     for backend in ("sdpa", "triton"):
