@@ -675,9 +675,7 @@ def block_sparse_attention(
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     s = sparsity
     predicate = PREDICATES[s.predicate.kind]
-    pred = None
-    if predicate:
-        pred = torch.tensor(s.predicate.params, dtype=torch.int32, device=q.device)
+    pred = s.predicate_params if predicate else None  # built with the description, on its device
     out, lse = block_sparse_fwd(
         q, k, v, s.full_num, s.full_idx, s.part_num, s.part_idx,
         s.q_full_num, s.q_full_idx, s.q_part_num, s.q_part_idx,

@@ -56,6 +56,7 @@ class BlockSparsity:
     q_part_idx: torch.Tensor  # [Hm, nk, max] int32
     mask: torch.Tensor  # [Hm, nq, nk] bool: listed blocks (full or partial)
     partial: torch.Tensor  # [Hm, nq, nk] bool: listed blocks that need the element predicate
+    predicate_params: torch.Tensor  # [P] int32: predicate.params on the lists' device, for the kernels
     predicate: Predicate = field(default_factory=Predicate)
     density: float = 1.0
 
@@ -76,7 +77,7 @@ class BlockSparsity:
             name: getattr(self, name).to(device)
             for name in (
                 "full_num", "full_idx", "part_num", "part_idx",
-                "q_full_num", "q_full_idx", "q_part_num", "q_part_idx", "mask", "partial",
+                "q_full_num", "q_full_idx", "q_part_num", "q_part_idx", "mask", "partial", "predicate_params",
             )
         }
         return BlockSparsity(
@@ -159,10 +160,12 @@ def from_block_mask(
     cols = torch.full((nk,), block_n, dtype=torch.float64, device=mask.device)
     cols[-1] = kv_len - (nk - 1) * block_n
     area = (mask.to(torch.float64) * rows[:, None] * cols[None, :]).sum() / (mask.shape[0] * q_len * kv_len)
+    predicate = predicate or Predicate()
+    params = torch.tensor(predicate.params or (0,), dtype=torch.int32, device=mask.device)
     return BlockSparsity(
         q_len, kv_len, block_m, block_n, full_num, full_idx, part_num, part_idx,
-        q_full_num, q_full_idx, q_part_num, q_part_idx, mask, part,
-        predicate=predicate or Predicate(), density=float(area),
+        q_full_num, q_full_idx, q_part_num, q_part_idx, mask, part, params,
+        predicate=predicate, density=float(area),
     )
 
 
