@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import torch
 
-# Caption vocabulary of the word-level tokenizer. Unknown words map to <unk>.
-VOCAB_WORDS = tuple((
-    "a an the of on in and with moving left right up down still bouncing orbiting "
-    "red green blue yellow purple orange white black cyan pink dark light "
-    "circle square triangle star ring cross background textured plain small large "
-    "one two three"
-).split())
+from .shapes import VOCABULARY
+
+# The word-level tokenizer covers the caption vocabulary of the procedural data; unknown words map
+# to <unk> (documented in word_tokenizer).
+VOCAB_WORDS = VOCABULARY
 SPECIAL = ("<pad>", "</s>", "<unk>")
 
 
 def word_tokenizer(max_length: int = 32):
-    """A ``PreTrainedTokenizerFast`` over ``VOCAB_WORDS`` (lower-cased, whitespace split, </s> appended)."""
+    """A ``PreTrainedTokenizerFast`` over ``VOCAB_WORDS`` (lower-cased, whitespace split, </s> appended).
+
+    Words outside the vocabulary become ``<unk>``; ``diffattn.testbed.shapes.VOCABULARY`` lists it.
+    """
     from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
     from tokenizers.models import WordLevel
     from transformers import PreTrainedTokenizerFast
