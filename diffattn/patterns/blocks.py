@@ -157,9 +157,11 @@ def from_block_mask(
     # density over computed score entries, tails included
     rows = torch.full((nq,), block_m, dtype=torch.float64, device=mask.device)
     rows[-1] = q_len - (nq - 1) * block_m
-    cols = torch.full((nk,), block_n, dtype=torch.float64, device=mask.device)
+    cols = torch.full((nk,), block_n, dtype=torch.float32, device=mask.device)
     cols[-1] = kv_len - (nk - 1) * block_n
-    area = (mask.to(torch.float64) * rows[:, None] * cols[None, :]).sum() / (mask.shape[0] * q_len * kv_len)
+    # keys per query row: exact in fp32 (integers below 2^24), then weighted by rows in fp64
+    keys_per_row = (mask.to(torch.float32) @ cols).to(torch.float64)  # [Hm, nq]
+    area = (keys_per_row * rows).sum() / (mask.shape[0] * q_len * kv_len)
     predicate = predicate or Predicate()
     params = torch.tensor(predicate.params or (0,), dtype=torch.int32, device=mask.device)
     return BlockSparsity(

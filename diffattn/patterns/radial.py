@@ -182,11 +182,11 @@ def block_mask(
     if sink:
         pair_width[:, 0] = dense_width
     offsets = (dist * t) % b  # [F]
-    key = torch.stack(
-        [pair_width, offsets[:, None].expand(frames, frames), offsets[None, :].expand(frames, frames)], -1
-    ).reshape(-1, 3)
-    classes, pair_class = torch.unique(key, dim=0, return_inverse=True)
+    # one int64 key per frame pair: (width + 1, row offset, column offset), unique in one pass
+    code = ((pair_width + 1) * b + offsets[:, None]) * b + offsets[None, :]
+    unique_codes, pair_class = torch.unique(code.reshape(-1), return_inverse=True)
     pair_class = pair_class.reshape(frames, frames)
+    classes = torch.stack([unique_codes // (b * b) - 1, (unique_codes // b) % b, unique_codes % b], -1)
     classes = classes.to(dev)
     tiles = _tile_votes(classes[:, 0], classes[:, 1], classes[:, 2], t, b, n)  # [K, n, n]
     tiles &= (classes[:, 0] >= 0)[:, None, None]
