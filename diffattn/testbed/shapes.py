@@ -181,3 +181,49 @@ def render(clip: Clip, *, frames: int = 1, height: int = 256, width: int = 256, 
 def labels(clip: Clip) -> list[dict]:
     """Per-object attributes for judges: shape, colour, motion (in caption order)."""
     return [{"shape": o.shape, "color": o.color, "motion": o.motion} for o in clip.objects]
+
+
+def parse_caption(text: str) -> list[dict]:
+    """The objects a caption (or a user prompt in the same words) asks for.
+
+    Inverse of ``Clip.caption``: ``"a red circle moving right and a blue star on a black background"``
+    gives ``[{"color": "red", "shape": "circle", "motion": "right"}, {"color": "blue", "shape":
+    "star", "motion": None}]`` (``None``: the prompt names no motion). The background clause is
+    optional. Raises ``ValueError`` naming the expected form when an object phrase does not parse.
+    """
+    words = text.lower().replace(",", " ").split()
+    if " on " in f" {' '.join(words)} ":  # drop the background clause: "... on a <background> [<texture>] background"
+        cut = len(words) - 1 - words[::-1].index("on")
+        words = words[:cut]
+    phrases, current = [], []
+    for w in words:
+        if w == "and":
+            phrases.append(current)
+            current = []
+        else:
+            current.append(w)
+    phrases.append(current)
+    motions = {phrase: name for name, phrase in MOTION_PHRASE.items()}
+    objects = []
+    for phrase in phrases:
+        if phrase[:1] == ["a"]:
+            phrase = phrase[1:]
+        if len(phrase) < 2 or phrase[0] not in COLORS or phrase[1] not in SHAPES:
+            raise ValueError(
+                f"cannot read an object from {' '.join(phrase)!r} in {text!r}: the testbed understands "
+                f"'a <color> <shape> [<motion>]' joined by 'and', colors {sorted(COLORS)}, shapes {list(SHAPES)}, "
+                f"motions {sorted(motions)}"
+            )
+        rest = " ".join(phrase[2:])
+        if rest and rest not in motions:
+            raise ValueError(f"unknown motion {rest!r} in {text!r}; the testbed's motions are {sorted(motions)}")
+        objects.append({"color": phrase[0], "shape": phrase[1], "motion": motions.get(rest)})
+    colors = [o["color"] for o in objects]
+    if len(set(colors)) != len(colors):
+        raise ValueError(f"{text!r} names a color twice; testbed scenes give every object its own color")
+    return objects
+
+
+def unknown_words(text: str) -> list[str]:
+    """Words of ``text`` outside ``VOCABULARY`` (the testbed tokenizers map them to <unk>)."""
+    return [w for w in text.lower().replace(",", " ").split() if w not in VOCABULARY]

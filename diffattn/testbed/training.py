@@ -1,0 +1,139 @@
+"""Shared pieces of the testbed training scripts: data rendering, EMA, schedules, logging, saving.
+
+Seeds: training scenes use seeds ``0 .. N-1`` of ``shapes.sample``; held-out evaluation prompts use
+seeds from ``EVAL_SEED`` up, so they never appear in training.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing as mp
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .shapes import render, sample
+
+EVAL_SEED = 10_000_000
+
+
+class Clock:
+    """Elapsed time, a wall-clock deadline and flushed log lines."""
+
+    def __init__(self, max_minutes: float | None):
+        self.start = time.perf_counter()
+        self.deadline = None if max_minutes is None else self.start + 60 * max_minutes
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def left(self) -> float:
+        return math.inf if self.deadline is None else self.deadline - time.perf_counter()
+
+    def log(self, *parts) -> None:
+        print(f"[{self.elapsed():7.1f}s]", *parts, flush=True)
+
+
+def print_config(cfg) -> None:
+    print(json.dumps(asdict(cfg), indent=1), flush=True)
+
+
+def _render_one(job):
+    seed, image, max_objects, frames, size = job
+    clip = sample(seed, image=image, max_objects=max_objects)
+    return render(clip, frames=frames, height=size, width=size), clip.caption
+
+
+def render_stream(seeds, *, image: bool, max_objects: int, frames: int, size: int, workers: int, chunk: int):
+    """Yields ``(pixels uint8 [n, frames, size, size, 3], captions)`` chunks of ``seeds``, rendered in a pool."""
+    jobs = [(int(s), image, max_objects, frames, size) for s in seeds]
+    ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    with ctx.Pool(max(1, workers)) as pool:
+        pixels, captions = [], []
+        for px, cap in pool.imap(_render_one, jobs, chunksize=16):
+            pixels.append(px)
+            captions.append(cap)
+            if len(pixels) == chunk:
+                yield np.stack(pixels), captions
+                pixels, captions = [], []
+        if pixels:
+            yield np.stack(pixels), captions
+
+
+def to_unit(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[..., H, W, 3]`` -> float in [-1, 1] ``[..., 3, H, W]`` order is left to the caller."""
+    return pixels.float().div(127.5).sub(1.0)
+
+
+class EMA:
+    """Exponential moving average of a module's parameters (fp32 copies)."""
+
+    def __init__(self, module: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: p.detach().float().clone() for k, p in module.named_parameters()}
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))  # warm-up: early averages are short
+        for k, p in module.named_parameters():
+            self.shadow[k].lerp_(p.detach().float(), 1 - d)
+
+    @torch.no_grad()
+    def copy_to(self, module: torch.nn.Module) -> None:
+        for k, p in module.named_parameters():
+            p.copy_(self.shadow[k].to(p.dtype))
+
+
+def shifted_sigmas(n: int, shift: float, generator: torch.Generator, device) -> torch.Tensor:
+    """Flow-matching noise levels: logit-normal u, then the scheduler's shift s*u / (1 + (s - 1) u)."""
+    u = torch.sigmoid(torch.randn(n, generator=generator)).to(device)
+    return shift * u / (1 + (shift - 1) * u)
+
+
+def warmup_lr(step: int, base: float, warmup: int) -> float:
+    """Linear warm-up, then constant: stopping at any step equals a run with ``--steps`` set to it."""
+    return base * min(1.0, (step + 1) / warmup)
+
+
+def drop_captions(captions: list[str], rate: float, rng: np.random.Generator) -> list[str]:
+    """Empty captions (the pipelines' default negative prompt) at ``rate``: classifier-free guidance."""
+    return ["" if rng.random() < rate else c for c in captions]
+
+
+def save_pipeline(pipe, out: Path, record: dict) -> None:
+    """fp16 safetensors via ``save_pretrained`` plus ``testbed.json`` (the training record)."""
+    out.mkdir(parents=True, exist_ok=True)
+    pipe.to("cpu", torch.float16)
+    pipe.save_pretrained(str(out), safe_serialization=True)
+    (out / "testbed.json").write_text(json.dumps(record, indent=1) + "\n")
+
+
+def folder_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6
+
+
+def write_preview(kind: str, folder: Path, png: Path, device, prompts: int = 4) -> list[str]:
+    """Samples of held-out prompts from the saved pipeline (its defaults) as one PNG grid."""
+    from PIL import Image
+
+    from .pipelines import load_pipeline
+
+    pipe = load_pipeline(kind, path=folder, device=device)
+    captions = [sample(EVAL_SEED + i, image=kind != "video", max_objects=2).caption for i in range(prompts)]
+    gens = [torch.Generator("cpu").manual_seed(i) for i in range(prompts)]
+    if kind == "video":
+        frames = pipe(prompt=captions, generator=gens, output_type="np").frames  # [N, F, H, W, 3]
+        pick = np.linspace(0, frames.shape[1] - 1, 8).round().astype(int)
+        rows = [np.concatenate(list(clip[pick]), axis=1) for clip in frames]
+    else:
+        rows = [img for img in pipe(prompt=captions, generator=gens, output_type="np").images]
+    grid = (np.clip(np.concatenate(rows, axis=0), 0, 1) * 255).astype(np.uint8)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid).save(png)
+    (png.with_suffix(".txt")).write_text("\n".join(captions) + "\n")
+    return captions
