@@ -34,8 +34,8 @@ import torch.nn.functional as F
 
 from .pipelines import DEFAULTS, build_pipeline
 from .training import (
-    EMA, Clock, drop_captions, folder_mb, print_config, render_stream, save_pipeline, shifted_sigmas, to_unit,
-    warmup_lr, write_preview,
+    EMA, Clock, drop_captions, folder_mb, history, print_config, render_stream, save_pipeline, shifted_sigmas, to_unit,
+    training_attention, warmup_lr, write_preview,
 )
 
 
@@ -61,6 +61,7 @@ class ImageTrainConfig:
     workers: int = 4
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     max_minutes: float | None = None
+    init: str = ""  # continue from a saved pipeline folder of this kind (fresh optimizer; record -> "history")
     preview: str = ""  # PNG of held-out samples written after saving (empty: none)
 
 
@@ -136,7 +137,14 @@ def train(cfg: ImageTrainConfig) -> dict:
     dev = cfg.device
     if not (Path(cfg.vae) / "config.json").exists():
         raise SystemExit(f"train_image: no trained VAE at {cfg.vae}; run `--kind vae --out {cfg.vae}` first")
-    pipe = build_pipeline(cfg.kind, seed=cfg.seed)
+    if cfg.init:
+        from diffusers import FluxPipeline, StableDiffusionPipeline
+
+        torch.manual_seed(cfg.seed)
+        cls = FluxPipeline if cfg.kind == "image-dit" else StableDiffusionPipeline
+        pipe = cls.from_pretrained(cfg.init, torch_dtype=torch.float32)
+    else:
+        pipe = build_pipeline(cfg.kind, seed=cfg.seed)
     pipe.vae = None
     vae = AutoencoderKL.from_pretrained(cfg.vae, torch_dtype=torch.float32).to(dev).requires_grad_(False)
     pipe.register_modules(vae=vae)
@@ -201,7 +209,7 @@ def train(cfg: ImageTrainConfig) -> dict:
         ema.copy_to(m)
         m.eval()
     record = {
-        "kind": cfg.kind, "config": asdict(cfg), "steps": step + 1, "final_loss": float(np.mean(losses[-250:])),
+        "kind": cfg.kind, "config": asdict(cfg), "history": history(cfg.init), "steps": step + 1, "final_loss": float(np.mean(losses[-250:])),
         "seconds": round(clock.elapsed(), 1), "defaults": DEFAULTS[cfg.kind],
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
     }
@@ -220,7 +228,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, value in vars(defaults).items():
         parser.add_argument("--" + name.replace("_", "-"), type=type(value) if value is not None else float, default=value)
-    train(ImageTrainConfig(**vars(parser.parse_args(argv))))
+    with training_attention():
+        train(ImageTrainConfig(**vars(parser.parse_args(argv))))
 
 
 if __name__ == "__main__":

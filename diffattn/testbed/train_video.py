@@ -30,8 +30,8 @@ import torch.nn.functional as F
 
 from .pipelines import DEFAULTS, build_pipeline
 from .training import (
-    EMA, Clock, drop_captions, folder_mb, print_config, render_stream, save_pipeline, shifted_sigmas, to_unit,
-    warmup_lr, write_preview,
+    EMA, Clock, drop_captions, folder_mb, history, print_config, render_stream, save_pipeline, shifted_sigmas, to_unit,
+    training_attention, warmup_lr, write_preview,
 )
 
 
@@ -45,7 +45,7 @@ class VideoTrainConfig:
     scenes: int = 24000
     vae_scenes: int = 2048
     vae_steps: int = 2000
-    vae_batch: int = 8
+    vae_batch: int = 16
     vae_lr: float = 1e-3
     steps: int = 9000
     batch: int = 32
@@ -57,6 +57,8 @@ class VideoTrainConfig:
     workers: int = 8
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     max_minutes: float | None = None
+    init: str = ""  # continue from a saved video pipeline folder (fresh optimizer; its record goes to "history")
+    vae_crop: int = 5  # frames per VAE training crop (4k+1)
     preview: str = ""  # PNG of held-out samples written after saving (empty: none)
     vae_max_minutes: float | None = None
 
@@ -77,7 +79,7 @@ def train_vae(cfg: VideoTrainConfig, vae, clock: Clock) -> dict:
     vae.train().to(dev)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(cfg.seed + 1)
-    crop = 9  # 1 + 2 * 4 frames: three latent frames per crop
+    crop = cfg.vae_crop
     step = 0
     for step in range(cfg.vae_steps):
         idx = torch.randint(0, len(data), (cfg.vae_batch,), generator=g)
@@ -120,7 +122,13 @@ def train(cfg: VideoTrainConfig) -> dict:
     dev = cfg.device
     if (cfg.frames - 1) % 4:
         raise SystemExit(f"train_video: --frames must be 4k+1 (the VAE's time compression), got {cfg.frames}")
-    pipe = build_pipeline("video", seed=cfg.seed)
+    if cfg.init:
+        from diffusers import WanPipeline
+
+        torch.manual_seed(cfg.seed)
+        pipe = WanPipeline.from_pretrained(cfg.init, torch_dtype=torch.float32)
+    else:
+        pipe = build_pipeline("video", seed=cfg.seed)
     vae_record = train_vae(cfg, pipe.vae, clock)
     vae = pipe.vae.requires_grad_(False)
     mean = torch.tensor(vae.config.latents_mean, device=dev).view(1, -1, 1, 1, 1)
@@ -176,7 +184,7 @@ def train(cfg: VideoTrainConfig) -> dict:
     transformer.eval()
     text_encoder.eval()
     record = {
-        "kind": "video", "config": asdict(cfg), "vae": vae_record, "steps": step + 1,
+        "kind": "video", "config": asdict(cfg), "history": history(cfg.init), "vae": vae_record, "steps": step + 1,
         "final_loss": float(np.mean(losses[-250:])), "seconds": round(clock.elapsed(), 1),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "defaults": DEFAULTS["video"],
     }
@@ -195,7 +203,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, value in vars(defaults).items():
         parser.add_argument("--" + name.replace("_", "-"), type=type(value) if value is not None else float, default=value)
-    train(VideoTrainConfig(**vars(parser.parse_args(argv))))
+    with training_attention():
+        train(VideoTrainConfig(**vars(parser.parse_args(argv))))
 
 
 if __name__ == "__main__":

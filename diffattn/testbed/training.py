@@ -105,6 +105,25 @@ def drop_captions(captions: list[str], rate: float, rng: np.random.Generator) ->
     return ["" if rng.random() < rate else c for c in captions]
 
 
+def training_attention():
+    """SDPA backends for training: flash, memory-efficient, math; not cuDNN, whose backward crashed
+    (illegal memory access) on the FLUX testbed shapes with torch 2.11 on an H100."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+def history(init: str) -> list:
+    """The training record of the pipeline a run continues from (its testbed.json), as a list."""
+    if not init:
+        return []
+    meta = Path(init) / "testbed.json"
+    if not meta.exists():
+        return [{"init": init}]
+    record = json.loads(meta.read_text())
+    return [*record.pop("history", []), record]
+
+
 def save_pipeline(pipe, out: Path, record: dict) -> None:
     """fp16 safetensors via ``save_pretrained`` plus ``testbed.json`` (the training record)."""
     out.mkdir(parents=True, exist_ok=True)
