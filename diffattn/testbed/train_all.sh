@@ -5,7 +5,8 @@
 # MINUTES (default 9) is the wall-clock budget: every script stops in time and saves (--max-minutes).
 # INIT_DIR, an earlier OUT_DIR: its judges and image VAE are kept as they are, and the video, image-dit
 # and image-unet pipelines found there continue training (fresh optimizer). The committed weights are
-# two rounds on one H100: `train_all.sh A 9`, then `train_all.sh B 9 A` (benchmarks/RESULTS.md).
+# three rounds on one H100: `train_all.sh A 9`, `train_all.sh B 9 A`, `train_all.sh C 9 B`; the first two
+# used smaller batches and VAE crops than today's defaults (each testbed.json keeps every round's config).
 set -euo pipefail
 out=${1:?usage: train_all.sh OUT_DIR [MINUTES] [INIT_DIR]}
 minutes=${2:-9}
@@ -26,7 +27,7 @@ else
     workers=6
 fi
 python3 -m diffattn.testbed.train_video --out "$out/video" --workers $workers --steps 1000000 $(from video) \
-    --vae-max-minutes "$(m 0.19)" --max-minutes "$(m 0.95)" --scenes 16000 --lr 0.0004 \
+    --vae-max-minutes "$(m 0.3)" --max-minutes "$(m 0.95)" \
     --preview "$out/previews/video.png" > "$out/logs/video.log" 2>&1 &
 (
     if [ -z "$init" ]; then

@@ -52,8 +52,8 @@ class ImageTrainConfig:
     vae_batch: int = 32
     vae_lr: float = 1e-3
     steps: int = 8000
-    batch: int = 64
-    lr: float = 3e-4
+    batch: int = 128
+    lr: float = 4e-4
     warmup: int = 300
     ema: float = 0.999
     shift: float = 2.0

@@ -42,14 +42,14 @@ class VideoTrainConfig:
     size: int = 128
     frames: int = 29
     max_objects: int = 2
-    scenes: int = 24000
+    scenes: int = 16000
     vae_scenes: int = 2048
     vae_steps: int = 2000
-    vae_batch: int = 16
+    vae_batch: int = 8
     vae_lr: float = 1e-3
     steps: int = 9000
-    batch: int = 32
-    lr: float = 3e-4
+    batch: int = 48
+    lr: float = 4e-4
     warmup: int = 300
     ema: float = 0.999
     shift: float = 3.0
@@ -58,7 +58,7 @@ class VideoTrainConfig:
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     max_minutes: float | None = None
     init: str = ""  # continue from a saved video pipeline folder (fresh optimizer; its record goes to "history")
-    vae_crop: int = 5  # frames per VAE training crop (4k+1)
+    vae_crop: int = 13  # frames per VAE training crop (4k+1; >= 13 so that the causal cache of later chunks is trained)
     preview: str = ""  # PNG of held-out samples written after saving (empty: none)
     vae_max_minutes: float | None = None
 
