@@ -1,24 +1,25 @@
 """diffattn command line.
 
-    diffattn generate                                   # embedded tiny Wan pipeline, radial vs dense
+    diffattn generate                                   # the testbed video pipeline, radial vs dense
     diffattn generate --prompt "a red circle moving right" --method radial --out clip.mp4 --seed 3
     diffattn generate --model /path/to/Wan2.1-T2V-1.3B-Diffusers --device cuda \\
         --height 480 --width 832 --frames 81 --steps 50 --out wan.mp4
 
 ``generate`` runs the pipeline twice with the same seed, dense and with the method, writes both
-clips (``clip.mp4`` and ``clip_dense.mp4``) and prints the time of each, the mask density and the
-PSNR of the method's clip against the dense one.
+clips (``clip.mp4`` and ``clip_dense.mp4``) and prints the time of each, the mask density, and the
+method's quality against dense: PSNR and SSIM, and on the testbed pipeline the judge's reading of
+both clips (colour / shape / motion asked by the prompt, ``diffattn.testbed.judge``).
 
-The embedded default is a tiny Wan-architecture pipeline built in code with random weights
-(``diffattn.testbed.tiny``): its clips are noise-like, but every attention path, token layout and
-schedule is the real one. ``--model`` loads a real diffusers checkpoint from a local path (or the
-hub, when the machine can reach it).
+The embedded default is the testbed video pipeline (``diffattn.testbed.load_pipeline("video")``):
+a ``WanPipeline`` at toy width trained on procedural shapes, 128x128, 29 frames (8 latent frames of
+16x16 tokens), 25 steps. Its prompts use the caption words (``diffattn.testbed.shapes.VOCABULARY``);
+other words are refused. ``--model`` loads a real diffusers checkpoint from a local path (or the
+hub, when the machine can reach it); size, frames and steps then default to Wan's 480x832, 81, 50.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -35,11 +36,11 @@ class GenerateConfig:
     out: str
     seed: int
     model: str | None
-    height: int
-    width: int
-    frames: int
-    steps: int
-    guidance: float
+    height: int | None
+    width: int | None
+    frames: int | None
+    steps: int | None
+    guidance: float | None
     device: str
     backend: str
     dense_steps: int | None
@@ -56,12 +57,12 @@ def _parse(argv) -> GenerateConfig:
     gen.add_argument("--method", default="radial", help=f"one of {diffattn.methods()}")
     gen.add_argument("--out", default="clip.mp4", help="the method's clip; the dense one goes beside it as *_dense.mp4")
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--model", default=None, help="local diffusers pipeline folder (default: the embedded tiny pipeline)")
-    gen.add_argument("--height", type=int, default=256)
-    gen.add_argument("--width", type=int, default=256)
-    gen.add_argument("--frames", type=int, default=61, help="pixel frames; Wan needs 4k+1 (61 -> 16 latent frames)")
-    gen.add_argument("--steps", type=int, default=8)
-    gen.add_argument("--guidance", type=float, default=5.0)
+    gen.add_argument("--model", default=None, help="local diffusers pipeline folder (default: the testbed video pipeline)")
+    gen.add_argument("--height", type=int, default=None, help="default: 128 on the testbed, 480 with --model")
+    gen.add_argument("--width", type=int, default=None, help="default: 128 on the testbed, 832 with --model")
+    gen.add_argument("--frames", type=int, default=None, help="pixel frames, 4k+1 for Wan (default: 29 testbed, 81 --model)")
+    gen.add_argument("--steps", type=int, default=None, help="default: 25 on the testbed, 50 with --model")
+    gen.add_argument("--guidance", type=float, default=None, help="default: 4.0 on the testbed, 5.0 with --model")
     gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     gen.add_argument("--backend", default="auto", choices=["auto", "triton", "flex", "sdpa"])
     gen.add_argument("--dense-steps", type=int, default=None, help="default: a quarter of --steps (the paper: 12 of 50)")
@@ -72,7 +73,36 @@ def _parse(argv) -> GenerateConfig:
     )
     gen.add_argument("--fps", type=int, default=16)
     args = parser.parse_args(argv)
-    return GenerateConfig(**{k: v for k, v in vars(args).items() if k != "command"})
+    values = {k: v for k, v in vars(args).items() if k != "command"}
+    if values["model"] is None:
+        from diffattn.testbed.pipelines import DEFAULTS
+
+        d = DEFAULTS["video"]
+        fallback = dict(height=d["height"], width=d["width"], frames=d["num_frames"], steps=d["num_inference_steps"],
+                        guidance=d["guidance_scale"])
+    else:
+        fallback = dict(height=480, width=832, frames=81, steps=50, guidance=5.0)
+    for name, value in fallback.items():
+        if values[name] is None:
+            values[name] = value
+    return GenerateConfig(**values)
+
+
+def _check_prompt(cfg: GenerateConfig) -> None:
+    """The testbed understands its caption words only: say which words are unknown and list them."""
+    from diffattn.testbed.shapes import VOCABULARY, parse_caption, unknown_words
+
+    unknown = unknown_words(cfg.prompt)
+    if unknown:
+        raise SystemExit(
+            f"diffattn: the testbed pipeline does not know {unknown} (its tokenizer would read them as <unk>); "
+            f"use its caption words {list(VOCABULARY)}, e.g. 'a red circle moving right on a dark blue background', "
+            "or pass --model for a real checkpoint"
+        )
+    try:
+        parse_caption(cfg.prompt)
+    except ValueError as exc:
+        raise SystemExit(f"diffattn: {exc}") from None
 
 
 def _check(cfg: GenerateConfig, pipe) -> None:
@@ -83,6 +113,7 @@ def _check(cfg: GenerateConfig, pipe) -> None:
         raise SystemExit(
             f"diffattn: --height/--width must be positive multiples of {multiple} for this model, got "
             f"{cfg.height}x{cfg.width} (e.g. {cfg.height // multiple * multiple or multiple}x{cfg.width // multiple * multiple or multiple})"
+            + ("; the testbed model was trained at 128x128, 29 frames" if cfg.model is None else "")
         )
     temporal = pipe.vae_scale_factor_temporal
     if cfg.frames < 1 or (cfg.frames - 1) % temporal:
@@ -95,9 +126,9 @@ def _check(cfg: GenerateConfig, pipe) -> None:
 
 def _load(cfg: GenerateConfig):
     if cfg.model is None:
-        from diffattn.testbed.tiny import tiny_wan_pipeline
+        from diffattn.testbed.pipelines import load_pipeline
 
-        pipe = tiny_wan_pipeline(seed=0)
+        return load_pipeline("video", device=cfg.device)
     else:
         from diffusers import DiffusionPipeline
 
@@ -121,15 +152,14 @@ def _run(pipe, cfg: GenerateConfig):
     return frames, time.perf_counter() - start  # [F, H, W, 3] floats in [0, 1]
 
 
-def _psnr(a, b) -> float:
-    mse = float(((a - b) ** 2).mean())
-    return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
-
-
 def generate(cfg: GenerateConfig) -> dict:
     from diffusers.utils import export_to_video
 
+    from diffattn.testbed.metrics import psnr, ssim
+
     print("diffattn generate", asdict(cfg), flush=True)
+    if cfg.model is None:
+        _check_prompt(cfg)
     pipe = _load(cfg)
     _check(cfg, pipe)
     dense_frames, dense_s = _run(pipe, cfg)
@@ -142,7 +172,10 @@ def generate(cfg: GenerateConfig) -> dict:
     if cfg.block_size is not None:
         options["block_size"] = cfg.block_size
     elif cfg.model is None:
-        options["block_size"] = 64  # the embedded pipeline's frames are 16 x 16 tokens: 128 would be near dense
+        from diffattn.testbed.pipelines import METHOD_OPTIONS
+
+        # the testbed's frames are 16 x 16 tokens: 128-token blocks would be near dense
+        options.setdefault("block_size", METHOD_OPTIONS["video"].get(cfg.method, {}).get("block_size", 64))
     with diffattn.apply(pipe, cfg.method, **options) as handle:
         method_frames, method_s = _run(pipe, cfg)
         density = handle.method.density(handle.state.layout)
@@ -151,16 +184,25 @@ def generate(cfg: GenerateConfig) -> dict:
     report = {
         "dense_seconds": round(dense_s, 3), "method_seconds": round(method_s, 3),
         "speedup": round(dense_s / method_s, 3), "mask_density": round(density, 4),
-        "psnr_vs_dense_db": round(_psnr(method_frames, dense_frames), 2),
+        "psnr_vs_dense_db": round(psnr(method_frames, dense_frames), 2),
+        "ssim_vs_dense": round(ssim(method_frames, dense_frames), 4),
         "layout": repr(handle.state.layout), "clips": [cfg.out, dense_path],
     }
     print(
         f"dense: {dense_s:.2f} s -> {dense_path}\n"
         f"{cfg.method}: {method_s:.2f} s -> {cfg.out} (x{dense_s / method_s:.2f})\n"
         f"{cfg.method} mask density {density:.3f} over {handle.state.layout}, "
-        f"PSNR vs dense {report['psnr_vs_dense_db']} dB",
+        f"PSNR vs dense {report['psnr_vs_dense_db']} dB, SSIM {report['ssim_vs_dense']}",
         flush=True,
     )
+    if cfg.model is None:
+        from diffattn.testbed.judge import load_judge, score
+
+        judge = load_judge("video")
+        for name, frames in (("dense", dense_frames), (cfg.method, method_frames)):
+            report[f"judge_{name}"] = score(judge, frames[None], [cfg.prompt])["accuracy"]
+            found = ", ".join(f"{k} {v:.0%}" for k, v in report[f"judge_{name}"].items())
+            print(f"judge ({name}): prompt attributes found: {found}", flush=True)
     return report
 
 

@@ -43,6 +43,9 @@ DEFAULTS = {
     "image-dit": dict(height=128, width=128, num_inference_steps=25, true_cfg_scale=4.0, negative_prompt=""),
     "image-unet": dict(height=128, width=128, num_inference_steps=25, guidance_scale=4.0),
 }
+# Options diffattn methods use on the testbed (its frames are 16 x 16 tokens: 128-token blocks would
+# make radial near dense; a quarter of the 25 steps run dense, as 12 of 50 in the paper).
+METHOD_OPTIONS = {"video": {"radial": dict(block_size=64, dense_steps=6)}}
 TRAIN_COMMAND = {
     "video": "python -m diffattn.testbed.train_video --out diffattn/testbed/weights/video",
     "image-dit": "python -m diffattn.testbed.train_image --kind image-dit --out diffattn/testbed/weights/image-dit",
@@ -210,6 +213,17 @@ class TestbedSDPipeline(_TestbedDefaults, StableDiffusionPipeline):
 TESTBED_CLASSES = {"video": TestbedWanPipeline, "image-dit": TestbedFluxPipeline, "image-unet": TestbedSDPipeline}
 
 
+def _dtype_kwarg() -> str:
+    import diffusers
+    from packaging.version import Version
+
+    # diffusers 0.42 renamed from_pretrained's torch_dtype to dtype (the old name warns)
+    return "dtype" if Version(diffusers.__version__).release >= (0, 42) else "torch_dtype"
+
+
+_DTYPE_KWARG = _dtype_kwarg()
+
+
 def pipeline_path(kind: str) -> Path:
     _check_kind(kind)
     return WEIGHTS / kind
@@ -238,6 +252,6 @@ def load_pipeline(kind: str, *, device: str | torch.device = "cpu", dtype: torch
     device = torch.device(device)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    pipe = TESTBED_CLASSES[kind].from_pretrained(str(folder), torch_dtype=dtype)
+    pipe = TESTBED_CLASSES[kind].from_pretrained(str(folder), **{_DTYPE_KWARG: dtype})
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

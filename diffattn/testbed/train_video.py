@@ -70,8 +70,8 @@ def _clips(pixels: np.ndarray, device) -> torch.Tensor:
 
 def train_vae(cfg: VideoTrainConfig, vae, clock: Clock) -> dict:
     dev = cfg.device
-    data = []
-    for pixels, _ in render_stream(range(cfg.vae_scenes), image=False, max_objects=cfg.max_objects, frames=cfg.frames,
+    data = []  # with vae_steps=0 (keep an --init VAE as it is) only the 64 clips for the statistics
+    for pixels, _ in render_stream(range(cfg.vae_scenes if cfg.vae_steps else 64), image=False, max_objects=cfg.max_objects, frames=cfg.frames,
                                    size=cfg.size, workers=cfg.workers, chunk=256):
         data.append(torch.from_numpy(pixels).to(dev))
     data = torch.cat(data)  # uint8 [N, F, H, W, 3]
@@ -80,7 +80,7 @@ def train_vae(cfg: VideoTrainConfig, vae, clock: Clock) -> dict:
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(cfg.seed + 1)
     crop = cfg.vae_crop
-    step = 0
+    step = -1
     for step in range(cfg.vae_steps):
         idx = torch.randint(0, len(data), (cfg.vae_batch,), generator=g)
         t0 = int(torch.randint(0, cfg.frames - crop + 1, (1,), generator=g))
@@ -113,7 +113,7 @@ def train_vae(cfg: VideoTrainConfig, vae, clock: Clock) -> dict:
     std = mu.std(dim=(0, 2, 3, 4)).tolist()
     vae.register_to_config(latents_mean=[round(v, 5) for v in mean], latents_std=[round(v, 5) for v in std])
     clock.log(f"vae: {step + 1} steps, full-clip reconstruction PSNR {psnr:.2f} dB; latent mean {mean} std {std}")
-    return {"steps": step + 1, "psnr_db": psnr}
+    return {"steps": step + 1, "psnr_db": psnr}  # steps 0: the VAE was kept as loaded
 
 
 def train(cfg: VideoTrainConfig) -> dict:
