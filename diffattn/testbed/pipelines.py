@@ -48,8 +48,8 @@ DEFAULTS = {
 METHOD_OPTIONS = {"video": {"radial": dict(block_size=64, dense_steps=6)}}
 TRAIN_COMMAND = {
     "video": "python -m diffattn.testbed.train_video --out diffattn/testbed/weights/video",
-    "image-dit": "python -m diffattn.testbed.train_image --kind image-dit --out diffattn/testbed/weights/image-dit",
-    "image-unet": "python -m diffattn.testbed.train_image --kind image-unet --out diffattn/testbed/weights/image-unet",
+    "image-dit": "python -m diffattn.testbed.train_image --kind image-dit --vae IMAGE_VAE --out diffattn/testbed/weights/image-dit",
+    "image-unet": "python -m diffattn.testbed.train_image --kind image-unet --vae IMAGE_VAE --out diffattn/testbed/weights/image-unet",
 }
 # Sizes the testbed models were trained at (other multiples of the latent grid run, off-distribution).
 TRAINED_SIZE = {"video": (128, 128, 29), "image-dit": (128, 128, 1), "image-unet": (128, 128, 1)}

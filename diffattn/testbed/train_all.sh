@@ -4,9 +4,13 @@
 # OUT_DIR receives video/, image-vae/, image-dit/, image-unet/, judge-*.safetensors, previews/ and logs/.
 # MINUTES (default 9) is the wall-clock budget: every script stops in time and saves (--max-minutes).
 # INIT_DIR, an earlier OUT_DIR: its judges and image VAE are kept as they are, and the video, image-dit
-# and image-unet pipelines found there continue training (fresh optimizer). The committed weights are
-# three rounds on one H100: `train_all.sh A 9`, `train_all.sh B 9 A`, `train_all.sh C 9 B`; the first two
-# used smaller batches and VAE crops than today's defaults (each testbed.json keeps every round's config).
+# and image-unet pipelines found there continue training (fresh optimizer).
+# The committed weights (benchmarks/RESULTS.md, 2026-11-22): rounds `train_all.sh A 9`, `train_all.sh B 9 A`,
+# `train_all.sh C 9 B` (rounds 1-2 used smaller batches and VAE crops than today's defaults; each
+# testbed.json keeps every round's config), then a 4th round of the video pipeline (VAE kept:
+# --vae-steps 0) and image-dit only, 6.3 minutes each, in parallel:
+#   python -m diffattn.testbed.train_video --init C/video --out D/video --vae-steps 0 --workers 10 --max-minutes 6.3
+#   python -m diffattn.testbed.train_image --kind image-dit --init C/image-dit --vae A/image-vae --out D/image-dit --max-minutes 6.3
 set -euo pipefail
 out=${1:?usage: train_all.sh OUT_DIR [MINUTES] [INIT_DIR]}
 minutes=${2:-9}

@@ -1,12 +1,14 @@
 """Train the testbed text-to-image pipelines on procedural images.
 
-    python -m diffattn.testbed.train_image --kind vae --out diffattn/testbed/weights/image-vae
-    python -m diffattn.testbed.train_image --kind image-dit --vae diffattn/testbed/weights/image-vae \\
-        --out diffattn/testbed/weights/image-dit --steps 8000
-    python -m diffattn.testbed.train_image --kind image-unet --vae diffattn/testbed/weights/image-vae \\
-        --out diffattn/testbed/weights/image-unet --steps 8000
+    python -m diffattn.testbed.train_image --kind vae --out OUT/image-vae --max-minutes 1.3
+    python -m diffattn.testbed.train_image --kind image-dit --vae OUT/image-vae --out OUT/image-dit --max-minutes 7
+    python -m diffattn.testbed.train_image --kind image-unet --vae OUT/image-vae --out OUT/image-unet --max-minutes 7
+    python -m diffattn.testbed.train_image --kind image-unet --init OUT/image-unet --vae OUT/image-vae --out OUT2/image-unet
 
-Seeded. ``--kind vae`` trains the 4x ``AutoencoderKL`` the two image pipelines share (MSE + L1 + a
+The committed weights are 3 (U-Net) and 3 (FLUX) rounds of this script, listed in
+``diffattn/testbed/train_all.sh``; ``testbed.json`` records each round. Seeded.
+
+``--kind vae`` trains the 4x ``AutoencoderKL`` the two image pipelines share (MSE + L1 + a
 small KL) and stores ``scaling_factor`` = 1 / std of its latents (``shift_factor`` 0, which both
 FLUX's and SD's decode formulas then agree on). The pipeline kinds encode ``scenes`` images
 (128x128, 1 to ``max_objects`` still objects) once with that VAE and train the denoiser together with

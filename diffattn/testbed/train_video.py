@@ -1,8 +1,11 @@
 """Train the testbed text-to-video pipeline (``WanPipeline`` at toy width) on procedural clips.
 
-    python -m diffattn.testbed.train_video --out diffattn/testbed/weights/video --steps 9000
+    python -m diffattn.testbed.train_video --out OUT/video --max-minutes 8            # from scratch
+    python -m diffattn.testbed.train_video --init OUT/video --out OUT2/video --vae-steps 0 --max-minutes 6
+    python -m diffattn.testbed.train_video --out /tmp/v --size 32 --frames 9 --scenes 8 --steps 2 --device cpu  # smoke
 
-Seeded. Two stages on one GPU, then the fp16 pipeline is written with ``save_pretrained``:
+The committed weights are 4 rounds of this script (``diffattn/testbed/train_all.sh`` lists them;
+``testbed.json`` records each round's config and steps). Seeded. Two stages on one GPU, then the fp16 pipeline is written with ``save_pretrained``:
 
 1. the ``AutoencoderKLWan`` (4x space, 4x time, 8 latent channels) learns to reconstruct 9-frame
    crops (MSE + L1 + a small KL); its per-channel latent mean / std go into its config
