@@ -25,7 +25,6 @@ rate after warm-up (``--max-minutes`` stops early and saves; ``testbed.json`` re
 
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,8 +35,8 @@ import torch.nn.functional as F
 
 from .pipelines import DEFAULTS, build_pipeline
 from .training import (
-    EMA, Clock, drop_captions, folder_mb, history, print_config, render_stream, save_pipeline, shifted_sigmas, to_unit,
-    training_attention, warmup_lr, write_preview,
+    EMA, Clock, config_from_argv, drop_captions, folder_mb, history, optimizer_step, print_config, render_stream, save_pipeline, shifted_sigmas, to_unit,
+    training_attention, vae_loss, warmup_lr, write_preview,
 )
 
 
@@ -95,15 +94,8 @@ def train_vae(cfg: ImageTrainConfig, clock: Clock) -> dict:
         x = _images(data[torch.randint(0, len(data), (cfg.vae_batch,), generator=g).to(dev)])
         for group in opt.param_groups:
             group["lr"] = warmup_lr(step, cfg.vae_lr, 100)
-        with torch.autocast(device_type=torch.device(dev).type, dtype=torch.bfloat16):
-            posterior = vae.encode(x).latent_dist
-            recon = vae.decode(posterior.sample()).sample.float()
-        kl = posterior.kl().mean() / np.prod(x.shape[1:])
-        loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x) + 1e-4 * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
+        loss, _ = vae_loss(vae, x)
+        optimizer_step(opt, loss, vae.parameters())
         if step % 250 == 0 or step == cfg.vae_steps - 1:
             clock.log(f"vae step {step} loss {loss.item():.4f}")
         if clock.left() < 20:
@@ -195,10 +187,7 @@ def train(cfg: ImageTrainConfig) -> dict:
                 target = pipe.scheduler.get_velocity(x0, noise, t)
                 pred = net(xt, t, encoder_hidden_states=text, return_dict=False)[0]
         loss = F.mse_loss(pred.float(), target.float())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        optimizer_step(opt, loss, params)
         for ema, m in zip(emas, [net, *encoders]):
             ema.update(m, step)
         losses.append(loss.item())
@@ -226,12 +215,9 @@ def train(cfg: ImageTrainConfig) -> dict:
 
 
 def main(argv=None) -> None:
-    defaults = ImageTrainConfig()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for name, value in vars(defaults).items():
-        parser.add_argument("--" + name.replace("_", "-"), type=type(value) if value is not None else float, default=value)
+    cfg = config_from_argv(ImageTrainConfig, argv, __doc__)
     with training_attention():
-        train(ImageTrainConfig(**vars(parser.parse_args(argv))))
+        train(cfg)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,7 @@ report for a generated sample.
 
 from __future__ import annotations
 
-import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 
 from .judge import COLOR_NAMES, SIZE, Judge, JudgeConfig, color_rgb, prepare, save_judge, score
 from .shapes import MOTIONS, SHAPES, labels, sample
-from .training import EVAL_SEED, Clock, print_config, render_stream
+from .training import EVAL_SEED, Clock, config_from_argv, optimizer_step, print_config, render_stream
 
 
 @dataclass(frozen=True)
@@ -102,9 +101,7 @@ def train(cfg: JudgeTrainConfig) -> dict:
         loss = loss + F.cross_entropy(s.float(), torch.tensor(shape_t, device=cfg.device), ignore_index=-100)
         if cfg.kind == "video":
             loss = loss + F.cross_entropy(m.float(), torch.tensor(motion_t, device=cfg.device), ignore_index=-100)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        optimizer_step(opt, loss, judge.parameters(), clip=None)
         sched.step()
         if step % 250 == 0 or step == cfg.steps - 1:
             clock.log(f"step {step} loss {loss.item():.4f}")
@@ -126,15 +123,9 @@ def train(cfg: JudgeTrainConfig) -> dict:
 
 
 def main(argv=None) -> None:
-    defaults = JudgeTrainConfig()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for name, value in vars(defaults).items():
-        kind = type(value) if value is not None else float
-        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=value)
-    args = parser.parse_args(argv)
-    cfg = JudgeTrainConfig(**vars(args))
-    if args.out == defaults.out and cfg.kind == "image":
-        cfg = JudgeTrainConfig(**{**vars(args), "out": "diffattn/testbed/weights/judge-image.safetensors"})
+    cfg = config_from_argv(JudgeTrainConfig, argv, __doc__)
+    if cfg.kind == "image" and cfg.out == JudgeTrainConfig().out:
+        cfg = replace(cfg, out="diffattn/testbed/weights/judge-image.safetensors")
     train(cfg)
 
 

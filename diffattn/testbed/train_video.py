@@ -22,7 +22,6 @@ stopped at step N equals one run with ``--steps N``); ``testbed.json`` records w
 
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,8 +32,8 @@ import torch.nn.functional as F
 
 from .pipelines import DEFAULTS, build_pipeline
 from .training import (
-    EMA, Clock, drop_captions, folder_mb, history, print_config, render_stream, save_pipeline, shifted_sigmas, to_unit,
-    training_attention, warmup_lr, write_preview,
+    EMA, Clock, config_from_argv, drop_captions, folder_mb, history, optimizer_step, print_config, render_stream, save_pipeline, shifted_sigmas, to_unit,
+    training_attention, vae_loss, warmup_lr, write_preview,
 )
 
 
@@ -90,16 +89,8 @@ def train_vae(cfg: VideoTrainConfig, vae, clock: Clock) -> dict:
         x = to_unit(data[idx.to(dev), t0 : t0 + crop]).permute(0, 4, 1, 2, 3).contiguous()
         for group in opt.param_groups:
             group["lr"] = warmup_lr(step, cfg.vae_lr, 100)
-        with torch.autocast(device_type=torch.device(dev).type, dtype=torch.bfloat16):
-            posterior = vae.encode(x).latent_dist
-            recon = vae.decode(posterior.sample(generator=None)).sample
-        recon = recon.float()
-        kl = posterior.kl().mean() / np.prod(x.shape[1:])
-        loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x) + 1e-4 * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
+        loss, recon = vae_loss(vae, x)
+        optimizer_step(opt, loss, vae.parameters())
         if step % 200 == 0 or step == cfg.vae_steps - 1:
             clock.log(f"vae step {step} loss {loss.item():.4f} mse {F.mse_loss(recon, x).item():.5f}")
         if cfg.vae_max_minutes is not None and clock.elapsed() > 60 * cfg.vae_max_minutes:
@@ -170,10 +161,7 @@ def train(cfg: VideoTrainConfig) -> dict:
             text, _ = pipe.encode_prompt(caps, do_classifier_free_guidance=False, max_sequence_length=512, device=dev)
             pred = transformer(hidden_states=xt, timestep=sigma * 1000, encoder_hidden_states=text, return_dict=False)[0]
         loss = F.mse_loss(pred.float(), noise - x0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        optimizer_step(opt, loss, params)
         ema_t.update(transformer, step)
         ema_e.update(text_encoder, step)
         losses.append(loss.item())
@@ -202,12 +190,9 @@ def train(cfg: VideoTrainConfig) -> dict:
 
 
 def main(argv=None) -> None:
-    defaults = VideoTrainConfig()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for name, value in vars(defaults).items():
-        parser.add_argument("--" + name.replace("_", "-"), type=type(value) if value is not None else float, default=value)
+    cfg = config_from_argv(VideoTrainConfig, argv, __doc__)
     with training_attention():
-        train(VideoTrainConfig(**vars(parser.parse_args(argv))))
+        train(cfg)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,34 @@ class Clock:
         print(f"[{self.elapsed():7.1f}s]", *parts, flush=True)
 
 
+def config_from_argv(cls, argv, doc: str):
+    """A frozen config dataclass from ``--field-name value`` flags (defaults: the dataclass's)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name, value in vars(cls()).items():
+        parser.add_argument("--" + name.replace("_", "-"), type=type(value) if value is not None else float, default=value)
+    return cls(**vars(parser.parse_args(argv)))
+
+
+def optimizer_step(opt, loss: torch.Tensor, params, clip: float | None = 1.0) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(params, clip)
+    opt.step()
+
+
+def vae_loss(vae, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(MSE + 0.5 L1 + 1e-4 KL per element, reconstruction) of a sampled VAE round trip, bf16 autocast."""
+    with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16):
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+    recon = recon.float()
+    kl = posterior.kl().mean() / float(np.prod(x.shape[1:]))
+    return torch.nn.functional.mse_loss(recon, x) + 0.5 * torch.nn.functional.l1_loss(recon, x) + 1e-4 * kl, recon
+
+
 def print_config(cfg) -> None:
     print(json.dumps(asdict(cfg), indent=1), flush=True)
 
