@@ -10,7 +10,7 @@ State that lives here and nowhere else:
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Hashable
 
 import torch

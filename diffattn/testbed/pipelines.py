@@ -37,10 +37,18 @@ KINDS = ("video", "image-dit", "image-unet")
 WEIGHTS = Path(__file__).parent / "weights"
 META = "testbed.json"  # training record written beside model_index.json
 
+# Text tokens the T5-style encoders of the DiT pipelines pad to, in training and at inference. The
+# captions have at most 24 tokens; padding to the stock 512 would leave the real tokens a small share
+# of every attention row (measured on the video DiT: 5-26 % of the cross-attention mass), which a
+# toy-width model cannot overcome. Longer prompts are refused, not truncated (TestbedPipeline checks).
+TEXT_TOKENS = 32
+
 # What a plain pipe(prompt=...) call uses for each kind (the trained size and a good schedule).
 DEFAULTS = {
-    "video": dict(height=128, width=128, num_frames=29, num_inference_steps=25, guidance_scale=4.0),
-    "image-dit": dict(height=128, width=128, num_inference_steps=25, true_cfg_scale=4.0, negative_prompt=""),
+    "video": dict(height=128, width=128, num_frames=29, num_inference_steps=25, guidance_scale=4.0,
+                  max_sequence_length=TEXT_TOKENS),
+    "image-dit": dict(height=128, width=128, num_inference_steps=25, true_cfg_scale=4.0, negative_prompt="",
+                      max_sequence_length=TEXT_TOKENS),
     "image-unet": dict(height=128, width=128, num_inference_steps=25, guidance_scale=4.0),
 }
 # Options diffattn methods use on the testbed (its frames are 16 x 16 tokens: 128-token blocks would
@@ -187,7 +195,8 @@ def denoiser(pipe):
 
 
 class _TestbedDefaults:
-    """Fills the testbed's ``DEFAULTS`` into ``__call__`` for arguments the caller left out."""
+    """Fills the testbed's ``DEFAULTS`` into ``__call__`` for arguments the caller left out, and refuses
+    prompts longer than the text length (the stock pipelines would cut them silently)."""
 
     testbed_kind = ""
 
@@ -195,7 +204,22 @@ class _TestbedDefaults:
         bound = inspect.signature(super().__call__).bind_partial(*args, **kwargs)
         for name, value in DEFAULTS[self.testbed_kind].items():
             bound.arguments.setdefault(name, value)
+        self._check_prompt_length(bound.arguments)
         return super().__call__(*bound.args, **bound.kwargs)
+
+    def _check_prompt_length(self, arguments: dict) -> None:
+        limit = arguments.get("max_sequence_length") or self.tokenizer.model_max_length
+        tokenizer = getattr(self, "tokenizer_2", None) or self.tokenizer
+        for name in ("prompt", "negative_prompt", "prompt_2", "negative_prompt_2"):
+            texts = arguments.get(name)
+            for text in [texts] if isinstance(texts, str) else (texts or []):
+                count = len(tokenizer(text).input_ids)
+                if count > limit:
+                    raise ValueError(
+                        f"diffattn.testbed: {name} has {count} tokens but this pipeline reads {limit} "
+                        f"(max_sequence_length); shorten it or pass max_sequence_length={count} "
+                        f"(the testbed models were trained at {TEXT_TOKENS})"
+                    )
 
 
 class TestbedWanPipeline(_TestbedDefaults, WanPipeline):

@@ -11,6 +11,17 @@
 # --vae-steps 0) and image-dit only, 6.3 minutes each, in parallel:
 #   python -m diffattn.testbed.train_video --init C/video --out D/video --vae-steps 0 --workers 10 --max-minutes 6.3
 #   python -m diffattn.testbed.train_image --kind image-dit --init C/image-dit --vae A/image-vae --out D/image-dit --max-minutes 6.3
+# Rounds 5-8 (second session; benchmarks/RESULTS.md) of video and image-dit, in parallel, each round --init from the last:
+#   5: train_video --init D/video --out E/video --vae-steps 0 --batch 96 --decay 0.3 --compile true --max-minutes 7.2
+#      train_video --init D/video --out E/video-vae --vae-train decoder --vae-crop 29 --vae-steps 100000 --vae-batch 8 \
+#          --vae-lr 3e-4 --vae-scenes 1024 --vae-max-minutes 4.5 --steps 0
+#      train_image --kind image-dit --init D/image-dit --vae A/image-vae --out E/image-dit --batch 256 --decay 0.3 --compile true --max-minutes 7.2
+#   (rounds 1-5 padded text to 512 tokens; from round 6 on, TEXT_TOKENS = 32)
+#   6: train_video --init E/video --vae-from E/video-vae --out F/video --vae-steps 0 --scenes 10000 --scene-offset 16000 \
+#          --steps 2300 --batch 96 --decay 0.3 --compile true ; image-dit as in 5 from E, --max-minutes 7.3
+#   7: as 6 from F, --scene-offset 26000 --steps 1900 ; image-dit --max-minutes 6.5
+#   8: as 6 from G, --scene-offset 36000 --steps 1900 ; image-dit --max-minutes 6.3
+# Compiled training grows CUDA memory by about one latent batch per step (RESULTS.md), hence --steps caps on video.
 set -euo pipefail
 out=${1:?usage: train_all.sh OUT_DIR [MINUTES] [INIT_DIR]}
 minutes=${2:-9}
@@ -30,7 +41,7 @@ else
         --scenes 24000 --max-minutes "$(m 0.4)" > "$out/logs/judge-image.log" 2>&1 &
     workers=6
 fi
-python3 -m diffattn.testbed.train_video --out "$out/video" --workers $workers --steps 1000000 $(from video) \
+python3 -m diffattn.testbed.train_video --out "$out/video" --workers $workers --steps 2300 --batch 96 --decay 0.3 --compile true $(from video) \
     --vae-max-minutes "$(m 0.3)" --max-minutes "$(m 0.95)" \
     --preview "$out/previews/video.png" > "$out/logs/video.log" 2>&1 &
 (
@@ -42,7 +53,8 @@ python3 -m diffattn.testbed.train_video --out "$out/video" --workers $workers --
         left=$(m 0.95)
     fi
     for kind in image-dit image-unet; do
-        python3 -m diffattn.testbed.train_image --kind "$kind" --vae "$out/image-vae" --out "$out/$kind" \
+        extra=""; [ "$kind" = image-dit ] && extra="--batch 256 --decay 0.3 --compile true"
+        python3 -m diffattn.testbed.train_image --kind "$kind" $extra --vae "$out/image-vae" --out "$out/$kind" \
             --workers 2 --steps 1000000 --max-minutes "$left" --preview "$out/previews/$kind.png" $(from $kind) \
             > "$out/logs/$kind.log" 2>&1 &
     done

@@ -5,7 +5,7 @@
     python -m diffattn.testbed.train_image --kind image-unet --vae OUT/image-vae --out OUT/image-unet --max-minutes 7
     python -m diffattn.testbed.train_image --kind image-unet --init OUT/image-unet --vae OUT/image-vae --out OUT2/image-unet
 
-The committed weights are 3 (U-Net) and 3 (FLUX) rounds of this script, listed in
+The committed weights are 3 (U-Net) and 7 (FLUX) rounds of this script, listed in
 ``diffattn/testbed/train_all.sh``; ``testbed.json`` records each round. Seeded.
 
 ``--kind vae`` trains the 4x ``AutoencoderKL`` the two image pipelines share (MSE + L1 + a
@@ -19,8 +19,10 @@ its text encoders through the pipeline's own ``encode_prompt``:
 - ``image-unet`` (``StableDiffusionPipeline``): v-prediction on the pipeline's zero-terminal-SNR
   DDIM schedule (``add_noise`` / ``get_velocity``).
 
-10 % empty captions for classifier-free guidance, bf16 autocast, EMA weights, constant learning
-rate after warm-up (``--max-minutes`` stops early and saves; ``testbed.json`` records the steps).
+10 % empty captions for classifier-free guidance, bf16 autocast, EMA weights, a learning rate that
+warms up, stays constant and with ``--decay F`` ramps to 0 over the last fraction F of the run;
+``--compile true`` compiles the FLUX blocks; ``--max-minutes`` stops early and saves;
+``testbed.json`` records the steps.
 """
 
 from __future__ import annotations
@@ -33,10 +35,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .pipelines import DEFAULTS, build_pipeline
+from .pipelines import DEFAULTS, TEXT_TOKENS, build_pipeline
 from .training import (
-    EMA, Clock, config_from_argv, drop_captions, folder_mb, history, optimizer_step, print_config, render_stream, save_pipeline, shifted_sigmas, to_unit,
-    training_attention, vae_loss, warmup_lr, write_preview,
+    EMA, Clock, LossLog, adamw, compile_blocks, config_from_argv, drop_captions, folder_mb, history, optimizer_step, print_config,
+    render_stream, run_progress, save_pipeline, scheduled_lr, shifted_sigmas, to_unit, training_attention, vae_loss, warmup_lr, write_preview,
 )
 
 
@@ -64,6 +66,8 @@ class ImageTrainConfig:
     max_minutes: float | None = None
     init: str = ""  # continue from a saved pipeline folder of this kind (fresh optimizer; record -> "history")
     preview: str = ""  # PNG of held-out samples written after saving (empty: none)
+    decay: float = 0.0  # last fraction of the run (steps or --max-minutes) over which the learning rate ramps to 0
+    compile: bool = False  # regional torch.compile of the transformer blocks (image-dit, CUDA)
 
 
 def _render(cfg: ImageTrainConfig, n: int, clock: Clock):
@@ -156,24 +160,28 @@ def train(cfg: ImageTrainConfig) -> dict:
     net = (pipe.transformer if cfg.kind == "image-dit" else pipe.unet).to(dev).train()
     encoders = [m.to(dev).train() for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None]
     params = list(net.parameters()) + [p for m in encoders for p in m.parameters()]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.99))
+    opt = adamw(params, cfg.lr, weight_decay=0.01, betas=(0.9, 0.99))
     emas = [EMA(m, cfg.ema) for m in [net, *encoders]]
+    if cfg.compile and cfg.kind == "image-dit":
+        compile_blocks(net)
     rng = np.random.default_rng(cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # noise comes from the default generator of the device, where it is used
     b, c, ly, lx = cfg.batch, *latents.shape[1:]
     if cfg.kind == "image-dit":
         img_ids = pipe._prepare_latent_image_ids(b, ly // 2, lx // 2, dev, torch.float32)
-    step, losses = 0, []
+    step, log = 0, LossLog(clock)
     for step in range(cfg.steps):
         idx = rng.integers(0, len(latents), b)
         x0 = latents[torch.from_numpy(idx).to(dev)].float()
-        noise = torch.randn(x0.shape, generator=g).to(dev)
+        noise = torch.randn(x0.shape, device=dev)
         caps = drop_captions([captions[i] for i in idx], cfg.caption_dropout, rng)
+        lr = scheduled_lr(step, cfg.lr, cfg.warmup, decay=cfg.decay, progress=run_progress(step, cfg.steps, clock, cfg.max_minutes))
         for group in opt.param_groups:
-            group["lr"] = warmup_lr(step, cfg.lr, cfg.warmup)
+            group["lr"] = lr
         with torch.autocast(device_type=torch.device(dev).type, dtype=torch.bfloat16):
             if cfg.kind == "image-dit":
-                text, pooled, text_ids = pipe.encode_prompt(caps, prompt_2=None, device=dev, max_sequence_length=512)
+                text, pooled, text_ids = pipe.encode_prompt(caps, prompt_2=None, device=dev, max_sequence_length=TEXT_TOKENS)
                 sigma = shifted_sigmas(b, cfg.shift, g, dev)
                 s = sigma.view(-1, 1, 1, 1)
                 xt = pipe._pack_latents((1 - s) * x0 + s * noise, b, c, ly, lx)
@@ -190,9 +198,7 @@ def train(cfg: ImageTrainConfig) -> dict:
         optimizer_step(opt, loss, params)
         for ema, m in zip(emas, [net, *encoders]):
             ema.update(m, step)
-        losses.append(loss.item())
-        if step % 250 == 0 or step == cfg.steps - 1:
-            clock.log(f"step {step} loss {np.mean(losses[-250:]):.4f}")
+        log.add(step, loss, last=step == cfg.steps - 1)
         if clock.left() < 45:
             clock.log(f"deadline: stopping after step {step}")
             break
@@ -200,7 +206,7 @@ def train(cfg: ImageTrainConfig) -> dict:
         ema.copy_to(m)
         m.eval()
     record = {
-        "kind": cfg.kind, "config": asdict(cfg), "history": history(cfg.init), "steps": step + 1, "final_loss": float(np.mean(losses[-250:])),
+        "kind": cfg.kind, "config": asdict(cfg), "history": history(cfg.init), "steps": step + 1, "final_loss": log.mean(),
         "seconds": round(clock.elapsed(), 1), "defaults": DEFAULTS[cfg.kind],
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
     }

@@ -39,13 +39,22 @@ class Clock:
         print(f"[{self.elapsed():7.1f}s]", *parts, flush=True)
 
 
+def _flag(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
 def config_from_argv(cls, argv, doc: str):
     """A frozen config dataclass from ``--field-name value`` flags (defaults: the dataclass's)."""
     import argparse
 
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, value in vars(cls()).items():
-        parser.add_argument("--" + name.replace("_", "-"), type=type(value) if value is not None else float, default=value)
+        kind = _flag if isinstance(value, bool) else type(value) if value is not None else float
+        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=value)
     return cls(**vars(parser.parse_args(argv)))
 
 
@@ -108,13 +117,38 @@ class EMA:
     @torch.no_grad()
     def update(self, module: torch.nn.Module, step: int) -> None:
         d = min(self.decay, (1 + step) / (10 + step))  # warm-up: early averages are short
-        for k, p in module.named_parameters():
-            self.shadow[k].lerp_(p.detach().float(), 1 - d)
+        names = list(self.shadow)
+        params = dict(module.named_parameters())
+        torch._foreach_lerp_([self.shadow[k] for k in names], [params[k].detach().float() for k in names], 1 - d)
 
     @torch.no_grad()
     def copy_to(self, module: torch.nn.Module) -> None:
         for k, p in module.named_parameters():
             p.copy_(self.shadow[k].to(p.dtype))
+
+
+class LossLog:
+    """Training losses kept on the device (no host sync per step), logged as running means with steps/s."""
+
+    def __init__(self, clock: Clock, every: int = 250):
+        self.clock, self.every, self.losses = clock, every, []
+        self.mark = (0, clock.elapsed())
+
+    def add(self, step: int, loss: torch.Tensor, last: bool = False) -> None:
+        self.losses.append(loss.detach().float())
+        if step % self.every == 0 or last:
+            steps, then = step + 1 - self.mark[0], self.clock.elapsed() - self.mark[1]
+            self.mark = (step + 1, self.clock.elapsed())
+            memory = f", {torch.cuda.memory_allocated() / 2**30:.1f} GiB" if torch.cuda.is_available() else ""
+            self.clock.log(f"step {step} loss {self.mean():.4f} ({steps / max(then, 1e-9):.2f} steps/s{memory})")
+
+    def mean(self, last: int = 250) -> float:
+        return float(torch.stack(self.losses[-last:]).mean()) if self.losses else float("nan")
+
+
+def compile_blocks(model: torch.nn.Module) -> None:
+    """Regional ``torch.compile`` of the model's repeated transformer blocks (diffusers' own API)."""
+    model.compile_repeated_blocks()
 
 
 def shifted_sigmas(n: int, shift: float, generator: torch.Generator, device) -> torch.Tensor:
@@ -126,6 +160,33 @@ def shifted_sigmas(n: int, shift: float, generator: torch.Generator, device) -> 
 def warmup_lr(step: int, base: float, warmup: int) -> float:
     """Linear warm-up, then constant: stopping at any step equals a run with ``--steps`` set to it."""
     return base * min(1.0, (step + 1) / warmup)
+
+
+def scheduled_lr(step: int, base: float, warmup: int, *, decay: float, progress: float) -> float:
+    """``warmup_lr``, then over the last ``decay`` fraction of the run a linear ramp down to 0.
+
+    ``progress`` in [0, 1] is how far the run is: ``max(step / steps, elapsed / max_minutes)``, so a run
+    under a ``--max-minutes`` deadline anneals by the clock and ends at a learning rate near 0.
+    """
+    lr = warmup_lr(step, base, warmup)
+    if decay > 0:
+        lr *= min(1.0, max(0.0, (1.0 - progress) / decay))
+    return lr
+
+
+def run_progress(step: int, steps: int, clock: "Clock", max_minutes: float | None, reserve_s: float = 45.0) -> float:
+    """Fraction of the run done: by steps, or by the clock where a deadline (less ``reserve_s`` for saving) comes first."""
+    by_steps = (step + 1) / steps
+    if max_minutes is None:
+        return by_steps
+    return max(by_steps, clock.elapsed() / max(1.0, 60 * max_minutes - reserve_s))
+
+
+def adamw(params, lr: float, **kwargs) -> torch.optim.AdamW:
+    """AdamW, fused on CUDA (one kernel for all parameters: these models are launch-bound)."""
+    params = list(params)
+    fused = all(p.is_cuda for p in params)
+    return torch.optim.AdamW(params, lr=lr, fused=fused, **kwargs)
 
 
 def drop_captions(captions: list[str], rate: float, rng: np.random.Generator) -> list[str]:
