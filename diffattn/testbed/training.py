@@ -135,15 +135,16 @@ class LossLog:
         self.mark = (0, clock.elapsed())
 
     def add(self, step: int, loss: torch.Tensor, last: bool = False) -> None:
-        self.losses.append(loss.detach().float())
+        self.losses = [*self.losses[-(self.every - 1):], loss.detach().float()]  # the window mean() reads
         if step % self.every == 0 or last:
             steps, then = step + 1 - self.mark[0], self.clock.elapsed() - self.mark[1]
             self.mark = (step + 1, self.clock.elapsed())
             memory = f", {torch.cuda.memory_allocated() / 2**30:.1f} GiB" if torch.cuda.is_available() else ""
             self.clock.log(f"step {step} loss {self.mean():.4f} ({steps / max(then, 1e-9):.2f} steps/s{memory})")
 
-    def mean(self, last: int = 250) -> float:
-        return float(torch.stack(self.losses[-last:]).mean()) if self.losses else float("nan")
+    def mean(self) -> float:
+        """Mean of the last ``every`` losses."""
+        return float(torch.stack(self.losses).mean()) if self.losses else float("nan")
 
 
 def compile_blocks(model: torch.nn.Module) -> None:
