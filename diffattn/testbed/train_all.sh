@@ -21,7 +21,13 @@
 #          --steps 2300 --batch 96 --decay 0.3 --compile true ; image-dit as in 5 from E, --max-minutes 7.3
 #   7: as 6 from F, --scene-offset 26000 --steps 1900 ; image-dit --max-minutes 6.5
 #   8: as 6 from G, --scene-offset 36000 --steps 1900 ; image-dit --max-minutes 6.3
-# Compiled training grows CUDA memory by about one latent batch per step (RESULTS.md), hence --steps caps on video.
+# Rounds 9-13 (third session; no --steps cap: the loss log no longer holds each step's loss buffer), --init from the last:
+#   9: train_video --init H/video --out I/video --vae-steps 0 --scenes 10000 --scene-offset 46000 --batch 96 --decay 0.3 \
+#          --compile true --max-minutes 6.8 ; image-dit as in 5 from H, --max-minutes 6.8
+#  10: as 9 from I, --scenes 8000 --scene-offset 56000 --lr 3e-4 --decay 0.5 --max-minutes 8.2 ;
+#      image-dit from I with --lr 3e-4 --decay 0.5 --max-minutes 8.2 (the committed image-dit)
+#  11-13: video only (alone on the GPU), as 10 with --scene-offset 64000 / 72000 / 80000, --max-minutes 8.5 / 8.6 / 8.6
+#      (round 13 is the committed video)
 set -euo pipefail
 out=${1:?usage: train_all.sh OUT_DIR [MINUTES] [INIT_DIR]}
 minutes=${2:-9}
@@ -41,7 +47,7 @@ else
         --scenes 24000 --max-minutes "$(m 0.4)" > "$out/logs/judge-image.log" 2>&1 &
     workers=6
 fi
-python3 -m diffattn.testbed.train_video --out "$out/video" --workers $workers --steps 2300 --batch 96 --decay 0.3 --compile true $(from video) \
+python3 -m diffattn.testbed.train_video --out "$out/video" --workers $workers --batch 96 --decay 0.3 --compile true $(from video) \
     --vae-max-minutes "$(m 0.3)" --max-minutes "$(m 0.95)" \
     --preview "$out/previews/video.png" > "$out/logs/video.log" 2>&1 &
 (
