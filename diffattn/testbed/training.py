@@ -141,8 +141,8 @@ class LossLog:
         self.mark = (0, clock.elapsed())
 
     def add(self, step: int, loss: torch.Tensor, last: bool = False) -> None:
-        value = loss.detach().float().clone()  # [] own storage; in-place sums keep no reference to loss
-        self.total = value if self.total is None else self.total.add_(value)
+        value = loss.detach().float()  # [] a view of loss's buffer: only copied or added in place, never kept
+        self.total = value.clone() if self.total is None else self.total.add_(value)
         self.count += 1
         if step % self.every == 0 or last:
             steps, then = step + 1 - self.mark[0], self.clock.elapsed() - self.mark[1]
