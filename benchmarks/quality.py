@@ -3,6 +3,7 @@
     python benchmarks/quality.py                                  # all kinds, 64 prompts, CUDA if present
     python benchmarks/quality.py --kinds video --prompts 8 --device cpu
     python benchmarks/quality.py --weights /path/to/retrained     # folders video/, image-dit/, image-unet/
+    python benchmarks/quality.py --methods dense --prompts 128    # dense only (a second set of prompts)
 
 For each testbed pipeline (``diffattn.testbed.load_pipeline``) and each method (dense first, then
 every method in ``diffattn.methods()``; a method the pipeline's model does not support is listed
@@ -40,6 +41,7 @@ class QualityConfig:
     weights: str = ""       # folder with retrained video/, image-dit/, image-unet/ (default: committed ones)
     max_objects: int = 2
     json: str = ""
+    methods: str = ""       # comma-separated methods after dense (default: every method in diffattn.methods())
 
 
 def _generate(pipe, kind: str, prompts: list[str], seeds: list[int], batch: int, device: str):
@@ -57,6 +59,17 @@ def _generate(pipe, kind: str, prompts: list[str], seeds: list[int], batch: int,
     return np.concatenate(out), seconds / len(prompts)
 
 
+def _methods(cfg: QualityConfig) -> list[str]:
+    """The methods to compare with dense: ``--methods a,b``, ``--methods dense`` (none), or all."""
+    if not cfg.methods:
+        return list(diffattn.methods())
+    asked = [m for m in cfg.methods.split(",") if m and m != "dense"]
+    unknown = [m for m in asked if m not in diffattn.methods()]
+    if unknown:
+        raise SystemExit(f"quality: unknown method(s) {unknown}; choose from {list(diffattn.methods())} (or 'dense' alone)")
+    return asked
+
+
 def evaluate(kind: str, cfg: QualityConfig) -> list[dict]:
     path = f"{cfg.weights}/{kind}" if cfg.weights else None
     pipe = load_pipeline(kind, device=cfg.device, path=path)
@@ -65,7 +78,7 @@ def evaluate(kind: str, cfg: QualityConfig) -> list[dict]:
     seeds = list(range(cfg.prompts))
     _generate(pipe, kind, prompts[: min(2, len(prompts))], seeds[:2], cfg.batch, cfg.device)  # warm-up
     rows, dense = [], None
-    for method in ["dense", *diffattn.methods()]:
+    for method in ["dense", *_methods(cfg)]:
         row = {"kind": kind, "method": method, "pipeline": type(pipe).__mro__[2].__name__, "prompts": cfg.prompts}
         handle = None
         if method != "dense":

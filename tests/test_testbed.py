@@ -241,3 +241,27 @@ def test_training_scripts_run_end_to_end(tmp_path):
     pipe = load_pipeline("video", path=tmp_path / "video")
     assert pipe(prompt="a red circle", num_inference_steps=1, height=32, width=32, num_frames=5, output_type="np").frames.shape == (1, 5, 32, 32, 3)
     assert judge_mod.load_judge("image", path=tmp_path / "j.safetensors").config.kind == "image"
+
+
+def _quality_module():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
+    spec = importlib.util.spec_from_file_location("diffattn_quality_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quality_benchmark_dense_only_and_method_errors(tmp_path):
+    quality = _quality_module()
+    out = tmp_path / "rows.json"
+    rows = quality.main(["--kinds", "image-dit", "--prompts", "2", "--batch", "2", "--device", "cpu", "--methods", "dense",
+                         "--json", str(out)])
+    assert [r["method"] for r in rows] == ["dense"] and json.loads(out.read_text()) == rows
+    assert set(rows[0]) >= {"judge_color", "judge_shape", "s_per_sample"}
+    with pytest.raises(SystemExit, match="unknown method"):
+        quality.main(["--kinds", "image-dit", "--methods", "radial,bogus", "--device", "cpu"])
