@@ -243,13 +243,13 @@ def test_training_scripts_run_end_to_end(tmp_path):
     assert judge_mod.load_judge("image", path=tmp_path / "j.safetensors").config.kind == "image"
 
 
-def _quality_module():
+def _benchmark_module(name: str = "quality"):
     import importlib.util
     import sys
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
-    spec = importlib.util.spec_from_file_location("diffattn_quality_benchmark", path)
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"diffattn_{name}_benchmark", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
@@ -257,7 +257,7 @@ def _quality_module():
 
 
 def test_quality_benchmark_dense_only_and_method_errors(tmp_path):
-    quality = _quality_module()
+    quality = _benchmark_module()
     out = tmp_path / "rows.json"
     rows = quality.main(["--kinds", "image-dit", "--prompts", "2", "--batch", "2", "--device", "cpu", "--methods", "dense",
                          "--json", str(out)])
@@ -265,3 +265,36 @@ def test_quality_benchmark_dense_only_and_method_errors(tmp_path):
     assert set(rows[0]) >= {"judge_color", "judge_shape", "s_per_sample"}
     with pytest.raises(SystemExit, match="unknown method"):
         quality.main(["--kinds", "image-dit", "--methods", "radial,bogus", "--device", "cpu"])
+
+
+def test_sweep_applies_each_setting_and_leaves_the_pipeline_as_it_was(tmp_path):
+    sweep = _benchmark_module("sweep")
+    assert sweep.parse_setting("default") == {}
+    assert sweep.parse_setting("guidance_scale=3,flow_shift=4.5,scheduler=euler") == {
+        "guidance_scale": 3, "flow_shift": 4.5, "scheduler": "euler"}
+    with pytest.raises(SystemExit, match="key=value"):
+        sweep.parse_setting("guidance_scale")
+    pipe = load_pipeline("image-dit")
+    prompts = [sample(EVAL_SEED + i, image=True, max_objects=2).caption for i in range(2)]
+
+    def run(**setting):
+        return sweep.run_setting(pipe, "image-dit", {"num_inference_steps": 2, **setting}, prompts, [0, 1], 2, "cpu")
+
+    scheduler = pipe.scheduler
+    base = run()
+    np.testing.assert_array_equal(run(), base)  # same seeds, same samples
+    assert np.abs(run(true_cfg_scale=1.0) - base).max() > 1e-3  # a call argument reaches the pipeline
+    assert np.abs(run(shift=3.0, use_dynamic_shifting=False) - base).max() > 1e-3  # so does a scheduler key
+    assert pipe.scheduler is scheduler
+    np.testing.assert_array_equal(run(), base)  # nothing stuck to the pipeline
+    with pytest.raises(SystemExit, match="true_cfg_scale"):
+        run(bogus=1)
+    with pytest.raises(SystemExit, match="choose from"):
+        run(scheduler="ddim")
+    out = tmp_path / "rows.json"
+    rows = sweep.main(["--kind", "image-dit", "--prompts", "2", "--batch", "2", "--device", "cpu", "--json", str(out),
+                       "num_inference_steps=2", "num_inference_steps=2,dtype=float32"])
+    assert [r["setting"] for r in rows] == ["num_inference_steps=2", "num_inference_steps=2,dtype=float32"]
+    assert json.loads(out.read_text()) == rows and {r["judge_shape"] for r in rows} == {rows[0]["judge_shape"]}
+    with pytest.raises(SystemExit, match="unknown setting 'bogus'"):
+        sweep.main(["--kind", "image-dit", "--device", "cpu", "default", "bogus=2"])
