@@ -45,7 +45,7 @@ TEXT_TOKENS = 32
 
 # What a plain pipe(prompt=...) call uses for each kind (the trained size and a good schedule).
 DEFAULTS = {
-    "video": dict(height=128, width=128, num_frames=29, num_inference_steps=25, guidance_scale=4.0,
+    "video": dict(height=128, width=128, num_frames=29, num_inference_steps=25, guidance_scale=3.0,
                   max_sequence_length=TEXT_TOKENS),
     "image-dit": dict(height=128, width=128, num_inference_steps=25, true_cfg_scale=4.0, negative_prompt="",
                       max_sequence_length=TEXT_TOKENS),

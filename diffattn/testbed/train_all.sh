@@ -27,7 +27,11 @@
 #  10: as 9 from I, --scenes 8000 --scene-offset 56000 --lr 3e-4 --decay 0.5 --max-minutes 8.2 ;
 #      image-dit from I with --lr 3e-4 --decay 0.5 --max-minutes 8.2 (the committed image-dit)
 #  11-13: video only (alone on the GPU), as 10 with --scene-offset 64000 / 72000 / 80000, --max-minutes 8.5 / 8.6 / 8.6
-#      (round 13 is the committed video)
+# Rounds 14-16 (fourth session), --init from the last, lr 3e-4, decay 0.5:
+#  14: video as 10 with --scene-offset 88000 --workers 14 --max-minutes 8.2 ; image-dit from J (round 10) as in 10
+#  15: video only, --scene-offset 96000 --workers 15 --max-minutes 8.0
+#  16: video as 15 with --scene-offset 104000 --max-minutes 7.6 ; image-dit from round 14 as in 10, --max-minutes 7.6
+#      (round 16 is the committed video, its image-dit run the committed image-dit; sampled at guidance 3.0)
 set -euo pipefail
 out=${1:?usage: train_all.sh OUT_DIR [MINUTES] [INIT_DIR]}
 minutes=${2:-9}

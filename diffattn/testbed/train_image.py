@@ -5,7 +5,7 @@
     python -m diffattn.testbed.train_image --kind image-unet --vae OUT/image-vae --out OUT/image-unet --max-minutes 7
     python -m diffattn.testbed.train_image --kind image-unet --init OUT/image-unet --vae OUT/image-vae --out OUT2/image-unet
 
-The committed weights are 3 (U-Net) and 9 (FLUX) rounds of this script, listed in
+The committed weights are 3 (U-Net) and 11 (FLUX) rounds of this script, listed in
 ``diffattn/testbed/train_all.sh``; ``testbed.json`` records each round. Seeded.
 
 ``--kind vae`` trains the 4x ``AutoencoderKL`` the two image pipelines share (MSE + L1 + a

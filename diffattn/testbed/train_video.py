@@ -4,7 +4,7 @@
     python -m diffattn.testbed.train_video --init OUT/video --out OUT2/video --vae-steps 0 --max-minutes 6
     python -m diffattn.testbed.train_video --out /tmp/v --size 32 --frames 9 --scenes 8 --steps 2 --device cpu  # smoke
 
-The committed weights are 13 rounds of this script (and one decoder-only VAE round) (``diffattn/testbed/train_all.sh`` lists them;
+The committed weights are 16 rounds of this script (and one decoder-only VAE round) (``diffattn/testbed/train_all.sh`` lists them;
 ``testbed.json`` records each round's config and steps). Seeded. Two stages on one GPU, then the fp16 pipeline is written with ``save_pretrained``:
 
 1. the ``AutoencoderKLWan`` (4x space, 4x time, 8 latent channels) learns to reconstruct ``--vae-crop``-frame
