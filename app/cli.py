@@ -62,7 +62,7 @@ def _parse(argv) -> GenerateConfig:
     gen.add_argument("--width", type=int, default=None, help="default: 128 on the testbed, 832 with --model")
     gen.add_argument("--frames", type=int, default=None, help="pixel frames, 4k+1 for Wan (default: 29 testbed, 81 --model)")
     gen.add_argument("--steps", type=int, default=None, help="default: 25 on the testbed, 50 with --model")
-    gen.add_argument("--guidance", type=float, default=None, help="default: 3.0 on the testbed, 5.0 with --model")
+    gen.add_argument("--guidance", type=float, default=None, help="default: the testbed pipeline's (DEFAULTS[\"video\"]), 5.0 with --model")
     gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     gen.add_argument("--backend", default="auto", choices=["auto", "triton", "flex", "sdpa"])
     gen.add_argument("--dense-steps", type=int, default=None, help="default: a quarter of --steps (the paper: 12 of 50)")
