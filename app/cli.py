@@ -8,11 +8,11 @@
 ``generate`` runs the pipeline twice with the same seed, dense and with the method, writes both
 clips (``clip.mp4`` and ``clip_dense.mp4``) and prints the time of each, the mask density, and the
 method's quality against dense: PSNR and SSIM, and on the testbed pipeline the judge's reading of
-both clips (colour / shape / motion asked by the prompt, ``diffattn.testbed.judge``).
+both clips (colour / shape / motion asked by the prompt, ``diffattn_testbed.judge``).
 
-The embedded default is the testbed video pipeline (``diffattn.testbed.load_pipeline("video")``):
+The embedded default is the testbed video pipeline (``diffattn_testbed.load_pipeline("video")``):
 a ``WanPipeline`` at toy width trained on procedural shapes, 128x128, 29 frames (8 latent frames of
-16x16 tokens), 25 steps. Its prompts use the caption words (``diffattn.testbed.shapes.VOCABULARY``);
+16x16 tokens), 25 steps. Its prompts use the caption words (``diffattn_testbed.shapes.VOCABULARY``);
 other words are refused. ``--model`` loads a real diffusers checkpoint from a local path (or the
 hub, when the machine can reach it); size, frames and steps then default to Wan's 480x832, 81, 50.
 """
@@ -75,7 +75,7 @@ def _parse(argv) -> GenerateConfig:
     args = parser.parse_args(argv)
     values = {k: v for k, v in vars(args).items() if k != "command"}
     if values["model"] is None:
-        from diffattn.testbed.pipelines import DEFAULTS
+        from diffattn_testbed.pipelines import DEFAULTS
 
         d = DEFAULTS["video"]
         fallback = dict(height=d["height"], width=d["width"], frames=d["num_frames"], steps=d["num_inference_steps"],
@@ -90,7 +90,7 @@ def _parse(argv) -> GenerateConfig:
 
 def _check_prompt(cfg: GenerateConfig) -> None:
     """The testbed understands its caption words only: say which words are unknown and list them."""
-    from diffattn.testbed.shapes import VOCABULARY, parse_caption, unknown_words
+    from diffattn_testbed.shapes import VOCABULARY, parse_caption, unknown_words
 
     unknown = unknown_words(cfg.prompt)
     if unknown:
@@ -126,7 +126,7 @@ def _check(cfg: GenerateConfig, pipe) -> None:
 
 def _load(cfg: GenerateConfig):
     if cfg.model is None:
-        from diffattn.testbed.pipelines import load_pipeline
+        from diffattn_testbed.pipelines import load_pipeline
 
         return load_pipeline("video", device=cfg.device)
     else:
@@ -155,7 +155,7 @@ def _run(pipe, cfg: GenerateConfig):
 def generate(cfg: GenerateConfig) -> dict:
     from diffusers.utils import export_to_video
 
-    from diffattn.testbed.metrics import psnr, ssim
+    from diffattn_testbed.metrics import psnr, ssim
 
     print("diffattn generate", asdict(cfg), flush=True)
     if cfg.model is None:
@@ -172,7 +172,7 @@ def generate(cfg: GenerateConfig) -> dict:
     if cfg.block_size is not None:
         options["block_size"] = cfg.block_size
     elif cfg.model is None:
-        from diffattn.testbed.pipelines import METHOD_OPTIONS
+        from diffattn_testbed.pipelines import METHOD_OPTIONS
 
         # the testbed's frames are 16 x 16 tokens: 128-token blocks would be near dense
         options.setdefault("block_size", METHOD_OPTIONS["video"].get(cfg.method, {}).get("block_size", 64))
@@ -196,7 +196,7 @@ def generate(cfg: GenerateConfig) -> dict:
         flush=True,
     )
     if cfg.model is None:
-        from diffattn.testbed.judge import load_judge, score
+        from diffattn_testbed.judge import load_judge, score
 
         judge = load_judge("video")
         for name, frames in (("dense", dense_frames), (cfg.method, method_frames)):

@@ -5,11 +5,11 @@
     python benchmarks/quality.py --weights /path/to/retrained     # folders video/, image-dit/, image-unet/
     python benchmarks/quality.py --methods dense --prompts 128    # dense only (a second set of prompts)
 
-For each testbed pipeline (``diffattn.testbed.load_pipeline``) and each method (dense first, then
+For each testbed pipeline (``diffattn_testbed.load_pipeline``) and each method (dense first, then
 every method in ``diffattn.methods()``; a method the pipeline's model does not support is listed
 as n/a with the reason), the same held-out prompts (seeds from ``training.EVAL_SEED``, never
 trained on) and the same generator seeds are run with the pipeline's defaults. Columns: judge
-accuracy per attribute (``diffattn.testbed.judge``), PSNR and SSIM of the method's samples against
+accuracy per attribute (``diffattn_testbed.judge``), PSNR and SSIM of the method's samples against
 the dense samples, and seconds per sample (batched, after a warm-up batch). Prints a Markdown table
 and, with ``--json``, writes the rows. Results go to benchmarks/RESULTS.md.
 """
@@ -25,11 +25,11 @@ import numpy as np
 import torch
 
 import diffattn
-from diffattn.testbed.judge import load_judge, score
-from diffattn.testbed.metrics import psnr, ssim
-from diffattn.testbed.pipelines import KINDS, METHOD_OPTIONS, load_pipeline
-from diffattn.testbed.shapes import sample
-from diffattn.testbed.training import EVAL_SEED
+from diffattn_testbed.judge import load_judge, score
+from diffattn_testbed.metrics import psnr, ssim
+from diffattn_testbed.pipelines import KINDS, METHOD_OPTIONS, load_pipeline
+from diffattn_testbed.shapes import sample
+from diffattn_testbed.training import EVAL_SEED
 
 
 @dataclass(frozen=True)

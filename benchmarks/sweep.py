@@ -34,10 +34,10 @@ from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import _generate  # noqa: E402  (the same batching and seeding as the quality benchmark)
 
-from diffattn.testbed.judge import load_judge, score  # noqa: E402
-from diffattn.testbed.pipelines import KINDS, load_pipeline  # noqa: E402
-from diffattn.testbed.shapes import sample  # noqa: E402
-from diffattn.testbed.training import EVAL_SEED  # noqa: E402
+from diffattn_testbed.judge import load_judge, score  # noqa: E402
+from diffattn_testbed.pipelines import KINDS, load_pipeline  # noqa: E402
+from diffattn_testbed.shapes import sample  # noqa: E402
+from diffattn_testbed.training import EVAL_SEED  # noqa: E402
 
 SCHEDULERS = {"euler": FlowMatchEulerDiscreteScheduler, "unipc": UniPCMultistepScheduler}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

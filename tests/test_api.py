@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import diffattn
-from diffattn.testbed.tiny import tiny_wan_transformer
+from diffattn_testbed.tiny import tiny_wan_transformer
 
 pytestmark = pytest.mark.cpu
 ROOT = pathlib.Path(__file__).resolve().parents[1]

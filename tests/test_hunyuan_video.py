@@ -13,7 +13,7 @@ from diffattn.kernels.reference import attention_reference
 from diffattn.methods.radial import Radial, RadialConfig
 from diffattn.patterns import radial as radial_pattern
 from diffattn.patterns.blocks import expand_block_mask
-from diffattn.testbed.tiny import tiny_hunyuan_transformer
+from diffattn_testbed.tiny import tiny_hunyuan_transformer
 from helpers import record_steps
 
 pytestmark = pytest.mark.cpu

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from diffattn.testbed import shapes
-from diffattn.testbed.tiny import word_tokenizer
+from diffattn_testbed import shapes
+from diffattn_testbed.tiny import word_tokenizer
 
 pytestmark = pytest.mark.cpu
 

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from diffattn.testbed import judge as judge_mod
-from diffattn.testbed.metrics import psnr, ssim
-from diffattn.testbed.pipelines import DEFAULTS, KINDS, TEXT_TOKENS, load_pipeline, pipeline_path
-from diffattn.testbed.shapes import parse_caption, render, sample, unknown_words
-from diffattn.testbed.training import EVAL_SEED, Clock, LossLog, folder_mb, scheduled_lr, warmup_lr
+from diffattn_testbed import judge as judge_mod
+from diffattn_testbed.metrics import psnr, ssim
+from diffattn_testbed.pipelines import DEFAULTS, KINDS, TEXT_TOKENS, load_pipeline, pipeline_path
+from diffattn_testbed.shapes import parse_caption, render, sample, unknown_words
+from diffattn_testbed.training import EVAL_SEED, Clock, LossLog, folder_mb, scheduled_lr, warmup_lr
 
 from helpers import run_twice_with_remove
 
@@ -201,7 +201,7 @@ def test_metrics():
 
 def test_training_scripts_run_end_to_end(tmp_path):
     # tiny sizes: the scripts save loadable pipelines with their training record
-    from diffattn.testbed import train_image, train_judge, train_video
+    from diffattn_testbed import train_image, train_judge, train_video
 
     common = ["--workers", "1", "--device", "cpu"]
     train_video.main(["--out", str(tmp_path / "video"), "--size", "32", "--frames", "9", "--scenes", "8",

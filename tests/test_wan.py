@@ -12,7 +12,7 @@ from diffattn.kernels.reference import attention_reference
 from diffattn.methods.radial import Radial, RadialConfig
 from diffattn.patterns import radial as radial_pattern
 from diffattn.patterns.blocks import expand_block_mask
-from diffattn.testbed.tiny import tiny_wan_pipeline
+from diffattn_testbed.tiny import tiny_wan_pipeline
 from helpers import record_steps, run_twice_with_remove
 
 pytestmark = pytest.mark.cpu

@@ -1,7 +1,7 @@
 """Train the testbed judge (colour / shape / motion reader) on the generator's own labels.
 
-    python -m diffattn.testbed.train_judge --kind video --out diffattn/testbed/weights/judge-video.safetensors
-    python -m diffattn.testbed.train_judge --kind image --out diffattn/testbed/weights/judge-image.safetensors
+    python -m diffattn_testbed.train_judge --kind video --out testbed/weights/judge-video.safetensors
+    python -m diffattn_testbed.train_judge --kind image --out testbed/weights/judge-image.safetensors
 
 Seeded; about a minute on one H100 (rendering the scenes takes most of it). Prints the judge's own
 accuracy on held-out rendered scenes (seeds from ``training.EVAL_SEED``), the ceiling of what it can
@@ -25,7 +25,7 @@ from .training import EVAL_SEED, Clock, config_from_argv, optimizer_step, print_
 @dataclass(frozen=True)
 class JudgeTrainConfig:
     kind: str = "video"
-    out: str = "diffattn/testbed/weights/judge-video.safetensors"
+    out: str = "testbed/weights/judge-video.safetensors"
     scenes: int = 40000
     frames: int = 29         # rendered clip length (the video pipeline's default)
     max_objects: int = 2
@@ -125,7 +125,7 @@ def train(cfg: JudgeTrainConfig) -> dict:
 def main(argv=None) -> None:
     cfg = config_from_argv(JudgeTrainConfig, argv, __doc__)
     if cfg.kind == "image" and cfg.out == JudgeTrainConfig().out:
-        cfg = replace(cfg, out="diffattn/testbed/weights/judge-image.safetensors")
+        cfg = replace(cfg, out="testbed/weights/judge-image.safetensors")
     train(cfg)
 
 

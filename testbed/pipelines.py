@@ -1,6 +1,6 @@
 """The testbed pipelines: small diffusers pipelines trained on the procedural shapes data.
 
-    from diffattn.testbed import load_pipeline
+    from diffattn_testbed import load_pipeline
     pipe = load_pipeline("video")                        # WanPipeline, 128x128, 29 frames, CPU
     clip = pipe(prompt="a red circle moving right on a dark blue background").frames[0]
     pipe = load_pipeline("image-dit", device="cuda")     # FluxPipeline, 128x128
@@ -19,7 +19,7 @@ Tokenizers are word-level over the caption vocabulary (``word_tokenizer``; unkno
 ``load_pipeline`` returns the same pipeline as a thin subclass whose ``__call__`` defaults (size,
 frames, steps, guidance) are the ones the model was trained for, so ``pipe(prompt=...)`` alone gives
 a good sample. Explicit arguments always win. The training scripts
-(``diffattn/testbed/train_*.py``) build the untrained pipelines with ``build_pipeline(kind)``.
+(``testbed/train_*.py``) build the untrained pipelines with ``build_pipeline(kind)``.
 """
 
 from __future__ import annotations
@@ -55,9 +55,9 @@ DEFAULTS = {
 # make radial near dense; a quarter of the 25 steps run dense, as 12 of 50 in the paper).
 METHOD_OPTIONS = {"video": {"radial": dict(block_size=64, dense_steps=6)}}
 TRAIN_COMMAND = {
-    "video": "python -m diffattn.testbed.train_video --out diffattn/testbed/weights/video",
-    "image-dit": "python -m diffattn.testbed.train_image --kind image-dit --vae IMAGE_VAE --out diffattn/testbed/weights/image-dit",
-    "image-unet": "python -m diffattn.testbed.train_image --kind image-unet --vae IMAGE_VAE --out diffattn/testbed/weights/image-unet",
+    "video": "python -m diffattn_testbed.train_video --out testbed/weights/video",
+    "image-dit": "python -m diffattn_testbed.train_image --kind image-dit --vae IMAGE_VAE --out testbed/weights/image-dit",
+    "image-unet": "python -m diffattn_testbed.train_image --kind image-unet --vae IMAGE_VAE --out testbed/weights/image-unet",
 }
 # Sizes the testbed models were trained at (other multiples of the latent grid run, off-distribution).
 TRAINED_SIZE = {"video": (128, 128, 29), "image-dit": (128, 128, 1), "image-unet": (128, 128, 1)}
@@ -65,7 +65,7 @@ TRAINED_SIZE = {"video": (128, 128, 29), "image-dit": (128, 128, 1), "image-unet
 
 def _check_kind(kind: str) -> None:
     if kind not in KINDS:
-        raise ValueError(f"diffattn.testbed: unknown pipeline kind {kind!r}; choose one of {KINDS}")
+        raise ValueError(f"diffattn_testbed: unknown pipeline kind {kind!r}; choose one of {KINDS}")
 
 
 # ----------------------------------------------------------------------------------- build
@@ -216,7 +216,7 @@ class _TestbedDefaults:
                 count = len(tokenizer(text).input_ids)
                 if count > limit:
                     raise ValueError(
-                        f"diffattn.testbed: {name} has {count} tokens but this pipeline reads {limit} "
+                        f"diffattn_testbed: {name} has {count} tokens but this pipeline reads {limit} "
                         f"(max_sequence_length); shorten it or pass max_sequence_length={count} "
                         f"(the testbed models were trained at {TEXT_TOKENS})"
                     )
@@ -270,7 +270,7 @@ def load_pipeline(kind: str, *, device: str | torch.device = "cpu", dtype: torch
     folder = Path(path) if path is not None else pipeline_path(kind)
     if not (folder / "model_index.json").exists():
         raise FileNotFoundError(
-            f"diffattn.testbed: no trained {kind!r} pipeline at {folder}; train one with `{TRAIN_COMMAND[kind]}` "
+            f"diffattn_testbed: no trained {kind!r} pipeline at {folder}; train one with `{TRAIN_COMMAND[kind]}` "
             "(one H100, minutes) or pass path= to a folder that has one"
         )
     device = torch.device(device)

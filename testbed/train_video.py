@@ -1,10 +1,10 @@
 """Train the testbed text-to-video pipeline (``WanPipeline`` at toy width) on procedural clips.
 
-    python -m diffattn.testbed.train_video --out OUT/video --max-minutes 8            # from scratch
-    python -m diffattn.testbed.train_video --init OUT/video --out OUT2/video --vae-steps 0 --max-minutes 6
-    python -m diffattn.testbed.train_video --out /tmp/v --size 32 --frames 9 --scenes 8 --steps 2 --device cpu  # smoke
+    python -m diffattn_testbed.train_video --out OUT/video --max-minutes 8            # from scratch
+    python -m diffattn_testbed.train_video --init OUT/video --out OUT2/video --vae-steps 0 --max-minutes 6
+    python -m diffattn_testbed.train_video --out /tmp/v --size 32 --frames 9 --scenes 8 --steps 2 --device cpu  # smoke
 
-The committed weights are 16 rounds of this script (and one decoder-only VAE round) (``diffattn/testbed/train_all.sh`` lists them;
+The committed weights are 16 rounds of this script (and one decoder-only VAE round) (``testbed/train_all.sh`` lists them;
 ``testbed.json`` records each round's config and steps). Seeded. Two stages on one GPU, then the fp16 pipeline is written with ``save_pretrained``:
 
 1. the ``AutoencoderKLWan`` (4x space, 4x time, 8 latent channels) learns to reconstruct ``--vae-crop``-frame
@@ -42,7 +42,7 @@ from .training import (
 
 @dataclass(frozen=True)
 class VideoTrainConfig:
-    out: str = "diffattn/testbed/weights/video"
+    out: str = "testbed/weights/video"
     seed: int = 0
     size: int = 128
     frames: int = 29

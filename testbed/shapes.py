@@ -1,6 +1,6 @@
 """Procedural captioned videos and images: the project's own training and evaluation data.
 
-    from diffattn.testbed.shapes import sample, render
+    from diffattn_testbed.shapes import sample, render
     clip = sample(seed=3)                        # a Clip: objects, background, caption
     frames = render(clip, frames=33, height=256, width=256)   # [F, H, W, 3] uint8
 

@@ -1,12 +1,12 @@
 """Train the testbed text-to-image pipelines on procedural images.
 
-    python -m diffattn.testbed.train_image --kind vae --out OUT/image-vae --max-minutes 1.3
-    python -m diffattn.testbed.train_image --kind image-dit --vae OUT/image-vae --out OUT/image-dit --max-minutes 7
-    python -m diffattn.testbed.train_image --kind image-unet --vae OUT/image-vae --out OUT/image-unet --max-minutes 7
-    python -m diffattn.testbed.train_image --kind image-unet --init OUT/image-unet --vae OUT/image-vae --out OUT2/image-unet
+    python -m diffattn_testbed.train_image --kind vae --out OUT/image-vae --max-minutes 1.3
+    python -m diffattn_testbed.train_image --kind image-dit --vae OUT/image-vae --out OUT/image-dit --max-minutes 7
+    python -m diffattn_testbed.train_image --kind image-unet --vae OUT/image-vae --out OUT/image-unet --max-minutes 7
+    python -m diffattn_testbed.train_image --kind image-unet --init OUT/image-unet --vae OUT/image-vae --out OUT2/image-unet
 
 The committed weights are 3 (U-Net) and 11 (FLUX) rounds of this script, listed in
-``diffattn/testbed/train_all.sh``; ``testbed.json`` records each round. Seeded.
+``testbed/train_all.sh``; ``testbed.json`` records each round. Seeded.
 
 ``--kind vae`` trains the 4x ``AutoencoderKL`` the two image pipelines share (MSE + L1 + a
 small KL) and stores ``scaling_factor`` = 1 / std of its latents (``shift_factor`` 0, which both
@@ -46,7 +46,7 @@ from .training import (
 class ImageTrainConfig:
     kind: str = "image-dit"
     out: str = ""
-    vae: str = "diffattn/testbed/weights/image-vae"
+    vae: str = "testbed/weights/image-vae"
     seed: int = 0
     size: int = 128
     max_objects: int = 2

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Train every testbed model at once on one GPU (the processes share it):
-#   bash diffattn/testbed/train_all.sh OUT_DIR [MINUTES] [INIT_DIR]
+#   bash testbed/train_all.sh OUT_DIR [MINUTES] [INIT_DIR]
 # OUT_DIR receives video/, image-vae/, image-dit/, image-unet/, judge-*.safetensors, previews/ and logs/.
 # MINUTES (default 9) is the wall-clock budget: every script stops in time and saves (--max-minutes).
 # INIT_DIR, an earlier OUT_DIR: its judges and image VAE are kept as they are, and the video, image-dit
@@ -9,8 +9,8 @@
 # `train_all.sh C 9 B` (rounds 1-2 used smaller batches and VAE crops than today's defaults; each
 # testbed.json keeps every round's config), then a 4th round of the video pipeline (VAE kept:
 # --vae-steps 0) and image-dit only, 6.3 minutes each, in parallel:
-#   python -m diffattn.testbed.train_video --init C/video --out D/video --vae-steps 0 --workers 10 --max-minutes 6.3
-#   python -m diffattn.testbed.train_image --kind image-dit --init C/image-dit --vae A/image-vae --out D/image-dit --max-minutes 6.3
+#   python -m diffattn_testbed.train_video --init C/video --out D/video --vae-steps 0 --workers 10 --max-minutes 6.3
+#   python -m diffattn_testbed.train_image --kind image-dit --init C/image-dit --vae A/image-vae --out D/image-dit --max-minutes 6.3
 # Rounds 5-8 (second session; benchmarks/RESULTS.md) of video and image-dit, in parallel, each round --init from the last:
 #   5: train_video --init D/video --out E/video --vae-steps 0 --batch 96 --decay 0.3 --compile true --max-minutes 7.2
 #      train_video --init D/video --out E/video-vae --vae-train decoder --vae-crop 29 --vae-steps 100000 --vae-batch 8 \
@@ -45,18 +45,18 @@ if [ -n "$init" ]; then
     cp -r "$init/image-vae" "$init/judge-video.safetensors" "$init/judge-image.safetensors" "$out/"
     workers=10
 else
-    python3 -m diffattn.testbed.train_judge --kind video --out "$out/judge-video.safetensors" --workers 3 \
+    python3 -m diffattn_testbed.train_judge --kind video --out "$out/judge-video.safetensors" --workers 3 \
         --scenes 24000 --max-minutes "$(m 0.5)" > "$out/logs/judge-video.log" 2>&1 &
-    python3 -m diffattn.testbed.train_judge --kind image --out "$out/judge-image.safetensors" --workers 2 \
+    python3 -m diffattn_testbed.train_judge --kind image --out "$out/judge-image.safetensors" --workers 2 \
         --scenes 24000 --max-minutes "$(m 0.4)" > "$out/logs/judge-image.log" 2>&1 &
     workers=6
 fi
-python3 -m diffattn.testbed.train_video --out "$out/video" --workers $workers --batch 96 --decay 0.3 --compile true $(from video) \
+python3 -m diffattn_testbed.train_video --out "$out/video" --workers $workers --batch 96 --decay 0.3 --compile true $(from video) \
     --vae-max-minutes "$(m 0.3)" --max-minutes "$(m 0.95)" \
     --preview "$out/previews/video.png" > "$out/logs/video.log" 2>&1 &
 (
     if [ -z "$init" ]; then
-        python3 -m diffattn.testbed.train_image --kind vae --out "$out/image-vae" --workers 3 \
+        python3 -m diffattn_testbed.train_image --kind vae --out "$out/image-vae" --workers 3 \
             --max-minutes "$(m 0.15)" > "$out/logs/image-vae.log" 2>&1
         left=$(python3 -c "print(round($minutes * 0.8 - 0.3, 2))")
     else
@@ -64,7 +64,7 @@ python3 -m diffattn.testbed.train_video --out "$out/video" --workers $workers --
     fi
     for kind in image-dit image-unet; do
         extra=""; [ "$kind" = image-dit ] && extra="--batch 256 --decay 0.3 --compile true"
-        python3 -m diffattn.testbed.train_image --kind "$kind" $extra --vae "$out/image-vae" --out "$out/$kind" \
+        python3 -m diffattn_testbed.train_image --kind "$kind" $extra --vae "$out/image-vae" --out "$out/$kind" \
             --workers 2 --steps 1000000 --max-minutes "$left" --preview "$out/previews/$kind.png" $(from $kind) \
             > "$out/logs/$kind.log" 2>&1 &
     done

@@ -1,6 +1,6 @@
 """The quality yardstick: a small classifier that reads testbed samples back into attributes.
 
-    from diffattn.testbed.judge import load_judge, score
+    from diffattn_testbed.judge import load_judge, score
     judge = load_judge("video")                          # or "image"
     result = score(judge, frames, prompts)               # frames [N, F, H, W, 3] in [0, 1]
     result["accuracy"]                                   # {"color": .., "shape": .., "motion": ..}
@@ -13,7 +13,7 @@ is the prompted one (an object that is not found counts as wrong for every attri
 
 Input: 8 frames spread evenly over the clip (1 for images), resized to 64x64, stacked on channels.
 It is trained on the generator's own labels with blur / noise / colour jitter so that it reads
-decoded samples too (``python -m diffattn.testbed.train_judge``).
+decoded samples too (``python -m diffattn_testbed.train_judge``).
 """
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ def load_judge(kind: str, *, device: str | torch.device = "cpu", path=None) -> J
     if not path.exists():
         raise FileNotFoundError(
             f"judge: no trained {kind} judge at {path}; train it with "
-            f"`python -m diffattn.testbed.train_judge --kind {kind} --out {path}`"
+            f"`python -m diffattn_testbed.train_judge --kind {kind} --out {path}`"
         )
     with safe_open(str(path), "pt") as f:
         config = JudgeConfig(**json.loads(f.metadata()["config"]))

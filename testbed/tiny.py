@@ -21,7 +21,7 @@ SPECIAL = ("<pad>", "</s>", "<unk>")
 def word_tokenizer(max_length: int = 32):
     """A ``PreTrainedTokenizerFast`` over ``VOCAB_WORDS`` (lower-cased, whitespace split, </s> appended).
 
-    Words outside the vocabulary become ``<unk>``; ``diffattn.testbed.shapes.VOCABULARY`` lists it.
+    Words outside the vocabulary become ``<unk>``; ``diffattn_testbed.shapes.VOCABULARY`` lists it.
     """
     from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
     from tokenizers.models import WordLevel
