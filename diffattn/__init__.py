@@ -1,8 +1,9 @@
 """diffattn: sparse and linear attention for diffusers video and image pipelines.
 
     import diffattn
-    handle = diffattn.apply(pipe, "radial")          # every transformer of the pipeline
+    handle = diffattn.apply(pipe, "radial")          # every supported model of the pipeline
     video = pipe(prompt=..., num_frames=...).frames[0]
+    handle.report()                                 # per call site: backend, density, fallbacks
     diffattn.remove(pipe)                           # original processors, bit-identical output
 
 or, model-level:
@@ -10,96 +11,156 @@ or, model-level:
     model.set_attn_processor(diffattn.processors(model, "radial"))
     diffattn.remove(model)
 
-Method options (``decay=``, ``dense_steps=``, ...) go to the method's config; ``backend=`` ("auto",
-"triton", "flex", "sdpa") and ``family=`` (override the detected family defaults) are keyword-only
-knobs. ``apply`` returns a ``Handle``, also usable as a context manager.
+Method options (``decay=``, ``kernel_size=``, ``dense_steps=``, ...) go to the method's config;
+``backend=`` ("auto", "triton", "flex", "sdpa"), block sizes and ``family=`` (override the detected
+family) are keyword-only knobs. ``apply`` returns a ``Handle``, also usable as a context manager.
+
+``apply`` runs an install plan: targets (every model of the pipeline an adapter knows:
+``transformer``, ``transformer_2``, ``unet``, ...) -> steps (processor swaps, the layout hook, the
+marker) -> one ``Handle`` that undoes them in reverse.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
-from diffattn.core.handle import HANDLE_ATTR, Handle
+from diffattn.core.handle import HANDLE_ATTR, ForwardHook, Handle, Marker, ProcessorSwap
 from diffattn.core.layout import TokenLayout
+from diffattn.core.registry import lookup
 from diffattn.methods import METHODS
-from diffattn.pipelines import ADAPTERS
-from diffattn.pipelines.base import register_layout_hook
+from diffattn.pipelines import ADAPTERS, FAMILIES
+from diffattn.pipelines.base import layout_hook
 
 __version__ = "0.1.0"
-__all__ = ["Handle", "TokenLayout", "apply", "methods", "processors", "remove", "supported_models"]
+__all__ = [
+    "Handle", "TokenLayout", "apply", "config_class", "families", "methods", "patch_size", "processors",
+    "remove", "supported_models",
+]
 
-TRANSFORMER_ATTRS = ("transformer", "transformer_2")
-
-
-def methods() -> list[str]:
-    return sorted(METHODS)
-
-
-def supported_models() -> list[str]:
-    return sorted(ADAPTERS)
+COMPONENT_NAMES = ("transformer", "transformer_2", "unet")  # looked up when a pipeline has no .components
 
 
-def _adapter(model):
+def methods() -> dict[str, tuple[str, ...]]:
+    """``{method: model families it fits}`` for every method diffattn has."""
+    return {name: cls.FAMILIES for name, cls in sorted(METHODS.items())}
+
+
+def families() -> tuple[str, ...]:
+    """Every model family name (``family=`` accepts these)."""
+    return FAMILIES
+
+
+def supported_models() -> dict[str, dict]:
+    """``{diffusers model class: {"families": ..., "methods": ...}}``."""
+    out = {}
+    for name, adapter in sorted(ADAPTERS.items()):
+        fits = sorted(m for m, cls in METHODS.items() if set(cls.FAMILIES) & set(adapter.FAMILIES))
+        out[name] = {"families": adapter.FAMILIES, "methods": fits}
+    return out
+
+
+def config_class(method: str):
+    """The frozen config dataclass of ``method`` (its fields are the method's options)."""
+    return lookup(METHODS, method, "method").Config
+
+
+def _adapter_of(model):
     for cls in type(model).__mro__:
         if cls.__name__ in ADAPTERS:
             return ADAPTERS[cls.__name__]
-    raise NotImplementedError(
-        f"diffattn does not support {type(model).__name__}; supported model classes: {supported_models()} "
-        "(pass a pipeline that has one of them as .transformer, or the model itself)"
-    )
+    return None
 
 
-def _models_of(target) -> tuple[list[torch.nn.Module], object]:
-    """(transformers, pipeline or None) of a pipeline or a bare model."""
+def _components(target) -> tuple[list[tuple[str, torch.nn.Module]], object]:
+    """([(name, model)], pipeline or None) of the models diffattn installs on."""
     if isinstance(target, torch.nn.Module):
-        return [target], None
-    found = [getattr(target, name) for name in TRANSFORMER_ATTRS if isinstance(getattr(target, name, None), torch.nn.Module)]
+        if _adapter_of(target) is None:
+            raise NotImplementedError(
+                f"diffattn does not support {type(target).__name__}; supported model classes: "
+                f"{sorted(ADAPTERS)} (pass a pipeline that has one of them, or the model itself)"
+            )
+        return [("", target)], None
+    components = getattr(target, "components", None)
+    if not isinstance(components, dict):
+        components = {name: getattr(target, name, None) for name in COMPONENT_NAMES}
+    found = [(name, m) for name, m in components.items() if isinstance(m, torch.nn.Module) and _adapter_of(m) is not None]
     if not found:
+        present = sorted(type(m).__name__ for m in components.values() if isinstance(m, torch.nn.Module))
         raise NotImplementedError(
-            f"diffattn: {type(target).__name__} has no transformer to install on (looked for "
-            f"{TRANSFORMER_ATTRS}); supported model classes: {supported_models()}"
+            f"diffattn: {type(target).__name__} has no model diffattn can install on (its models: {present}); "
+            f"supported model classes: {sorted(ADAPTERS)}"
         )
     return found, target
 
 
-def _method(method: str, family: str, options: dict):
-    if not isinstance(method, str) or method not in METHODS:
-        raise ValueError(f"diffattn: unknown method {method!r}; available methods: {methods()}")
-    return METHODS[method].from_options(family, **options)
+def _owners() -> dict[str, list[str]]:
+    """option name -> methods that have it (to say whose option a misplaced one is)."""
+    owners: dict[str, list[str]] = {}
+    for name, cls in METHODS.items():
+        for f in dataclasses.fields(cls.Config):
+            owners.setdefault(f.name, []).append(name)
+        for knob in cls.KNOBS:
+            owners.setdefault(knob, []).append(name)
+    return owners
+
+
+def _build_method(method: str, family: str, options: dict, pipe):
+    cls = lookup(METHODS, method, "method")
+    if family not in FAMILIES:
+        raise ValueError(f"diffattn: unknown family={family!r}; valid families: {list(FAMILIES)}")
+    if family not in cls.FAMILIES:
+        fitting = sorted(m for m, c in METHODS.items() if family in c.FAMILIES)
+        raise NotImplementedError(
+            f"diffattn: method {method!r} does not fit model family {family!r}; it fits {list(cls.FAMILIES)}. "
+            f"Methods for {family!r}: {fitting}"
+        )
+    declared = (getattr(pipe, "diffattn_defaults", None) or {}).get(method) if pipe is not None else None
+    return cls.from_options(family, declared=declared, owners=_owners(), **options)
 
 
 def _install(target, method: str, options: dict, set_processors: bool) -> tuple[Handle, dict]:
-    models, pipe = _models_of(target)
-    adapters = [_adapter(model) for model in models]
-    for model in models:
+    components, pipe = _components(target)
+    for _, model in components:
         existing = getattr(model, HANDLE_ATTR, None)
-        if existing is not None:
+        if existing is None:
+            continue
+        if existing.live_on(model):
             raise RuntimeError(
                 f"diffattn: {type(model).__name__} already has {existing.method_name!r} applied; call "
                 "diffattn.remove(...) (or handle.remove()) first"
             )
-    family = options.pop("family", None) or adapters[0].family(models[0], pipe)
-    handle = Handle(method, _method(method, family, options), family, scheduler=getattr(pipe, "scheduler", None))
-    dicts = {}
-    for model, adapter in zip(models, adapters):
-        original = model.attn_processors  # name -> processor object, restored by remove()
-        targets = adapter.targets(model)
+        existing.remove()  # a processors() dict that was never set: drop its hook and marker
+    name0, model0 = components[0]
+    family = options.pop("family", None) or _adapter_of(model0).family(model0, pipe)
+    handle = Handle(method, _build_method(method, family, options, pipe), family, scheduler=getattr(pipe, "scheduler", None))
+    steps, dicts = [], {}
+    for name, model in components:
+        adapter = _adapter_of(model)
+        original = model.attn_processors  # key -> processor object, restored by remove()
         new = dict(original)
-        for name, layer in targets.items():
-            new[name] = adapter.Processor(handle, layer, stock=original[name])
-        hook = register_layout_hook(model, handle, adapter.grid)
-        handle.attach(model, original, hook)
+        for key, layer in adapter.targets(model).items():
+            site = f"{name}.{key}" if name else key
+            new[key] = adapter.Processor(handle, layer, stock=original[key], site=site)
+            handle.add_site(site, "", layer)
+        steps += [
+            ProcessorSwap(model, new, original, set_now=set_processors),
+            ForwardHook(model, layout_hook(handle, adapter.grid)),
+            Marker(model, handle),
+        ]
         dicts[id(model)] = new
-        if set_processors:
-            model.set_attn_processor(dict(new))
+    handle.install(steps)
     return handle, dicts
 
 
 def apply(target, method: str, **options) -> Handle:
-    """Install ``method`` on a pipeline (every transformer it has, one shared handle) or a model.
+    """Install ``method`` on a pipeline (every model an adapter knows, one shared handle) or a model.
 
-    Raises ValueError for unknown methods or bad option values, NotImplementedError for model
-    classes diffattn has no adapter for, RuntimeError when diffattn is already applied.
+    Raises ValueError for unknown methods, families or bad option values, NotImplementedError for
+    model classes without an adapter or a method that does not fit the model's family,
+    RuntimeError when diffattn is already applied. Grid-dependent checks (a window larger than the
+    grid) run in the layout hook, before any attention of the first forward.
     """
     handle, _ = _install(target, method, dict(options), set_processors=True)
     return handle
@@ -110,7 +171,8 @@ def processors(model: torch.nn.Module, method: str, **options) -> dict:
 
     Entries the method does not apply to (Wan's cross-attention, HunyuanVideo's text refiner) keep
     their current processor objects. The layout hook is registered on ``model`` as part of the same
-    handle, so setting the dict is a complete install; ``diffattn.remove(model)`` undoes both.
+    handle, so setting the dict is a complete install; ``diffattn.remove(model)`` undoes both. A dict
+    that is never set leaves nothing that blocks a later ``apply`` or ``processors``.
     """
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"diffattn.processors takes a model (an nn.Module), got {type(model).__name__}; use apply() for pipelines")
@@ -119,10 +181,17 @@ def processors(model: torch.nn.Module, method: str, **options) -> dict:
 
 
 def remove(target) -> None:
-    """Restore the original processors of every transformer of ``target`` and drop the hooks."""
-    models, _ = _models_of(target)
-    handles = {id(h): h for h in (getattr(m, HANDLE_ATTR, None) for m in models) if h is not None}
+    """Restore the original processors of every model of ``target`` and drop the hooks."""
+    components, _ = _components(target)
+    handles = {id(h): h for h in (getattr(m, HANDLE_ATTR, None) for _, m in components) if h is not None}
     if not handles:
         raise ValueError(f"diffattn.remove: nothing to remove, diffattn is not applied to {type(target).__name__}")
     for handle in handles.values():
         handle.remove()
+
+
+def patch_size(target) -> tuple[int, int, int]:
+    """``(t, y, x)`` latent cells per token of the first supported model of ``target``."""
+    components, _ = _components(target)
+    model = components[0][1]
+    return tuple(int(v) for v in _adapter_of(model).patch_size(model))

@@ -32,6 +32,8 @@ try:  # triton is a Linux dependency; elsewhere the backend reports it cannot ru
     import triton.language as tl
 
     HAS_TRITON = True
+    from diffattn.kernels.triton.rules import _predicate  # the element-rule switch (one file per rule set)
+
     try:  # host-side TMA descriptors (Hopper and newer)
         from triton.tools.tensor_descriptor import TensorDescriptor
     except ImportError:  # pragma: no cover - older triton
@@ -42,7 +44,6 @@ except ImportError:  # pragma: no cover - exercised only on machines without tri
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)): the kernels work in base 2
 LN2 = 0.6931471805599453
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-PREDICATES = {"none": 0, "neighborhood": 1, "circle": 2}  # element rules of partial blocks
 MAX_HEAD_DIM = 256  # registers: q, acc and a K tile of 256 fp32 columns is the practical limit
 
 
@@ -95,54 +96,6 @@ if HAS_TRITON:
             return tl.load(ptrs, mask=cols[None, :] < n_cols, other=0.0)
         else:
             return tl.load(ptrs)
-
-    @triton.jit
-    def _na_dim(cq, ck, length, k, s, d, causal):
-        # NATTEN window along one dimension (patterns/neighborhood.py `window`), per element
-        group = cq % d
-        w = cq // d
-        glen = (length - group + d - 1) // d
-        lo_causal = tl.maximum(tl.minimum((w // s) * s + s - 1, glen - 1) - k + 1, 0)
-        leader = tl.minimum((w // s) * s + s // 2, glen - 1)
-        lo = tl.minimum(tl.maximum(leader - k // 2, 0), glen - k)
-        lo = tl.where(causal != 0, lo_causal, lo)
-        hi = tl.where(causal != 0, w, lo + k - 1)
-        wk = ck // d
-        return (ck % d == group) & (wk >= lo) & (wk <= hi)
-
-    @triton.jit
-    def _predicate(qi, ki, pred_ptr, PREDICATE: tl.constexpr):
-        """Element rule of partial blocks (1: neighborhood, 2: circle); qi, ki broadcast.
-
-        pred_ptr holds the pattern's int parameters: video start, video tokens, F, Y, X, then
-        kernel, stride, dilation and causal per dimension (neighborhood) or r^2 (circle).
-        """
-        v0 = tl.load(pred_ptr + 0)
-        n = tl.load(pred_ptr + 1)
-        nf = tl.load(pred_ptr + 2)
-        ny = tl.load(pred_ptr + 3)
-        nx = tl.load(pred_ptr + 4)
-        rq = qi - v0
-        rk = ki - v0
-        text = (rq < 0) | (rq >= n) | (rk < 0) | (rk >= n)  # text tokens are global
-        rq = tl.minimum(tl.maximum(rq, 0), n - 1)
-        rk = tl.minimum(tl.maximum(rk, 0), n - 1)
-        per_frame = ny * nx
-        fq = rq // per_frame
-        fk = rk // per_frame
-        yq = (rq % per_frame) // nx
-        yk = (rk % per_frame) // nx
-        xq = rq % nx
-        xk = rk % nx
-        if PREDICATE == 1:
-            ok = _na_dim(fq, fk, nf, tl.load(pred_ptr + 5), tl.load(pred_ptr + 8), tl.load(pred_ptr + 11), tl.load(pred_ptr + 14))
-            ok = ok & _na_dim(yq, yk, ny, tl.load(pred_ptr + 6), tl.load(pred_ptr + 9), tl.load(pred_ptr + 12), tl.load(pred_ptr + 15))
-            ok = ok & _na_dim(xq, xk, nx, tl.load(pred_ptr + 7), tl.load(pred_ptr + 10), tl.load(pred_ptr + 13), tl.load(pred_ptr + 16))
-        else:
-            dy = yq - yk
-            dx = xq - xk
-            ok = (fq == fk) & (dy * dy + dx * dx < tl.load(pred_ptr + 5))
-        return ok | text
 
     # -- forward inner loop ----------------------------------------------------------------------
 
@@ -674,8 +627,8 @@ def block_sparse_attention(
         kv_len = kv_len.to(device=q.device, dtype=torch.int32).contiguous()
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     s = sparsity
-    predicate = PREDICATES[s.predicate.kind]
-    pred = s.predicate_params if predicate else None  # built with the description, on its device
+    predicate = s.rule.kernel_id if s.rule is not None else 0  # 0: block-level pattern, no element rule
+    pred = s.rule_params if predicate else None  # built with the description, on its device
     out, lse = block_sparse_fwd(
         q, k, v, s.full_num, s.full_idx, s.part_num, s.part_idx,
         s.q_full_num, s.q_full_idx, s.q_part_num, s.q_part_idx,

@@ -1,9 +1,11 @@
 """FlexAttention backend: a block description becomes a ``BlockMask`` for compiled flex_attention.
 
-Full blocks map to flex's full blocks; partial blocks (sequence tails) and, when keys are padded,
-every block of the padded key region map to flex's partial blocks, whose ``mask_mod`` masks keys
-at positions >= kv_len[b]. The index tensors are built once per description (cache them on the
-handle through ``FlexBackend``); only the mask_mod changes per call.
+Full blocks map to flex's full blocks (no ``mask_mod``); partial blocks map to flex's partial
+blocks, whose ``mask_mod`` is the description's element rule (its torch twin,
+``rule.mask(q_idx, kv_idx)``), the sequence tail and, when keys are padded, ``kv_idx < kv_len[b]``
+(every block from the first possibly padded key on is partial then). The index tensors are built
+once per description (cache them on the handle through ``FlexBackend``); only the mask_mod's
+captured ``kv_len`` changes per call.
 """
 
 from __future__ import annotations
@@ -15,13 +17,11 @@ from diffattn.patterns.blocks import BlockSparsity, block_lists
 FLEX_MIN_BLOCK = 16  # flex tiles must divide the sparse block; below 16 the kernel does not tile
 
 
-def can_run(q: torch.Tensor, sparsity: BlockSparsity) -> tuple[bool, str]:
+def can_run(q: torch.Tensor, sparsity: BlockSparsity, forced: bool = False) -> tuple[bool, str]:
     if not q.is_cuda:
         return False, "flex backend runs compiled kernels on CUDA only (use backend='sdpa' on CPU)"
-    if sparsity.block_m != sparsity.block_n or sparsity.block_m < FLEX_MIN_BLOCK:
-        return False, f"flex backend needs square blocks >= {FLEX_MIN_BLOCK}, got {sparsity.block_m}x{sparsity.block_n}"
-    if sparsity.predicate.kind != "none":
-        return False, f"flex backend here evaluates block-level patterns only, got {sparsity.predicate.kind!r}"
+    if min(sparsity.block_m, sparsity.block_n) < FLEX_MIN_BLOCK:
+        return False, f"flex backend needs blocks >= {FLEX_MIN_BLOCK}, got {sparsity.block_m}x{sparsity.block_n}"
     return True, ""
 
 
@@ -35,7 +35,9 @@ def _padded(num: torch.Tensor, idx: torch.Tensor, width: int) -> tuple[torch.Ten
 class FlexBackend:
     """Compiled flex_attention plus the BlockMask index tensors of one description.
 
-    Keep one per (description, device) on the handle: compiling is slow, building indices is not free.
+    Keep one per (description, device) on the handle: compiling is slow, building indices is not
+    free. ``compiled``: the flex_attention callable to use (default: ``torch.compile``d; tests on the
+    CPU pass the eager function).
     """
 
     def __init__(self, sparsity: BlockSparsity, device, compiled=None, text_key_start: int | None = None):
@@ -61,19 +63,19 @@ class FlexBackend:
         s = self.sparsity
         if kv_len is not None and not self.masks_padding:
             raise ValueError("FlexBackend: kv_len given but the backend was built without text_key_start")
+        rule, total = s.rule, s.kv_len
 
-        if kv_len is None:
-            def mask_mod(b, h, q_idx, kv_idx):
-                return kv_idx < s.kv_len
-        else:
-            def mask_mod(b, h, q_idx, kv_idx):
-                return kv_idx < kv_len[b]
+        def mask_mod(b, h, q_idx, kv_idx):
+            ok = kv_idx < (total if kv_len is None else kv_len[b])
+            if rule is not None:
+                ok = ok & rule.mask(q_idx, kv_idx)
+            return ok
 
         block_mask = BlockMask.from_kv_blocks(
             self.part_num, self.part_idx, self.full_num, self.full_idx,
             BLOCK_SIZE=(s.block_m, s.block_n), mask_mod=mask_mod, seq_lengths=(s.q_len, s.kv_len),
         )
         options = None
-        if s.block_m < 128:
+        if (s.block_m, s.block_n) != (128, 128):
             options = {"BLOCK_M": s.block_m, "BLOCK_N": s.block_n}
         return self.compiled(q, k, v, block_mask=block_mask, scale=scale, kernel_options=options)

@@ -1,16 +1,25 @@
 """What every model adapter shares: the processor plumbing and the layout hook.
 
-An adapter module (one per diffusers model family) provides:
-- ``FAMILY`` and ``MODEL_CLASSES`` (the diffusers class names it handles);
-- ``family(model, pipe)``: the family name used for method defaults (e.g. "wan2.1" / "wan2.2");
-- ``targets(model)``: ``{processor key: layer index}`` of the attention modules the methods replace;
-- ``grid(model, hidden_states)``: the ``TokenLayout`` of the video tokens of one forward;
+An adapter module (one per diffusers model family) meets ``diffattn.core.protocols.Adapter``:
+- ``MODEL_CLASSES`` (the diffusers class names it handles) and ``FAMILIES`` (the family names it
+  reports; method defaults are keyed by these);
+- ``family(model, pipe)``: the family of this model (e.g. "wan2.1" / "wan2.2");
+- ``targets(model)``: ``{processor key: layer index}`` of the attention modules methods replace;
+- ``grid(model, hidden_states)``: the ``TokenLayout`` of the latent tokens of one forward;
+- ``patch_size(model)``: ``(t, y, x)`` latent cells per token;
 - ``Processor``: the diffusers processor that reproduces the stock one and calls the method.
+
+Every attention call goes through ``DiffattnProcessor.attend``: it builds the call's context,
+asks the method whether this call is active (schedule, dense layers), runs the method or the stock
+``dispatch_attention_fn``, and records what ran in the handle's report. Processors compute each
+call's layout from the recorded grid and the call's own tokens, so models that attend at several
+resolutions per forward (U-Nets) get one layout per call.
 """
 
 from __future__ import annotations
 
 import torch
+from diffusers.models.attention_dispatch import dispatch_attention_fn
 
 from diffattn.core.context import AttnContext
 from diffattn.core.handle import Handle
@@ -18,28 +27,29 @@ from diffattn.core.layout import TokenLayout
 
 
 class DiffattnProcessor:
-    """Base of the adapters' processors: holds the handle and this module's layer index.
+    """Base of the adapters' processors: holds the handle, this module's layer index and site.
 
     ``_attention_backend`` and ``_parallel_config`` follow the diffusers convention, so
     ``set_attention_backend`` and ``enable_parallelism`` reach the dense path. They are copied from
-    the stock processor this one replaces, so dense steps behave exactly as before.
+    the stock processor this one replaces, so dense calls behave exactly as before.
     """
 
     _attention_backend = None
     _parallel_config = None
 
-    def __init__(self, handle: Handle, layer: int, stock=None):
+    def __init__(self, handle: Handle, layer: int, stock=None, site: str = ""):
         self.handle = handle
         self.layer = layer
+        self.site = site
         if stock is not None:
             self._attention_backend = getattr(stock, "_attention_backend", None)
             self._parallel_config = getattr(stock, "_parallel_config", None)
 
     def context(self, layout: TokenLayout, kv_len: torch.Tensor | None = None) -> AttnContext:
-        state = self.handle.state
+        state, handle = self.handle.state, self.handle
         return AttnContext(
-            layout=layout, step=state.step, num_steps=state.num_steps, layer=self.layer,
-            kv_len=kv_len, cache=self.handle.cache, note=self.handle.note_once,
+            layout=layout, step=state.step, num_steps=state.num_steps, layer=self.layer, site=self.site,
+            kv_len=kv_len, cache=handle.cache, note=handle.note_once, record=handle.record,
         )
 
     def video_layout(self) -> TokenLayout:
@@ -58,22 +68,44 @@ class DiffattnProcessor:
                 "sparse steps yet; call transformer.enable_parallelism only without diffattn, or remove diffattn"
             )
 
-    def run_method(self, query, key, value, ctx: AttnContext) -> torch.Tensor:
-        """query/key/value in diffusers' [B, S, heads, D]; returns [B, S, heads, D]."""
-        self.check_parallel()
-        out = self.handle.method(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), ctx)  # [B, H, S, D]
-        return out.transpose(1, 2)
+    def attend(self, query, key, value, layout: TokenLayout, *, attention_mask=None, kv_len=None,
+               method_ok: bool = True, dense_note: str | None = None) -> torch.Tensor:
+        """Core attention of one call. query/key/value in diffusers' [B, S, heads, D]; returns
+        [B, S, heads, D]. ``kv_len``: a callable giving the [B] valid-key counts (only evaluated on
+        method calls). ``method_ok`` False forces the stock path (``dense_note`` says why)."""
+        ctx = self.context(layout)
+        if method_ok and self.handle.method.active(ctx):
+            self.check_parallel()
+            if kv_len is not None:
+                ctx = AttnContext(
+                    layout=layout, step=ctx.step, num_steps=ctx.num_steps, layer=ctx.layer, site=ctx.site,
+                    kv_len=kv_len(), cache=ctx.cache, note=ctx.note, record=ctx.record,
+                )
+            out = self.handle.method(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), ctx)  # [B, H, S, D]
+            return out.transpose(1, 2)
+        if dense_note is not None:
+            self.handle.note_once(dense_note)
+        self.handle.record(self.site, mode="dense", layout=layout, note=dense_note)
+        return dispatch_attention_fn(
+            query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
+            backend=self._attention_backend, parallel_config=self._parallel_config,
+        )
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(method={self.handle.method_name!r}, layer={self.layer})"
 
 
-def register_layout_hook(model: torch.nn.Module, handle: Handle, grid):
-    """Forward pre-hook on the transformer: record the layout and step before every forward."""
+def layout_hook(handle: Handle, grid):
+    """The forward pre-hook that records the layout and step before every forward of a model.
+
+    Compile-friendly: it reads shapes and the scheduler's step counter (host ints), never a tensor
+    value, unless the method's schedule depends on the step and no scheduler is known (then one
+    host read of the timestep).
+    """
 
     def hook(module, args, kwargs):
         hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         timestep = kwargs["timestep"] if "timestep" in kwargs else (args[1] if len(args) > 1 else None)
         handle.begin_forward(grid(module, hidden_states), timestep)
 
-    return model.register_forward_pre_hook(hook, with_kwargs=True)
+    return hook

@@ -13,15 +13,14 @@ attention to the method.
 from __future__ import annotations
 
 import torch
-from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 
 from diffattn.core.layout import TokenLayout
 
 from .base import DiffattnProcessor
 
-FAMILY = "hunyuan_video"
 MODEL_CLASSES = ("HunyuanVideoTransformer3DModel",)
+FAMILIES = ("hunyuan_video",)
 
 
 def family(model, pipe=None) -> str:
@@ -36,6 +35,10 @@ def targets(model) -> dict[str, int]:
         for i in range(len(model.single_transformer_blocks))
     }
     return {**double, **single}
+
+
+def patch_size(model) -> tuple[int, int, int]:
+    return (model.config.patch_size_t, model.config.patch_size, model.config.patch_size)
 
 
 def grid(model, hidden_states: torch.Tensor) -> TokenLayout:
@@ -105,15 +108,10 @@ class Processor(DiffattnProcessor):
 
         video = self.video_layout()
         layout = TokenLayout(video.frames, video.rows, video.cols, text_tokens, "after" if text_tokens else "none")
-        ctx = self.context(layout)
-        if self.handle.method.active(ctx):
-            ctx.kv_len = _valid_keys(attention_mask, query.shape[0], query.shape[1])
-            hidden_states = self.run_method(query, key, value, ctx)
-        else:
-            hidden_states = dispatch_attention_fn(
-                query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
-                backend=self._attention_backend, parallel_config=self._parallel_config,
-            )
+        hidden_states = self.attend(
+            query, key, value, layout, attention_mask=attention_mask,
+            kv_len=lambda: _valid_keys(attention_mask, query.shape[0], query.shape[1]),
+        )
         hidden_states = hidden_states.flatten(2, 3)
         hidden_states = hidden_states.to(query.dtype)
 

@@ -12,14 +12,13 @@ interleaved RoPE) and hands the core attention to the method.
 from __future__ import annotations
 
 import torch
-from diffusers.models.attention_dispatch import dispatch_attention_fn
 
 from diffattn.core.layout import TokenLayout
 
 from .base import DiffattnProcessor
 
-FAMILY = "wan"
 MODEL_CLASSES = ("WanTransformer3DModel",)
+FAMILIES = ("wan2.1", "wan2.2")
 
 
 def family(model, pipe=None) -> str:
@@ -35,6 +34,10 @@ def family(model, pipe=None) -> str:
 
 def targets(model) -> dict[str, int]:
     return {f"blocks.{i}.attn1.processor": i for i in range(len(model.blocks))}
+
+
+def patch_size(model) -> tuple[int, int, int]:
+    return tuple(model.config.patch_size)
 
 
 def grid(model, hidden_states: torch.Tensor) -> TokenLayout:
@@ -82,16 +85,11 @@ class Processor(DiffattnProcessor):
             query = _apply_rotary(query, *rotary_emb)
             key = _apply_rotary(key, *rotary_emb)
 
-        ctx = self.context(self.video_layout())
-        if attention_mask is None and self.handle.method.active(ctx):
-            hidden_states = self.run_method(query, key, value, ctx)
-        else:
-            if attention_mask is not None:
-                self.handle.note_once("diffattn wan: an explicit attention_mask was passed; running dense")
-            hidden_states = dispatch_attention_fn(
-                query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
-                backend=self._attention_backend, parallel_config=self._parallel_config,
-            )
+        hidden_states = self.attend(
+            query, key, value, self.video_layout(), attention_mask=attention_mask,
+            method_ok=attention_mask is None,
+            dense_note="diffattn wan: an explicit attention_mask was passed; running dense" if attention_mask is not None else None,
+        )
         hidden_states = hidden_states.flatten(2, 3)
         hidden_states = hidden_states.type_as(query)
         hidden_states = attn.to_out[0](hidden_states)

@@ -51,9 +51,11 @@ DEFAULTS = {
                       max_sequence_length=TEXT_TOKENS),
     "image-unet": dict(height=128, width=128, num_inference_steps=25, guidance_scale=4.0),
 }
-# Options diffattn methods use on the testbed (its frames are 16 x 16 tokens: 128-token blocks would
-# make radial near dense; a quarter of the 25 steps run dense, as 12 of 50 in the paper).
-METHOD_OPTIONS = {"video": {"radial": dict(block_size=64, dense_steps=6)}}
+# Options diffattn methods use on the testbed, declared to diffattn through the pipeline's
+# ``diffattn_defaults`` (its frames are 16 x 16 tokens: 128-token blocks would make radial near dense;
+# a quarter of the 25 steps run dense, as 12 of 50 in the papers). Neighborhood keeps the Wan preset
+# rescaled to the 8 x 16 x 16 grid: window (5, 8, 5), stride (4, 3, 2).
+METHOD_OPTIONS = {"video": {"radial": dict(block_size=64, dense_steps=6), "neighborhood": dict(dense_steps=6)}}
 TRAIN_COMMAND = {
     "video": "python -m diffattn_testbed.train_video --out testbed/weights/video",
     "image-dit": "python -m diffattn_testbed.train_image --kind image-dit --vae IMAGE_VAE --out testbed/weights/image-dit",
@@ -199,6 +201,12 @@ class _TestbedDefaults:
     prompts longer than the text length (the stock pipelines would cut them silently)."""
 
     testbed_kind = ""
+
+    @property
+    def diffattn_defaults(self) -> dict:
+        """Method options ``diffattn.apply`` (and so the CLI) reads for this pipeline, over the model
+        family's: the testbed's frames are small (see ``METHOD_OPTIONS``)."""
+        return METHOD_OPTIONS.get(self.testbed_kind, {})
 
     def __call__(self, *args, **kwargs):
         bound = inspect.signature(super().__call__).bind_partial(*args, **kwargs)

@@ -10,25 +10,29 @@ import torch
 from .layout import TokenLayout
 
 
-@dataclass
+@dataclass(frozen=True)
 class AttnContext:
-    """What one attention call knows beyond its tensors.
+    """What one attention call knows beyond its tensors (frozen: built once per call).
 
     layout:     the token layout of this call (grid and text tokens).
     step:       denoising step index of the current pipeline call (0-based loop counter).
     num_steps:  total denoising steps of the current call, or None when unknown (model-only use).
-    layer:      index of this attention layer in the model's own numbering.
+    layer:      index of this attention layer in the adapter's numbering.
+    site:       the processor key of this call site (``blocks.3.attn1.processor``), for the report.
     kv_len:     [B] int32 count of valid keys per sample (keys are valid as a prefix: padded text at
                 the end), or None when every key is valid.
     cache:      the handle's cache lookup, ``cache(key, build)``; keys carry every input they
                 depend on.
     note:       log a declared fallback once per handle.
+    record:     ``record(site, **facts)``: what ran (backend, density), for ``handle.report()``.
     """
 
     layout: TokenLayout
     step: int
     num_steps: int | None
     layer: int
-    kv_len: torch.Tensor | None
-    cache: Callable[[Hashable, Callable[[], Any]], Any]
-    note: Callable[[str], None]
+    site: str = ""
+    kv_len: torch.Tensor | None = None
+    cache: Callable[[Hashable, Callable[[], Any]], Any] = lambda key, build: build()
+    note: Callable[[str], None] = lambda message: None
+    record: Callable[..., None] = lambda site, **facts: None

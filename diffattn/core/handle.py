@@ -1,16 +1,18 @@
 """The handle returned by ``diffattn.apply``: it owns every piece of per-run state.
 
 State that lives here and nowhere else:
-- the original attention processors of each model it installed on, restored by ``remove()``;
-- the forward pre-hooks that record the token layout and denoising step before each forward;
-- the run state (layout, step index, number of steps) shared by every transformer of a pipeline;
-- the cache of block masks and compiled kernels, keyed by everything each entry depends on.
+- the install plan's executed steps (processor swaps, forward hooks, later reversible block swaps),
+  undone in reverse by ``remove()``;
+- the run state (layout, step index, number of steps) shared by every model of a pipeline;
+- the bounded cache of block descriptions and compiled kernels, keyed by everything each entry
+  depends on;
+- the report: per attention call site, what ran (method or stock dense, backend, density) and why.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable
 
 import torch
@@ -20,6 +22,14 @@ from .layout import TokenLayout
 logger = logging.getLogger("diffattn")
 
 HANDLE_ATTR = "_diffattn_handle"
+CACHE_SIZE = 64  # descriptions per handle: a resolution sweep fits, a long-lived server stays bounded
+
+
+@torch.compiler.disable
+def _build(build: Callable[[], Any]) -> Any:
+    # Description builds (torch.unique, host loops) run outside a torch.compile graph: only a cache
+    # miss, never a hit, leaves the graph.
+    return build()
 
 
 @dataclass
@@ -44,46 +54,128 @@ class RunState:
         self.last_timestep = timestep
 
 
+# -- install steps: each one reversible ---------------------------------------------------------
+
 @dataclass
-class _Installed:
+class ProcessorSwap:
+    """Set ``new`` processors on ``model`` (unless ``set_now`` is False: ``diffattn.processors``
+    hands the dict to the user); undo restores ``original``."""
+
     model: torch.nn.Module
-    original_processors: dict[str, Any]
-    hook: torch.utils.hooks.RemovableHandle
+    new: dict[str, Any]
+    original: dict[str, Any]
+    set_now: bool = True
+
+    def do(self) -> None:
+        if self.set_now:
+            self.model.set_attn_processor(dict(self.new))
+
+    def undo(self) -> None:
+        self.model.set_attn_processor(dict(self.original))
+
+
+@dataclass
+class ForwardHook:
+    """A forward pre-hook (with kwargs) on ``model``."""
+
+    model: torch.nn.Module
+    hook: Callable
+    _removable: Any = None
+
+    def do(self) -> None:
+        self._removable = self.model.register_forward_pre_hook(self.hook, with_kwargs=True)
+
+    def undo(self) -> None:
+        if self._removable is not None:
+            self._removable.remove()
+            self._removable = None
+
+
+@dataclass
+class Marker:
+    """The attribute that says "diffattn is applied here" (and to which handle)."""
+
+    model: torch.nn.Module
+    handle: "Handle"
+
+    def do(self) -> None:
+        setattr(self.model, HANDLE_ATTR, self.handle)
+
+    def undo(self) -> None:
+        if getattr(self.model, HANDLE_ATTR, None) is self.handle:
+            delattr(self.model, HANDLE_ATTR)
+
+
+@dataclass
+class _Site:
+    site: str
+    model: str
+    layer: int
+    calls: int = 0
+    method_calls: int = 0
+    dense_calls: int = 0
+    backends: dict[str, int] = field(default_factory=dict)
+    layout: TokenLayout | None = None
+    density: float | None = None
+    notes: list[str] = field(default_factory=list)
 
 
 class Handle:
     """Per-run state of one ``apply``. Also a context manager: leaving the block removes it."""
 
-    def __init__(self, method_name: str, method: Any, family: str, scheduler: Any = None):
+    def __init__(self, method_name: str, method: Any, family: str, scheduler: Any = None, cache_size: int = CACHE_SIZE):
         self.method_name = method_name
         self.method = method
         self.family = family
         self.scheduler = scheduler
         self.state = RunState()
-        self._installed: list[_Installed] = []
+        self.cache_size = cache_size
+        self._steps: list[Any] = []
         self._cache: dict[Hashable, Any] = {}
         self._notes: set[str] = set()
+        self._sites: dict[str, _Site] = {}
         self.removed = False
 
     # -- installation (used by the API layer) --------------------------------------------------
-    def attach(self, model: torch.nn.Module, original_processors: dict[str, Any], hook) -> None:
-        setattr(model, HANDLE_ATTR, self)
-        self._installed.append(_Installed(model, original_processors, hook))
+    def install(self, steps: list[Any]) -> None:
+        """Run the plan's steps in order; if one fails, undo the ones done and re-raise."""
+        done = []
+        try:
+            for step in steps:
+                step.do()
+                done.append(step)
+        except BaseException:
+            for step in reversed(done):
+                step.undo()
+            raise
+        self._steps.extend(done)
+
+    def add_site(self, site: str, model: str, layer: int) -> None:
+        self._sites[site if not model else f"{model}.{site}"] = _Site(site, model, layer)
 
     @property
     def models(self) -> list[torch.nn.Module]:
-        return [entry.model for entry in self._installed]
+        seen = []
+        for step in self._steps:
+            if isinstance(step, Marker) and step.model not in seen:
+                seen.append(step.model)
+        return seen
+
+    def owns(self, processor: Any) -> bool:
+        return getattr(processor, "handle", None) is self
+
+    def live_on(self, model: torch.nn.Module) -> bool:
+        """Whether any of this handle's processors is installed on ``model`` (a ``processors()``
+        dict that was never set leaves the handle attached but not live)."""
+        return any(self.owns(p) for p in model.attn_processors.values())
 
     def remove(self) -> None:
-        """Restore the original processors and drop hooks and caches. Safe to call twice."""
+        """Undo every install step in reverse; drop caches. Safe to call twice."""
         if self.removed:
             return
-        for entry in self._installed:
-            entry.hook.remove()
-            entry.model.set_attn_processor(dict(entry.original_processors))
-            if getattr(entry.model, HANDLE_ATTR, None) is self:
-                delattr(entry.model, HANDLE_ATTR)
-        self._installed.clear()
+        for step in reversed(self._steps):
+            step.undo()
+        self._steps.clear()
         self._cache.clear()
         self.removed = True
 
@@ -95,32 +187,94 @@ class Handle:
 
     # -- per-run state ----------------------------------------------------------------------------
     def begin_forward(self, layout: TokenLayout, timestep: torch.Tensor | float | None) -> None:
-        """Record layout and step before a transformer forward."""
+        """Record layout and step before a model forward; check the layout before any attention."""
         state = self.state
+        if layout != state.layout:
+            self.method.check_layout(layout)
         state.layout = layout
-        index = getattr(self.scheduler, "step_index", None) if self.scheduler is not None else None
         has_scheduler_index = self.scheduler is not None and hasattr(self.scheduler, "step_index")
         if has_scheduler_index:
             # step_index is None until the first scheduler.step() of a call, then counts steps.
+            index = self.scheduler.step_index
             begin = getattr(self.scheduler, "begin_index", None) or 0
             state.step = (index if index is not None else begin) - begin
             timesteps = getattr(self.scheduler, "timesteps", None)
             state.num_steps = len(timesteps) - begin if timesteps is not None else None
-        elif timestep is not None:
+        elif timestep is not None and self.method.config.schedule.needs_step:
+            # a host read of the timestep: only when the schedule depends on the step (under
+            # torch.compile this is one graph break; apply to the pipeline to read its scheduler)
             value = float(timestep.max()) if torch.is_tensor(timestep) else float(timestep)
             state.observe_timestep(value)
 
     def cache(self, key: Hashable, build: Callable[[], Any]) -> Any:
-        """Cached value for ``key`` (which names every input it depends on), built on first use."""
-        if key not in self._cache:
-            self._cache[key] = build()
-        return self._cache[key]
+        """Cached value for ``key`` (which names every input it depends on), built on first use.
+        Bounded: past ``cache_size`` entries the oldest goes."""
+        if key in self._cache:
+            return self._cache[key]
+        value = _build(build)
+        if len(self._cache) >= self.cache_size:
+            self._cache.pop(next(iter(self._cache)))
+        self._cache[key] = value
+        return value
+
+    @property
+    def cache_len(self) -> int:
+        return len(self._cache)
 
     def note_once(self, message: str) -> None:
         """Log a declared fallback once per handle."""
         if message not in self._notes:
             self._notes.add(message)
             logger.info(message)
+
+    def record(self, site: str, *, mode: str, layout: TokenLayout, backend: str | None = None,
+               density: float | None = None, note: str | None = None) -> None:
+        """What one attention call ran: ``mode`` "method" or "dense" (the stock path)."""
+        entry = self._sites.get(site)
+        if entry is None:
+            entry = self._sites[site] = _Site(site, "", -1)
+        entry.calls += 1
+        entry.layout = layout
+        if mode == "method":
+            entry.method_calls += 1
+            entry.density = density
+            if backend is not None:
+                entry.backends[backend] = entry.backends.get(backend, 0) + 1
+        else:
+            entry.dense_calls += 1
+        if note and note not in entry.notes:
+            entry.notes.append(note)
+
+    def report(self) -> list[dict]:
+        """Per attention call site: calls, how many ran the method and how many the stock dense
+        path, the backends used, the last layout and density, and every fallback note (why)."""
+        return [
+            {
+                "site": key, "layer": s.layer, "calls": s.calls, "method_calls": s.method_calls,
+                "dense_calls": s.dense_calls, "backends": dict(s.backends), "layout": s.layout,
+                "density": s.density, "notes": list(s.notes),
+            }
+            for key, s in self._sites.items()
+        ]
+
+    def summary(self) -> dict:
+        """One line of the report: method calls, dense calls, backends, the mean density of the
+        method calls and the last layout seen."""
+        rows = self.report()
+        method = sum(r["method_calls"] for r in rows)
+        backends: dict[str, int] = {}
+        for r in rows:
+            for name, n in r["backends"].items():
+                backends[name] = backends.get(name, 0) + n
+        weighted = [(r["density"], r["method_calls"]) for r in rows if r["density"] is not None and r["method_calls"]]
+        density = sum(d * n for d, n in weighted) / sum(n for _, n in weighted) if weighted else None
+        layouts = [r["layout"] for r in rows if r["layout"] is not None]
+        return {
+            "method": self.method_name, "family": self.family, "method_calls": method,
+            "dense_calls": sum(r["dense_calls"] for r in rows), "backends": backends, "density": density,
+            "layout": self.state.layout if self.state.layout is not None else (layouts[-1] if layouts else None),
+            "notes": sorted({n for r in rows for n in r["notes"]} | self._notes),
+        }
 
     def __repr__(self) -> str:
         names = [type(m).__name__ for m in self.models]

@@ -1,9 +1,10 @@
 """Methods: ``method(q, k, v, ctx) -> out`` with q, k, v ``[B, H, S, D]``. They know nothing
 about diffusers. One file per paper."""
 
+from .neighborhood import NeighborhoodAttention, NeighborhoodConfig
 from .radial import Radial, RadialConfig
 
 # name -> method class; a static table, nothing registers itself at import time
-METHODS = {"radial": Radial}
+METHODS = {cls.name: cls for cls in (Radial, NeighborhoodAttention)}
 
-__all__ = ["METHODS", "Radial", "RadialConfig"]
+__all__ = ["METHODS", "NeighborhoodAttention", "NeighborhoodConfig", "Radial", "RadialConfig"]

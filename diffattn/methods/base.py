@@ -1,71 +1,103 @@
-"""What every method shares: backend selection that explains itself, and config checks.
+"""What every block-sparse method shares: the schedule, the cached description, the backend.
 
-Backends, in the order ``backend="auto"`` tries them:
-- ``triton``: diffattn's block-sparse flash attention (``diffattn.kernels.block_sparse``), CUDA
-  (or any device under ``TRITON_INTERPRET=1`` when forced);
-- ``flex``: compiled FlexAttention with a BlockMask (CUDA);
-- ``sdpa``: torch SDPA with the token mask expanded from the blocks (anywhere; O(S^2) memory).
-A backend that cannot run says why (``can_run``); a forced backend raises that reason, an automatic
-choice logs the fallback once per handle.
+A block-sparse method is a config (frozen dataclass inheriting ``ScheduleOptions``) plus one
+function, ``describe(layout, device) -> BlockSparsity``. ``BlockSparseMethod`` supplies the rest of
+the ``Method`` protocol: ``active`` from the shared schedule, the description cached on the handle
+under a key naming every input (method, layout, config, block sizes, device), the backend chosen
+by ``kernels.select`` (reasons logged once and recorded in the handle's report), and ``density``.
 """
 
 from __future__ import annotations
 
+from dataclasses import astuple
+from typing import Any, ClassVar
+
 import torch
 
 from diffattn.core.context import AttnContext
-from diffattn.kernels import block_sparse, flex, sdpa
+from diffattn.core.layout import TokenLayout
+from diffattn.core.options import resolve
+from diffattn.kernels import select
 from diffattn.patterns.blocks import BlockSparsity
 
-BACKENDS = ("auto", "triton", "flex", "sdpa")
 
+class BlockSparseMethod:
+    """Base of block-sparse methods: subclasses set the class attributes and ``describe``."""
 
-def check_backend(backend: str) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got backend={backend!r}")
-    return backend
+    name: ClassVar[str]
+    Config: ClassVar[type]
+    FAMILIES: ClassVar[tuple[str, ...]]
+    FAMILY_DEFAULTS: ClassVar[dict[str, dict[str, Any]]] = {}
+    KNOBS: ClassVar[tuple[str, ...]] = ("backend",)
 
+    def __init__(self, config, *, backend: str = "auto"):
+        self.config = config
+        self.backend = select.check_backend(backend)
 
-def check_int(name: str, value, low: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {name}={value!r}")
-    return value
+    @classmethod
+    def from_options(cls, family: str, *, declared: dict | None = None, owners: dict | None = None, **options):
+        """Family defaults, then the pipeline's declared defaults, then the user's options."""
+        config, knobs = resolve(cls.name, cls.Config, family, cls.FAMILY_DEFAULTS, options,
+                                declared=declared, knobs=cls.KNOBS, owners=owners)
+        return cls(config, **cls.family_knobs(family), **knobs)
 
+    @classmethod
+    def family_knobs(cls, family: str) -> dict:
+        """Constructor arguments a method takes from the family itself (e.g. a preset)."""
+        return {}
 
-def run_block_sparse(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    sparsity: BlockSparsity,
-    ctx: AttnContext,
-    backend: str,
-    cache_key: tuple,
-    text_key_start: int | None = None,
-) -> torch.Tensor:
-    """Attention of q, k, v ``[B, H, S, D]`` restricted to ``sparsity`` on the chosen backend."""
-    candidates = ("triton", "flex", "sdpa") if backend == "auto" else (backend,)
-    reasons = []
-    for name in candidates:
-        if name == "triton":
-            ok, why = block_sparse.can_run(q, sparsity, forced=backend == "triton")
-        elif name == "flex":
-            ok, why = flex.can_run(q, sparsity)
-        else:
-            ok, why = sdpa.can_run(q, sparsity)
-        if not ok:
-            if backend != "auto":
-                raise NotImplementedError(f"backend={backend!r} cannot run here: {why}")
-            reasons.append(f"{name}: {why}")
-            continue
-        if reasons:
-            ctx.note(f"diffattn: using backend {name!r} ({'; '.join(reasons)})")
-        if name == "triton":
-            return block_sparse.block_sparse_attention(q, k, v, sparsity.to(q.device), kv_len=ctx.kv_len)
-        if name == "flex":
-            runner = ctx.cache(
-                cache_key + ("flex", q.device, text_key_start),
-                lambda: flex.FlexBackend(sparsity, q.device, text_key_start=text_key_start),
+    # -- Method protocol ------------------------------------------------------------------------
+    def active(self, ctx: AttnContext) -> bool:
+        return self.config.schedule.active(ctx.step, ctx.num_steps, ctx.layer)
+
+    def check_layout(self, layout: TokenLayout) -> None:
+        """Raise ValueError when the method cannot run on ``layout``; default: any layout."""
+
+    def describe(self, layout: TokenLayout, device) -> BlockSparsity:
+        raise NotImplementedError
+
+    def describe_key(self, layout: TokenLayout) -> tuple:
+        """Everything the description depends on besides the device."""
+        return (self.name, astuple(layout), astuple(self.config), self.knob_key())
+
+    def knob_key(self) -> tuple:
+        """Performance knobs that change the description (block sizes)."""
+        return ()
+
+    def text_key_start(self, layout: TokenLayout) -> int | None:
+        """First key that may be padded text (keys are valid as a prefix), or None."""
+        if layout.text_tokens and layout.text_position == "after":
+            return layout.video_tokens
+        if layout.text_tokens and layout.text_position == "before":
+            return 0
+        return None
+
+    def description(self, ctx: AttnContext, device) -> BlockSparsity:
+        key = self.describe_key(ctx.layout) + (str(device),)
+        return ctx.cache(key, lambda: self.describe(ctx.layout, device))
+
+    def density(self, layout: TokenLayout) -> float:
+        """Fraction of the score matrix computed on method calls for ``layout`` (text included)."""
+        return self.describe(layout, "cpu").density
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+        layout = ctx.layout
+        if q.shape[-2] != layout.seq_len or k.shape[-2] != layout.seq_len:
+            raise ValueError(
+                f"{self.name}: attention over {q.shape[-2]} queries / {k.shape[-2]} keys but the layout "
+                f"{layout!r} has {layout.seq_len} tokens (is the sequence split across GPUs without "
+                f"Ulysses? {self.name} needs the full sequence per head)"
             )
-            return runner(q, k, v, kv_len=ctx.kv_len)
-        return sdpa.sdpa_block_sparse(q, k, v, sparsity.to(q.device), kv_len=ctx.kv_len)
-    raise NotImplementedError("no attention backend can run this call: " + "; ".join(reasons))
+        sparsity = self.description(ctx, q.device)
+        backend, reasons = select.choose(self.backend, q, sparsity)
+        note = None
+        if reasons:
+            note = f"diffattn {self.name}: using backend {backend.name!r} ({'; '.join(reasons)})"
+            ctx.note(note)
+        ctx.record(ctx.site, mode="method", layout=layout, backend=backend.name, density=sparsity.density, note=note)
+        key = self.describe_key(layout) + (str(q.device),)
+        return backend.run(q, k, v, sparsity, kv_len=ctx.kv_len, cache=ctx.cache, key=key,
+                           text_key_start=self.text_key_start(layout) if ctx.kv_len is not None else None)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config}, backend={self.backend!r})"

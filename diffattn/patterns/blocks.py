@@ -4,8 +4,8 @@ A pattern is described on a grid of ``block_m x block_n`` tiles of the ``[q_len,
 matrix. For every query block it lists the key blocks to compute, split into
 
 - **full** blocks: every (query, key) pair inside is attended; no element mask is evaluated;
-- **partial** blocks: an element predicate decides per pair (a structured pattern such as a
-  neighborhood window, or the sequence tail).
+- **partial** blocks: an element rule (``diffattn.rules``) decides per pair (a structured
+  pattern such as a neighborhood window), and the sequence tail is masked.
 
 and, for the backward pass, the transposed lists (for every key block, the query blocks that
 touch it). Lists are ``int32`` and sorted ascending; counts say how many entries are valid.
@@ -17,26 +17,10 @@ kernel; the last key block is listed as partial so that full blocks never need a
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
 import torch
-
-
-@dataclass(frozen=True)
-class Predicate:
-    """An element-level rule evaluated inside partial blocks.
-
-    kind: "none" (block-level pattern: every pair inside a listed block is attended, only the
-          sequence tail is masked), "neighborhood" or "circle".
-    params: the rule's integer parameters (see ``kernels.block_sparse`` for their meaning).
-    """
-
-    kind: str = "none"
-    params: tuple[int, ...] = ()
-
-    def __post_init__(self):
-        if self.kind not in ("none", "neighborhood", "circle"):
-            raise ValueError(f"Predicate.kind must be 'none', 'neighborhood' or 'circle', got {self.kind!r}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -55,10 +39,14 @@ class BlockSparsity:
     q_part_num: torch.Tensor  # [Hm, nk] int32
     q_part_idx: torch.Tensor  # [Hm, nk, max] int32
     mask: torch.Tensor  # [Hm, nq, nk] bool: listed blocks (full or partial)
-    partial: torch.Tensor  # [Hm, nq, nk] bool: listed blocks that need the element predicate
-    predicate_params: torch.Tensor  # [P] int32: predicate.params on the lists' device, for the kernels
-    predicate: Predicate = field(default_factory=Predicate)
+    partial: torch.Tensor  # [Hm, nq, nk] bool: listed blocks that need the element rule
+    rule_params: torch.Tensor  # [P] int32: rule.pack() on the lists' device, for the kernels
+    rule: Any = None  # an ElementRule (diffattn.rules) for partial blocks, or None (block-level pattern)
     density: float = 1.0
+
+    @property
+    def rule_kind(self) -> str:
+        return "none" if self.rule is None else self.rule.kind
 
     @property
     def heads(self) -> int:
@@ -77,18 +65,18 @@ class BlockSparsity:
             name: getattr(self, name).to(device)
             for name in (
                 "full_num", "full_idx", "part_num", "part_idx",
-                "q_full_num", "q_full_idx", "q_part_num", "q_part_idx", "mask", "partial", "predicate_params",
+                "q_full_num", "q_full_idx", "q_part_num", "q_part_idx", "mask", "partial", "rule_params",
             )
         }
         return BlockSparsity(
-            self.q_len, self.kv_len, self.block_m, self.block_n, predicate=self.predicate,
+            self.q_len, self.kv_len, self.block_m, self.block_n, rule=self.rule,
             density=self.density, **moved,
         )
 
     def __repr__(self) -> str:
         return (
             f"BlockSparsity(q={self.q_len}, kv={self.kv_len}, block={self.block_m}x{self.block_n}, "
-            f"heads={self.heads}, density={self.density:.3f}, predicate={self.predicate.kind})"
+            f"heads={self.heads}, density={self.density:.3f}, rule={self.rule_kind})"
         )
 
 
@@ -118,11 +106,11 @@ def from_block_mask(
     block_m: int,
     block_n: int | None = None,
     partial: torch.Tensor | None = None,
-    predicate: Predicate | None = None,
+    rule=None,
 ) -> BlockSparsity:
     """Describe a block mask ``[nq, nk]`` or ``[H, nq, nk]`` (bool) for the kernels.
 
-    partial: same shape, True where a listed block needs the element predicate. Default: none
+    partial: same shape, True where a listed block needs the element rule. Default: none
              besides the last key block when ``kv_len`` is not a multiple of ``block_n``.
     Raises ValueError when a query block has no key block at all (its softmax would be empty).
     """
@@ -162,12 +150,11 @@ def from_block_mask(
     # keys per query row: exact in fp32 (integers below 2^24), then weighted by rows in fp64
     keys_per_row = (mask.to(torch.float32) @ cols).to(torch.float64)  # [Hm, nq]
     area = (keys_per_row * rows).sum() / (mask.shape[0] * q_len * kv_len)
-    predicate = predicate or Predicate()
-    params = torch.tensor(predicate.params or (0,), dtype=torch.int32, device=mask.device)
+    params = torch.tensor(rule.pack() if rule is not None else (0,), dtype=torch.int32, device=mask.device)
     return BlockSparsity(
         q_len, kv_len, block_m, block_n, full_num, full_idx, part_num, part_idx,
         q_full_num, q_full_idx, q_part_num, q_part_idx, mask, part, params,
-        predicate=predicate, density=float(area),
+        rule=rule, density=float(area),
     )
 
 

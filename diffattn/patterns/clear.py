@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 
 from diffattn.core.layout import TokenLayout
-from diffattn.patterns.blocks import BlockSparsity, Predicate, from_block_mask
-from diffattn.patterns.neighborhood import _coords
+from diffattn.patterns.blocks import BlockSparsity, from_block_mask
+from diffattn.rules.circle import CircleRule
 from diffattn.patterns.segments import segments, tile_classes
 
 
@@ -28,10 +28,12 @@ def _check(radius) -> int:
 
 def token_mask(layout: TokenLayout, radius: int) -> torch.Tensor:
     """Reference ``[S, S]`` bool (small sizes only)."""
-    r = _check(radius)
-    video, f, y, x = _coords(layout, torch.arange(layout.seq_len))
-    near = (y[:, None] - y[None, :]) ** 2 + (x[:, None] - x[None, :]) ** 2 < r * r
-    return (near & (f[:, None] == f[None, :])) | ~video[:, None] | ~video[None, :]
+    idx = torch.arange(layout.seq_len)
+    return _rule(layout, _check(radius) ** 2).mask(idx[:, None], idx[None, :])
+
+
+def _rule(layout: TokenLayout, r2: int) -> CircleRule:
+    return CircleRule(layout.video_start, layout.video_tokens, layout.frames, layout.rows, layout.cols, radius_sq=r2)
 
 
 def block_sparsity(layout: TokenLayout, radius: int, *, block_m: int = 128, block_n: int = 64, device=None) -> BlockSparsity:
@@ -48,8 +50,6 @@ def block_sparsity(layout: TokenLayout, radius: int, *, block_m: int = 128, bloc
     any_pass = (same & (dy2 + gap * gap < r2)) | text
     all_pass = (same & (dy2 + span * span < r2)) | text
     listed, full = tile_classes(q, k, any_pass, all_pass)
-    params = (layout.video_start, layout.video_tokens, layout.frames, layout.rows, layout.cols, r2)
     return from_block_mask(
-        listed, layout.seq_len, block_m=block_m, block_n=block_n, partial=listed & ~full,
-        predicate=Predicate("circle", params),
+        listed, layout.seq_len, block_m=block_m, block_n=block_n, partial=listed & ~full, rule=_rule(layout, r2),
     )

@@ -1,13 +1,6 @@
 """Neighborhood attention on the (F, Y, X) token grid: NATTEN semantics with stride (GNA),
-dilation and causal dimensions (research/neighborhood.md §2).
-
-Per dimension of length L, with kernel k, stride s, dilation d:
-- query and key must share the dilation group (coordinate mod d); NA runs on the within-group
-  index w = coordinate // d over the group's length Lg = ceil((L - group) / d);
-- non-causal: the stride group's leader is min((w // s) * s + s // 2, Lg - 1) and the window is
-  [start, start + k) with start = clamp(leader - k // 2, 0, Lg - k): every query sees k keys;
-- causal: leader = min((w // s) * s + s - 1, Lg - 1), keys in [max(leader - k + 1, 0), w].
-A pair attends when every dimension allows it. Text tokens (before or after the video) are global:
+dilation and causal dimensions (research/neighborhood.md §2; the per-element rule and its formulas
+are ``diffattn.rules.neighborhood``). Text tokens (before or after the video) are global:
 text queries see every key and every query sees the text keys.
 
 ``block_sparsity`` describes the pattern for the kernels without building a token mask: tiles are
@@ -28,7 +21,8 @@ from dataclasses import dataclass
 import torch
 
 from diffattn.core.layout import TokenLayout
-from diffattn.patterns.blocks import BlockSparsity, Predicate, from_block_mask
+from diffattn.patterns.blocks import BlockSparsity, from_block_mask
+from diffattn.rules.neighborhood import NeighborhoodRule, allowed as _allowed, window
 from diffattn.patterns.segments import segments, tile_classes
 
 
@@ -72,45 +66,17 @@ def spec(layout: TokenLayout, kernel_size, stride=1, dilation=1, causal=False) -
     return Neighborhood(k, s, d, tuple(bool(v) for v in c))
 
 
-def window(coord: torch.Tensor, length: int, k: int, s: int, d: int, causal: bool):
-    """(group, lo, hi) of the window of queries at ``coord``: keys of the same group with
-    within-group index in [lo, hi]."""
-    group = coord % d
-    w = coord // d
-    group_len = (length - group + d - 1) // d
-    if causal:
-        leader = torch.minimum((w // s) * s + s - 1, group_len - 1)
-        lo = (leader - k + 1).clamp(min=0)
-        hi = w
-    else:
-        leader = torch.minimum((w // s) * s + s // 2, group_len - 1)
-        lo = torch.minimum((leader - k // 2).clamp(min=0), group_len - k)
-        hi = lo + k - 1
-    return group, lo, hi
-
-
-def _allowed(cq, ck, length, k, s, d, causal):
-    group, lo, hi = window(cq, length, k, s, d, causal)
-    wk = ck // d
-    return (ck % d == group) & (wk >= lo) & (wk <= hi)
-
-
-def _coords(layout: TokenLayout, index: torch.Tensor):
-    rel = index - layout.video_start
-    video = (rel >= 0) & (rel < layout.video_tokens)
-    rel = rel.clamp(0, layout.video_tokens - 1)
-    per_frame = layout.rows * layout.cols
-    return video, rel // per_frame, (rel % per_frame) // layout.cols, rel % layout.cols
+def _rule(layout: TokenLayout, nb: Neighborhood) -> NeighborhoodRule:
+    return NeighborhoodRule(
+        layout.video_start, layout.video_tokens, layout.frames, layout.rows, layout.cols,
+        kernel=nb.kernel, stride=nb.stride, dilation=nb.dilation, causal=nb.causal,
+    )
 
 
 def token_mask(layout: TokenLayout, nb: Neighborhood) -> torch.Tensor:
-    """Reference ``[S, S]`` bool (small sizes only)."""
+    """Reference ``[S, S]`` bool (small sizes only): the rule's torch twin on every pair."""
     idx = torch.arange(layout.seq_len)
-    video, f, y, x = _coords(layout, idx)
-    ok = torch.ones(layout.seq_len, layout.seq_len, dtype=torch.bool)
-    for coord, length, k, s, d, c in zip((f, y, x), (layout.frames, layout.rows, layout.cols), nb.kernel, nb.stride, nb.dilation, nb.causal):
-        ok &= _allowed(coord[:, None], coord[None, :], length, k, s, d, c)
-    return ok | ~video[:, None] | ~video[None, :]
+    return _rule(layout, nb).mask(idx[:, None], idx[None, :])
 
 
 def _range_window(a, b, length, k, s, d, causal):
@@ -135,7 +101,7 @@ def _range_window(a, b, length, k, s, d, causal):
 def block_sparsity(
     layout: TokenLayout, nb: Neighborhood, *, block_m: int = 128, block_n: int = 64, device=None
 ) -> BlockSparsity:
-    """Kernel description of the pattern, with the element rule as the partial-block predicate."""
+    """Kernel description of the pattern, with the element rule for partial blocks."""
     q = segments(layout, block_m, device)
     kk = segments(layout, block_n, device)
     any_pass = torch.ones(q.tile.numel(), kk.tile.numel(), dtype=torch.bool, device=q.tile.device)
@@ -157,13 +123,8 @@ def block_sparsity(
     any_pass |= text
     all_pass |= text
     listed, full = tile_classes(q, kk, any_pass, all_pass)
-    params = (
-        layout.video_start, layout.video_tokens, layout.frames, layout.rows, layout.cols,
-        *nb.kernel, *nb.stride, *nb.dilation, *(int(c) for c in nb.causal),
-    )
     return from_block_mask(
-        listed, layout.seq_len, block_m=block_m, block_n=block_n, partial=listed & ~full,
-        predicate=Predicate("neighborhood", params),
+        listed, layout.seq_len, block_m=block_m, block_n=block_n, partial=listed & ~full, rule=_rule(layout, nb),
     )
 
 

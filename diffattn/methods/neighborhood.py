@@ -1,0 +1,170 @@
+"""Neighborhood attention (NATTEN semantics; Hassani et al., "Neighborhood Attention Transformer",
+"Faster Neighborhood Attention" arXiv 2403.04690, "Generalized Neighborhood Attention" (GNA,
+stride) arXiv 2504.16922) on the ``(F, Y, X)`` latent grid of a video DiT.
+
+Every video query attends to a ``kernel_size`` window of video keys around it (clamped inward at
+the borders, so every query sees exactly the window), with GNA ``stride`` (queries of a stride group
+share their leader's window), ``dilation`` and ``causal`` dimensions (research/neighborhood.md §2).
+Text tokens of joint attention are global both ways (§4.3): text queries see every key and every
+video query sees all text keys; padded text keys are masked. The pattern is exact at the token
+level: the kernel lists the blocks the windows touch and evaluates the rule per element in the
+blocks that are not fully inside (``diffattn.rules.neighborhood``).
+
+Defaults (``kernel_size=None``): the family's preset, rescaled to the grid of each call the way
+Cosmos-Predict2 does (research §4.2: window = round(w * extent / base), clamped to [2, extent];
+stride = round(s * extent / base), clamped to [1, window]):
+- HunyuanVideo: window (18, 24, 24), stride (16, 8, 8) on a (30, 48, 80) grid: the GNA paper's
+  training-free HunyuanVideo setting (research §3.2, about 91 % sparse).
+- Wan2.1 / Wan2.2: the same relative extent and stride on Wan's 720p grid (21, 45, 80): window
+  (13, 23, 24), stride (11, 8, 8). No published Wan preset exists; this carries the one published
+  training-free video setting over by grid fraction.
+The first ``dense_steps`` steps run dense (STA and radial keep early steps dense; 12 of 50, as
+radial) and on Wan the first layer (Cosmos keeps one dense layer in its 14B model).
+
+Deviations from NATTEN: none in the pattern; text handling follows research §4.3 (NATTEN's
+additional KV) but masks padded text instead of trimming it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from diffattn.core.layout import TokenLayout
+from diffattn.core.schedule import ScheduleOptions
+from diffattn.methods.base import BlockSparseMethod
+from diffattn.patterns import neighborhood as nb_pattern
+from diffattn.patterns.blocks import BlockSparsity
+
+# family -> (base grid (F, Y, X), window, stride): research/neighborhood.md §3.2 and the module docstring
+PRESETS = {
+    "hunyuan_video": ((30, 48, 80), (18, 24, 24), (16, 8, 8)),
+    "wan2.1": ((21, 45, 80), (13, 23, 24), (11, 8, 8)),
+    "wan2.2": ((21, 45, 80), (13, 23, 24), (11, 8, 8)),
+}
+
+
+def _per_dim(name: str, value, kind):
+    """None, one value or three (F, Y, X); ints >= 1 (kind int) or bools (kind bool)."""
+    if value is None:
+        return None
+    values = (value,) if isinstance(value, (int, bool)) else tuple(value) if isinstance(value, (tuple, list)) else None
+    if values is None or len(values) not in (1, 3):
+        raise ValueError(f"neighborhood {name} must be one value or three (F, Y, X), got {name}={value!r}")
+    for v in values:
+        if kind is bool and not isinstance(v, bool):
+            raise ValueError(f"neighborhood {name} must be True/False per dimension, got {name}={value!r}")
+        if kind is int and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f"neighborhood {name} must be ints >= 1, got {name}={value!r}")
+    return value if isinstance(value, (int, bool)) else tuple(values)
+
+
+def rescale(preset, layout: TokenLayout) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(window, stride) of a family preset on ``layout``'s grid (Cosmos-Predict2's rule)."""
+    base, window, stride = preset
+    kernel, strides = [], []
+    for extent, b, w, s in zip((layout.frames, layout.rows, layout.cols), base, window, stride):
+        if extent == 1:
+            kernel.append(1)
+            strides.append(1)
+            continue
+        k = min(max(round(w * extent / b), 2), extent)
+        kernel.append(k)
+        strides.append(min(max(round(s * extent / b), 1), k))
+    return tuple(kernel), tuple(strides)
+
+
+@dataclass(frozen=True)
+class NeighborhoodConfig(ScheduleOptions):
+    """What neighborhood attention computes (plus the shared schedule).
+
+    kernel_size: window per dimension (F, Y, X), one int for all, or None for the family preset
+                 rescaled to the grid. Larger is denser and closer to dense; the GNA preset keeps
+                 about 10-20 % of the keys.
+    stride:      GNA stride: queries in a stride group share one window. Larger strides make more
+                 tiles fully dense or empty (faster, same window size); <= kernel_size. None: the
+                 preset's with the preset window, else 1.
+    dilation:    keys every ``dilation`` tokens (a wider, sparser window); kernel * dilation <= grid.
+    causal:      per dimension, keys only up to the query (causal time: ``(True, False, False)``).
+    """
+
+    kernel_size: int | tuple[int, int, int] | None = field(default=None, metadata={"help": "window (F, Y, X) or one int; default: the family preset rescaled to the grid", "nargs": "+"})
+    stride: int | tuple[int, int, int] | None = field(default=None, metadata={"help": "GNA stride (F, Y, X) or one int, <= kernel size", "nargs": "+"})
+    dilation: int | tuple[int, int, int] = field(default=1, metadata={"help": "dilation (F, Y, X) or one int", "nargs": "+"})
+    causal: bool | tuple[bool, bool, bool] = field(default=False, metadata={"help": "causal per dimension (F, Y, X) or one bool", "nargs": "+"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        k = _per_dim("kernel_size", self.kernel_size, int)
+        s = _per_dim("stride", self.stride, int)
+        d = _per_dim("dilation", self.dilation, int)
+        c = _per_dim("causal", self.causal, bool)
+        if d is None or c is None:
+            raise ValueError("neighborhood dilation and causal need a value (1 and False are the defaults)")
+        if s is not None and k is None:
+            raise ValueError("neighborhood stride needs kernel_size too (the family preset sets both); pass kernel_size=...")
+        if k is not None and s is not None:
+            ks = (k,) * 3 if isinstance(k, int) else k
+            ss = (s,) * 3 if isinstance(s, int) else s
+            for dim, kk, st in zip("FYX", ks, ss):
+                if st > kk:
+                    raise ValueError(f"neighborhood stride must be <= kernel_size, got {dim}: stride {st} > kernel {kk}")
+        for name, value in (("kernel_size", k), ("stride", s), ("dilation", d), ("causal", c)):
+            object.__setattr__(self, name, value)
+
+
+class NeighborhoodAttention(BlockSparseMethod):
+    """``method(q, k, v, ctx) -> out`` with q, k, v ``[B, H, S, D]``."""
+
+    name = "neighborhood"
+    Config = NeighborhoodConfig
+    FAMILIES = ("wan2.1", "wan2.2", "hunyuan_video")
+    FAMILY_DEFAULTS = {
+        "wan2.1": dict(dense_steps=12, dense_layers=1),
+        "wan2.2": dict(dense_steps=11, dense_layers=1),
+        "hunyuan_video": dict(dense_steps=12, dense_layers=0),
+    }
+    KNOBS = ("backend", "block_m", "block_n")
+
+    def __init__(self, config: NeighborhoodConfig, *, backend: str = "auto", block_m: int = 128, block_n: int = 64,
+                 family: str = "wan2.1"):
+        """block_m / block_n: query / key block edges of the kernel description (performance only:
+        the pattern is exact at any block size). 128 x 64 suits head dim 128 on Hopper."""
+        super().__init__(config, backend=backend)
+        for name, value in (("block_m", block_m), ("block_n", block_n)):
+            if value not in (16, 32, 64, 128):
+                raise ValueError(f"neighborhood {name} must be one of 16, 32, 64, 128, got {name}={value!r}")
+        self.block_m, self.block_n = block_m, block_n
+        self.preset = PRESETS.get(family)
+
+    @classmethod
+    def family_knobs(cls, family: str) -> dict:
+        return {"family": family}
+
+    def knob_key(self) -> tuple:
+        return (self.block_m, self.block_n, self.preset)
+
+    def spec(self, layout: TokenLayout) -> nb_pattern.Neighborhood:
+        """The window parameters on ``layout`` (the preset rescaled when kernel_size is None)."""
+        c = self.config
+        kernel, stride = c.kernel_size, c.stride
+        if kernel is None:
+            if self.preset is None:
+                raise ValueError("neighborhood: no preset for this model family; pass kernel_size=...")
+            kernel, stride = rescale(self.preset, layout)
+        try:
+            return nb_pattern.spec(layout, kernel, stride if stride is not None else 1, c.dilation, c.causal)
+        except ValueError as exc:
+            raise ValueError(
+                f"{exc} on the grid (F, Y, X) = {(layout.frames, layout.rows, layout.cols)} of this call; "
+                "pass a smaller kernel_size / dilation (or kernel_size=None for the rescaled family preset)"
+            ) from None
+
+    def check_layout(self, layout: TokenLayout) -> None:
+        self.spec(layout)
+
+    def describe(self, layout: TokenLayout, device) -> BlockSparsity:
+        return nb_pattern.block_sparsity(layout, self.spec(layout), block_m=self.block_m, block_n=self.block_n, device=device)
+
+    def reference_mask(self, layout: TokenLayout):
+        """Token-level ``[S, S]`` twin for tests."""
+        return nb_pattern.token_mask(layout, self.spec(layout))

@@ -1,0 +1,85 @@
+"""Backends for block descriptions, and the chooser. Choosing is kept apart from running.
+
+Backends, in the order ``backend="auto"`` tries them:
+- ``triton``: diffattn's block-sparse flash attention (``kernels.block_sparse``), CUDA (or any
+  device under ``TRITON_INTERPRET=1`` when forced);
+- ``flex``: compiled FlexAttention with a BlockMask, element rules as its ``mask_mod`` (CUDA);
+- ``sdpa``: torch SDPA with the token mask expanded from the description (anywhere; O(S^2) memory).
+Each backend's ``can_run`` returns (False, reason) when it cannot run a call; ``choose`` raises the
+reason when the user forced that backend, and otherwise returns the first that can, with the
+reasons the earlier ones gave (the caller logs them once and puts them in the handle's report).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Hashable
+
+import torch
+
+from diffattn.patterns.blocks import BlockSparsity
+
+from . import block_sparse, flex, sdpa
+
+BACKENDS = ("auto", "triton", "flex", "sdpa")
+
+
+class TritonBackend:
+    name = "triton"
+
+    def can_run(self, q, sparsity, forced=False):
+        return block_sparse.can_run(q, sparsity, forced=forced)
+
+    def run(self, q, k, v, sparsity, *, kv_len=None, cache=None, key=None, text_key_start=None):
+        return block_sparse.block_sparse_attention(q, k, v, sparsity.to(q.device), kv_len=kv_len)
+
+
+class FlexAttentionBackend:
+    name = "flex"
+
+    def can_run(self, q, sparsity, forced=False):
+        return flex.can_run(q, sparsity, forced=forced)
+
+    def run(self, q, k, v, sparsity, *, kv_len=None, cache: Callable[[Hashable, Callable[[], Any]], Any] | None = None,
+            key: Hashable = None, text_key_start=None):
+        # one compiled runner per (description key, device, padding), on the handle's cache
+        key = ("flex", key if key is not None else id(sparsity), str(q.device), text_key_start)
+        build = lambda: flex.FlexBackend(sparsity, q.device, text_key_start=text_key_start)  # noqa: E731
+        runner = cache(key, build) if cache is not None else build()
+        return runner(q, k, v, kv_len=kv_len)
+
+
+class SdpaBackend:
+    name = "sdpa"
+
+    def can_run(self, q, sparsity, forced=False):
+        return sdpa.can_run(q, sparsity, forced=forced)
+
+    def run(self, q, k, v, sparsity, *, kv_len=None, cache=None, key=None, text_key_start=None):
+        return sdpa.sdpa_block_sparse(q, k, v, sparsity.to(q.device), kv_len=kv_len)
+
+
+BACKEND_OBJECTS = {b.name: b for b in (TritonBackend(), FlexAttentionBackend(), SdpaBackend())}  # stateless
+
+
+def check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got backend={backend!r}")
+    return backend
+
+
+def choose(backend: str, q: torch.Tensor, sparsity: BlockSparsity) -> tuple[Any, list[str]]:
+    """(the backend to run, reasons the ones tried before it gave). Raises NotImplementedError with
+    the reason when ``backend`` is forced and cannot run, or when none can."""
+    names = ("triton", "flex", "sdpa") if backend == "auto" else (check_backend(backend),)
+    reasons = []
+    for name in names:
+        chosen = BACKEND_OBJECTS[name]
+        ok, why = chosen.can_run(q, sparsity, forced=backend == name)
+        if ok:
+            return chosen, reasons
+        if backend != "auto":
+            raise NotImplementedError(f"backend={backend!r} cannot run here: {why}")
+        reasons.append(f"{name}: {why}")
+    raise NotImplementedError(
+        "no attention backend can run this call: " + "; ".join(reasons) + " (handle.report() lists them per call site)"
+    )

@@ -1,0 +1,1 @@
+"""Triton pieces shared by the kernels: the element-rule switch (``rules.py``)."""

@@ -1,0 +1,72 @@
+"""Element rules inside the Triton kernels: the switch ``_predicate`` on the rule's ``kernel_id``.
+
+Each branch reads its rule's packed int parameters from ``pred_ptr`` in the order of the rule's
+``pack()`` (``diffattn.rules``): the grid first (video start, video tokens, F, Y, X), then the
+rule's own. Adding a rule is one ``@triton.jit`` function here and one ``elif`` in ``_predicate``;
+its torch twin lives beside its dataclass in ``diffattn/rules/``.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _na_dim(cq, ck, length, k, s, d, causal):
+    # NATTEN window along one dimension (diffattn/rules/neighborhood.py `window`), per element
+    group = cq % d
+    w = cq // d
+    glen = (length - group + d - 1) // d
+    lo_causal = tl.maximum(tl.minimum((w // s) * s + s - 1, glen - 1) - k + 1, 0)
+    leader = tl.minimum((w // s) * s + s // 2, glen - 1)
+    lo = tl.minimum(tl.maximum(leader - k // 2, 0), glen - k)
+    lo = tl.where(causal != 0, lo_causal, lo)
+    hi = tl.where(causal != 0, w, lo + k - 1)
+    wk = ck // d
+    return (ck % d == group) & (wk >= lo) & (wk <= hi)
+
+
+@triton.jit
+def _neighborhood(fq, fk, yq, yk, xq, xk, nf, ny, nx, pred_ptr):
+    # NeighborhoodRule.pack(): [5:8] kernel, [8:11] stride, [11:14] dilation, [14:17] causal (F, Y, X)
+    ok = _na_dim(fq, fk, nf, tl.load(pred_ptr + 5), tl.load(pred_ptr + 8), tl.load(pred_ptr + 11), tl.load(pred_ptr + 14))
+    ok = ok & _na_dim(yq, yk, ny, tl.load(pred_ptr + 6), tl.load(pred_ptr + 9), tl.load(pred_ptr + 12), tl.load(pred_ptr + 15))
+    ok = ok & _na_dim(xq, xk, nx, tl.load(pred_ptr + 7), tl.load(pred_ptr + 10), tl.load(pred_ptr + 13), tl.load(pred_ptr + 16))
+    return ok
+
+
+@triton.jit
+def _circle(fq, fk, yq, yk, xq, xk, pred_ptr):
+    # CircleRule.pack(): [5] r^2
+    dy = yq - yk
+    dx = xq - xk
+    return (fq == fk) & (dy * dy + dx * dx < tl.load(pred_ptr + 5))
+
+
+@triton.jit
+def _predicate(qi, ki, pred_ptr, PREDICATE: tl.constexpr):
+    """Element rule of partial blocks, by kernel_id (1: neighborhood, 2: circle); qi, ki broadcast.
+
+    pred_ptr [0:5] is the grid (GridRule.pack_grid): video start, video tokens, F, Y, X.
+    """
+    v0 = tl.load(pred_ptr + 0)
+    n = tl.load(pred_ptr + 1)
+    nf = tl.load(pred_ptr + 2)
+    ny = tl.load(pred_ptr + 3)
+    nx = tl.load(pred_ptr + 4)
+    rq = qi - v0
+    rk = ki - v0
+    text = (rq < 0) | (rq >= n) | (rk < 0) | (rk >= n)  # text tokens are global
+    rq = tl.minimum(tl.maximum(rq, 0), n - 1)
+    rk = tl.minimum(tl.maximum(rk, 0), n - 1)
+    per_frame = ny * nx
+    fq = rq // per_frame
+    fk = rk // per_frame
+    yq = (rq % per_frame) // nx
+    yk = (rk % per_frame) // nx
+    xq = rq % nx
+    xk = rk % nx
+    if PREDICATE == 1:
+        ok = _neighborhood(fq, fk, yq, yk, xq, xk, nf, ny, nx, pred_ptr)
+    else:
+        ok = _circle(fq, fk, yq, yk, xq, xk, pred_ptr)
+    return ok | text
