@@ -2,11 +2,14 @@
 
     diffattn generate                                   # the testbed video pipeline, radial vs dense
     diffattn generate --prompt "a red circle moving right" --method radial --out clip.mp4 --seed 3
+    diffattn generate --method neighborhood --kernel-size 3 7 7 --stride 1 2 2
+    diffattn generate --method neighborhood --help                # that method's options
     diffattn generate --model /path/to/Wan2.1-T2V-1.3B-Diffusers --device cuda \\
         --height 480 --width 832 --frames 81 --steps 50 --out wan.mp4
 
 ``generate`` runs the pipeline twice with the same seed, dense and with the method, writes both
-clips (``clip.mp4`` and ``clip_dense.mp4``) and prints the time of each, the mask density, and the
+clips (``clip.mp4`` and ``clip_dense.mp4``) and prints the time of each, the mask density and the
+attention calls that ran sparse and dense (``handle.summary()``), and the
 method's quality against dense: PSNR and SSIM, and on the testbed pipeline the judge's reading of
 both clips (colour / shape / motion asked by the prompt, ``diffattn_testbed.judge``).
 
@@ -20,9 +23,10 @@ hub, when the machine can reach it); size, frames and steps then default to Wan'
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -43,18 +47,70 @@ class GenerateConfig:
     guidance: float | None
     device: str
     backend: str
-    dense_steps: int | None
-    decay: float | None
-    block_size: int | None
     fps: int
+    options: dict = field(default_factory=dict)  # the method's options the user set (the rest: defaults)
+
+
+def _testbed(module: str):
+    """A module of the testbed distribution (the default pipeline, judge and metrics)."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"diffattn_testbed.{module}")
+    except ImportError as exc:
+        raise SystemExit(
+            f"diffattn: the default job needs the testbed ({exc}); install it beside diffattn with "
+            "`pip install -e ./testbed` from a checkout"
+        ) from None
+
+
+def _token(text: str):
+    """One value of a multi-valued option: true/false, an int or a float."""
+    low = text.lower()
+    if low in ("true", "yes", "on"):
+        return True
+    if low in ("false", "no", "off"):
+        return False
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
+def _method_arguments(parser: argparse.ArgumentParser, method: str) -> list[str]:
+    """One argparse option per field of the method's config (``--kernel-size 3 7 7``); defaults are
+    None so the model family's (and the pipeline's declared) defaults apply. Returns the names."""
+    group = parser.add_argument_group(f"{method} options (default: the model family's; see diffattn.config_class({method!r}))")
+    names = []
+    for f in dataclasses.fields(diffattn.config_class(method)):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "")
+        if f.metadata.get("nargs"):
+            group.add_argument(flag, dest=f.name, nargs="+", type=_token, default=None, metavar="V", help=f"{help_text} (one value or F Y X)")
+        elif isinstance(f.default, bool):
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif isinstance(f.default, int):
+            group.add_argument(flag, dest=f.name, type=int, default=None, help=help_text)
+        else:
+            group.add_argument(flag, dest=f.name, type=float, default=None, help=help_text)
+        names.append(f.name)
+    return names
 
 
 def _parse(argv) -> GenerateConfig:
+    argv = list(argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--method", default="radial")
+    method = pre.parse_known_args(argv)[0].method
     parser = argparse.ArgumentParser(prog="diffattn", description="diffattn command line")
     sub = parser.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="generate a clip dense and with a diffattn method, compare them")
+    gen = sub.add_parser(
+        "generate", help="generate a clip dense and with a diffattn method, compare them",
+        description="Generate a clip dense and with a diffattn method and compare them. "
+                    "`diffattn generate --method NAME --help` lists that method's options.",
+    )
     gen.add_argument("--prompt", default="a red circle moving right on a dark blue background")
-    gen.add_argument("--method", default="radial", help=f"one of {diffattn.methods()}")
+    gen.add_argument("--method", default="radial", help=f"one of {list(diffattn.methods())}")
     gen.add_argument("--out", default="clip.mp4", help="the method's clip; the dense one goes beside it as *_dense.mp4")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--model", default=None, help="local diffusers pipeline folder (default: the testbed video pipeline)")
@@ -65,19 +121,17 @@ def _parse(argv) -> GenerateConfig:
     gen.add_argument("--guidance", type=float, default=None, help="default: the testbed pipeline's (DEFAULTS[\"video\"]), 5.0 with --model")
     gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     gen.add_argument("--backend", default="auto", choices=["auto", "triton", "flex", "sdpa"])
-    gen.add_argument("--dense-steps", type=int, default=None, help="default: a quarter of --steps (the paper: 12 of 50)")
-    gen.add_argument("--decay", type=float, default=None, help="radial window decay (default: the model family's)")
-    gen.add_argument(
-        "--block-size", type=int, default=None,
-        help="radial block size (default: the model family's; 64 for the embedded pipeline's 256-token frames)",
-    )
     gen.add_argument("--fps", type=int, default=16)
-    args = parser.parse_args(argv)
-    values = {k: v for k, v in vars(args).items() if k != "command"}
+    names = _method_arguments(gen, method) if method in diffattn.methods() else []
+    args = vars(parser.parse_args(argv))
+    options = {}
+    for name in names:
+        value = args.pop(name)
+        if value is not None:
+            options[name] = value[0] if isinstance(value, list) and len(value) == 1 else tuple(value) if isinstance(value, list) else value
+    values = {k: v for k, v in args.items() if k != "command"}
     if values["model"] is None:
-        from diffattn_testbed.pipelines import DEFAULTS
-
-        d = DEFAULTS["video"]
+        d = _testbed("pipelines").DEFAULTS["video"]
         fallback = dict(height=d["height"], width=d["width"], frames=d["num_frames"], steps=d["num_inference_steps"],
                         guidance=d["guidance_scale"])
     else:
@@ -85,12 +139,13 @@ def _parse(argv) -> GenerateConfig:
     for name, value in fallback.items():
         if values[name] is None:
             values[name] = value
-    return GenerateConfig(**values)
+    return GenerateConfig(**values, options=options)
 
 
 def _check_prompt(cfg: GenerateConfig) -> None:
     """The testbed understands its caption words only: say which words are unknown and list them."""
-    from diffattn_testbed.shapes import VOCABULARY, parse_caption, unknown_words
+    shapes = _testbed("shapes")
+    VOCABULARY, parse_caption, unknown_words = shapes.VOCABULARY, shapes.parse_caption, shapes.unknown_words
 
     unknown = unknown_words(cfg.prompt)
     if unknown:
@@ -107,8 +162,8 @@ def _check_prompt(cfg: GenerateConfig) -> None:
 
 def _check(cfg: GenerateConfig, pipe) -> None:
     if cfg.method not in diffattn.methods():
-        raise SystemExit(f"diffattn: unknown method {cfg.method!r}; available methods: {diffattn.methods()}")
-    multiple = pipe.vae_scale_factor_spatial * 2  # VAE x patchify
+        raise SystemExit(f"diffattn: unknown method {cfg.method!r}; available methods: {list(diffattn.methods())}")
+    multiple = pipe.vae_scale_factor_spatial * diffattn.patch_size(pipe)[1]  # VAE x patchify
     if cfg.height % multiple or cfg.width % multiple or cfg.height <= 0 or cfg.width <= 0:
         raise SystemExit(
             f"diffattn: --height/--width must be positive multiples of {multiple} for this model, got "
@@ -126,9 +181,7 @@ def _check(cfg: GenerateConfig, pipe) -> None:
 
 def _load(cfg: GenerateConfig):
     if cfg.model is None:
-        from diffattn_testbed.pipelines import load_pipeline
-
-        return load_pipeline("video", device=cfg.device)
+        return _testbed("pipelines").load_pipeline("video", device=cfg.device)
     else:
         from diffusers import DiffusionPipeline
 
@@ -155,7 +208,8 @@ def _run(pipe, cfg: GenerateConfig):
 def generate(cfg: GenerateConfig) -> dict:
     from diffusers.utils import export_to_video
 
-    from diffattn_testbed.metrics import psnr, ssim
+    metrics = _testbed("metrics")
+    psnr, ssim = metrics.psnr, metrics.ssim
 
     print("diffattn generate", asdict(cfg), flush=True)
     if cfg.model is None:
@@ -166,19 +220,19 @@ def generate(cfg: GenerateConfig) -> dict:
     dense_path = cfg.out[:-4] + "_dense.mp4" if cfg.out.endswith(".mp4") else cfg.out + "_dense.mp4"
     export_to_video(list(dense_frames), dense_path, fps=cfg.fps)
 
-    options = {"backend": cfg.backend, "dense_steps": cfg.dense_steps if cfg.dense_steps is not None else cfg.steps // 4}
-    if cfg.decay is not None:
-        options["decay"] = cfg.decay
-    if cfg.block_size is not None:
-        options["block_size"] = cfg.block_size
-    elif cfg.model is None:
-        from diffattn_testbed.pipelines import METHOD_OPTIONS
-
-        # the testbed's frames are 16 x 16 tokens: 128-token blocks would be near dense
-        options.setdefault("block_size", METHOD_OPTIONS["video"].get(cfg.method, {}).get("block_size", 64))
-    with diffattn.apply(pipe, cfg.method, **options) as handle:
-        method_frames, method_s = _run(pipe, cfg)
-        density = handle.method.density(handle.state.layout)
+    # defaults come from the model family and the pipeline's own declaration, as in diffattn.apply
+    try:
+        handle = diffattn.apply(pipe, cfg.method, backend=cfg.backend, **cfg.options)
+    except (ValueError, NotImplementedError) as exc:
+        raise SystemExit(f"diffattn: {exc}") from None
+    with handle:
+        try:
+            method_frames, method_s = _run(pipe, cfg)
+        except ValueError as exc:  # grid-dependent option checks run in the first forward's layout hook
+            raise SystemExit(f"diffattn: {exc}") from None
+        summary = handle.summary()
+    print(f"{cfg.method} config: {handle.method.config}", flush=True)
+    density = summary["density"] if summary["density"] is not None else 1.0
     export_to_video(list(method_frames), cfg.out, fps=cfg.fps)
 
     report = {
@@ -186,18 +240,20 @@ def generate(cfg: GenerateConfig) -> dict:
         "speedup": round(dense_s / method_s, 3), "mask_density": round(density, 4),
         "psnr_vs_dense_db": round(psnr(method_frames, dense_frames), 2),
         "ssim_vs_dense": round(ssim(method_frames, dense_frames), 4),
-        "layout": repr(handle.state.layout), "clips": [cfg.out, dense_path],
+        "layout": repr(summary["layout"]), "clips": [cfg.out, dense_path],
+        "method_calls": summary["method_calls"], "dense_calls": summary["dense_calls"], "backends": summary["backends"],
     }
     print(
         f"dense: {dense_s:.2f} s -> {dense_path}\n"
         f"{cfg.method}: {method_s:.2f} s -> {cfg.out} (x{dense_s / method_s:.2f})\n"
-        f"{cfg.method} mask density {density:.3f} over {handle.state.layout}, "
+        f"{cfg.method} mask density {density:.3f} over {summary['layout']} "
+        f"({summary['method_calls']} sparse / {summary['dense_calls']} dense attention calls, backends {summary['backends']}), "
         f"PSNR vs dense {report['psnr_vs_dense_db']} dB, SSIM {report['ssim_vs_dense']}",
         flush=True,
     )
     if cfg.model is None:
-        from diffattn_testbed.judge import load_judge, score
-
+        judge_module = _testbed("judge")
+        load_judge, score = judge_module.load_judge, judge_module.score
         judge = load_judge("video")
         for name, frames in (("dense", dense_frames), (cfg.method, method_frames)):
             report[f"judge_{name}"] = score(judge, frames[None], [cfg.prompt])["accuracy"]

@@ -39,7 +39,7 @@ __all__ = [
     "remove", "supported_models",
 ]
 
-COMPONENT_NAMES = ("transformer", "transformer_2", "unet")  # looked up when a pipeline has no .components
+COMPONENT_NAMES = ("transformer", "transformer_2", "unet")  # also looked up when a pipeline has no .components
 
 
 def methods() -> dict[str, tuple[str, ...]]:
@@ -84,7 +84,8 @@ def _components(target) -> tuple[list[tuple[str, torch.nn.Module]], object]:
         return [("", target)], None
     components = getattr(target, "components", None)
     if not isinstance(components, dict):
-        components = {name: getattr(target, name, None) for name in COMPONENT_NAMES}
+        components = dict(vars(target)) if hasattr(target, "__dict__") else {}
+        components.update({name: getattr(target, name, None) for name in COMPONENT_NAMES if hasattr(target, name)})
     found = [(name, m) for name, m in components.items() if isinstance(m, torch.nn.Module) and _adapter_of(m) is not None]
     if not found:
         present = sorted(type(m).__name__ for m in components.values() if isinstance(m, torch.nn.Module))

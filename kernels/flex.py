@@ -1,9 +1,9 @@
 """FlexAttention backend: a block description becomes a ``BlockMask`` for compiled flex_attention.
 
 Full blocks map to flex's full blocks (no ``mask_mod``); partial blocks map to flex's partial
-blocks, whose ``mask_mod`` is the description's element rule (its torch twin,
-``rule.mask(q_idx, kv_idx)``), the sequence tail and, when keys are padded, ``kv_idx < kv_len[b]``
-(every block from the first possibly padded key on is partial then). The index tensors are built
+blocks, whose ``mask_mod`` is the whole pattern: the listed-block lookup, the description's element
+rule (its torch twin, ``rule.mask(q_idx, kv_idx)``), the sequence tail and, when keys are padded,
+``kv_idx < kv_len[b]`` (every block from the first possibly padded key on is partial then). The index tensors are built
 once per description (cache them on the handle through ``FlexBackend``); only the mask_mod's
 captured ``kv_len`` changes per call.
 """
@@ -63,10 +63,14 @@ class FlexBackend:
         s = self.sparsity
         if kv_len is not None and not self.masks_padding:
             raise ValueError("FlexBackend: kv_len given but the backend was built without text_key_start")
-        rule, total = s.rule, s.kv_len
+        rule, total, listed, bm, bn = s.rule, s.kv_len, s.mask, s.block_m, s.block_n
+        per_head = listed.shape[0] > 1
 
         def mask_mod(b, h, q_idx, kv_idx):
-            ok = kv_idx < (total if kv_len is None else kv_len[b])
+            # the whole pattern, so mask_mod alone is exact (flex's contract; its unfused eager path
+            # evaluates only mask_mod): listed block, key bound, element rule
+            ok = listed[h if per_head else 0, q_idx // bm, kv_idx // bn]
+            ok = ok & (kv_idx < (total if kv_len is None else kv_len[b]))
             if rule is not None:
                 ok = ok & rule.mask(q_idx, kv_idx)
             return ok

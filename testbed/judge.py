@@ -11,6 +11,13 @@ object of that colour is present, its shape and (video) its motion. Prompt adher
 then: colour = the asked colour is found, shape / motion = the judge's shape / motion for that colour
 is the prompted one (an object that is not found counts as wrong for every attribute).
 
+Shape also checks proportions, which the CNN does not see well (it reads a tall oval as a circle):
+every testbed shape has n-fold rotational symmetry (n >= 3), so the second-moment matrix of its pixel
+mask is isotropic and the ratio of its principal axes is ~1. ``object_aspect`` measures that ratio
+for the asked colour on the full-resolution frames (median over frames), and shape counts as right
+only if the CNN's shape is right and the ratio is at most ``ASPECT_MAX`` (``score(..., aspect=False)``
+turns this off and gives the CNN-only verdicts).
+
 Input: 8 frames spread evenly over the clip (1 for images), resized to 64x64, stacked on channels.
 It is trained on the generator's own labels with blur / noise / colour jitter so that it reads
 decoded samples too (``python -m diffattn_testbed.train_judge``).
@@ -27,11 +34,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .shapes import COLORS, MOTIONS, SHAPES, parse_caption
+from .shapes import BACKGROUNDS, COLORS, MOTIONS, SHAPES, parse_caption
 
 WEIGHTS = Path(__file__).parent / "weights"
 COLOR_NAMES = tuple(sorted(COLORS))
 SIZE = 64
+
+# Aspect check (see ``object_aspect``). ASPECT_MAX: the largest principal-axis ratio that still counts
+# as the prompted (rotationally symmetric) shape. Calibrated on rendered 128x128 scenes of
+# shapes.sample(50_000 + k) (default max_objects=3): CALIBRATION
+ASPECT_MAX = 1.15
+ASPECT_TOL = 0.3            # RGB distance (Euclidean, [0, 1] channels) of a pixel to the asked colour; generated
+                            # samples drift by a median 0.05-0.2, rendered anti-aliased edges by up to ~0.5
+ASPECT_MIN_PIXELS = 0.004   # a frame's object smaller than this fraction of the frame gives no ratio (the
+                            # smallest rendered object, a 0.09-radius star, covers 0.011)
+ASPECT_MAX_CONTACT = 0.0    # a frame where more than this share of the object's 2-pixel rim is another
+                            # asked object's colour is skipped (occlusion: the visible part is not the shape)
 
 
 @dataclass(frozen=True)
@@ -84,9 +102,116 @@ def color_rgb(names) -> torch.Tensor:
     return torch.tensor([COLORS[c] for c in names], dtype=torch.float32) / 255.0
 
 
+# ------------------------------------------------------------------------------- aspect check
+
+
+def _palette() -> tuple[list[str], torch.Tensor]:
+    """Reference colours a pixel is matched against: the object colours, then every background colour
+    plain and lit (the striped / checkered texture), labelled ``""``."""
+    names = list(COLOR_NAMES)
+    rgb = [COLORS[c] for c in names]
+    for base in BACKGROUNDS.values():
+        lit = tuple(min(255.0, v * 1.8 + 12) for v in base)  # shapes._background's texture colour
+        names += ["", ""]
+        rgb += [base, lit]
+    return names, torch.tensor(rgb, dtype=torch.float32) / 255.0
+
+
+def colour_masks(frames: torch.Tensor, colours) -> dict[str, torch.Tensor]:
+    """``{colour: bool [..., H, W]}``: pixels of ``frames`` (``[..., H, W, 3]`` in [0, 1]) whose nearest
+    reference colour (object colours and backgrounds) is ``colour``, within ``ASPECT_TOL``."""
+    names, palette = _palette()
+    dist = torch.cdist(frames.float().reshape(-1, 3), palette).reshape(*frames.shape[:-1], len(names))
+    near, which = dist.min(dim=-1)
+    close = near < ASPECT_TOL
+    return {c: close & (which == names.index(c)) for c in colours}
+
+
+def _torus_components(mask: torch.Tensor, max_iters: int = 512) -> torch.Tensor:
+    """4-connected component labels (0 = background) of ``mask`` ``[F, H, W]``, each frame a torus
+    (objects that leave one edge re-enter at the opposite one)."""
+    f, h, w = mask.shape
+    ids = torch.arange(1, h * w + 1).reshape(1, h, w).expand(f, h, w)
+    labels = torch.where(mask, ids, torch.zeros_like(ids))
+    for _ in range(max_iters):  # propagate the largest label through each component
+        grown = labels
+        for shift, dim in ((1, 1), (-1, 1), (1, 2), (-1, 2)):
+            grown = torch.maximum(grown, torch.roll(labels, shift, dim))
+        grown = torch.where(mask, grown, labels)
+        if torch.equal(grown, labels):
+            break
+        labels = grown
+    return labels
+
+
+def _roll_gap(occupied: torch.Tensor) -> int:
+    """The circular shift that moves the longest run of empty rows (or columns) to the border."""
+    idx = torch.nonzero(occupied).flatten()
+    if len(idx) in (0, len(occupied)):
+        return 0
+    gaps = torch.diff(torch.cat([idx, idx[:1] + len(occupied)]))  # from each occupied index to the next
+    return -int(idx[(int(gaps.argmax()) + 1) % len(idx)])
+
+
+def axis_ratio(mask) -> float:
+    """sqrt(largest / smallest eigenvalue) of the pixel-coordinate covariance of ``mask`` ``[H, W]``:
+    1 for a disc (and any shape with n >= 3-fold symmetry), ``s`` for a disc stretched ``s`` times
+    along one axis. The mask is a torus: it is first shifted circularly so that its longest empty gap
+    of rows and of columns lies at the border, which makes an object that wraps around the edges whole
+    again. NaN for an empty mask."""
+    mask = torch.as_tensor(np.asarray(mask) if not torch.is_tensor(mask) else mask).bool()
+    if not mask.any():
+        return float("nan")
+    mask = torch.roll(mask, (_roll_gap(mask.any(1)), _roll_gap(mask.any(0))), (0, 1))
+    pts = torch.nonzero(mask).double()
+    pts = pts - pts.mean(0)
+    cov = pts.T @ pts / len(pts) + torch.eye(2, dtype=torch.float64) / 12  # + a pixel's own extent
+    low, high = torch.linalg.eigvalsh(cov).tolist()
+    return float((high / low) ** 0.5)
+
+
+def object_aspect(frames, colour: str, others=()) -> float | None:
+    """Median over frames of the principal-axis ratio (``axis_ratio``) of the object of ``colour``.
+
+    ``frames``: ``[F, H, W, 3]`` (or ``[H, W, 3]``) in [0, 1], all frames at full resolution. Per frame
+    the object is the largest torus-connected component of the pixels matched to ``colour``
+    (``colour_masks``); stray pixels elsewhere are ignored, and objects wrapping around the edges are
+    handled by the circular shift in ``axis_ratio``. A frame is skipped when that component covers less
+    than ``ASPECT_MIN_PIXELS`` of the frame or when more than ``ASPECT_MAX_CONTACT`` of its rim is
+    the colour of one of ``others`` (the other asked objects: an occluded object's visible part has other
+    moments). None when no frame is left (the object is not found, tiny or always occluded).
+    """
+    x = torch.as_tensor(np.asarray(frames) if not torch.is_tensor(frames) else frames).float()
+    if x.dim() == 3:
+        x = x[None]
+    masks = colour_masks(x, [colour, *others])
+    labels = _torus_components(masks[colour])
+    other = torch.zeros_like(masks[colour])
+    for c in others:
+        other |= masks[c]
+    f, h, w = labels.shape
+    ratios = []
+    for t in range(f):
+        ids, counts = torch.unique(labels[t][labels[t] > 0], return_counts=True)
+        if len(ids) == 0 or int(counts.max()) < ASPECT_MIN_PIXELS * h * w:
+            continue
+        obj = labels[t] == ids[counts.argmax()]
+        if others:
+            rim = F.max_pool2d(F.pad(obj[None, None].float(), (2, 2, 2, 2), mode="circular"), 5, 1)[0, 0].bool() & ~obj
+            if float((rim & other[t]).sum()) > ASPECT_MAX_CONTACT * float(rim.sum()):
+                continue
+        ratios.append(axis_ratio(obj))
+    return float(np.median(ratios)) if ratios else None
+
+
 @torch.no_grad()
-def score(judge: Judge, frames, prompts: list[str]) -> dict:
-    """Prompt adherence of ``frames`` (one sample per prompt) per attribute, by the judge."""
+def score(judge: Judge, frames, prompts: list[str], *, aspect: bool = True) -> dict:
+    """Prompt adherence of ``frames`` (one sample per prompt) per attribute, by the judge.
+
+    ``aspect=True``: shape is right only if the judge's shape is and the object's principal-axis ratio
+    (``object_aspect``, in ``objects[j]["aspect"]``; None when not measurable, which keeps the judge's
+    verdict) is at most ``ASPECT_MAX``. ``aspect=False``: the judge's verdict alone (``"aspect"`` None).
+    """
     if len(frames) != len(prompts):
         raise ValueError(f"judge: {len(frames)} samples for {len(prompts)} prompts; pass one sample per prompt")
     device = next(judge.parameters()).device
@@ -99,6 +224,14 @@ def score(judge: Judge, frames, prompts: list[str]) -> dict:
     present, shape, motion = judge(x[[i for i, _ in rows]], color_rgb(queries).to(device))
     found = (present > 0).cpu()
     shape_ok = found & (shape.argmax(-1).cpu() == torch.tensor([SHAPES.index(o["shape"]) for _, o in rows]))
+    aspects = [None] * len(rows)
+    if aspect:
+        pixels = frames if torch.is_tensor(frames) else np.asarray(frames)
+        for j, (i, obj) in enumerate(rows):
+            others = [o["color"] for o in parse_caption(prompts[i]) if o["color"] != obj["color"]]
+            aspects[j] = object_aspect(pixels[i], obj["color"], others)
+        stretched = torch.tensor([a is not None and a > ASPECT_MAX for a in aspects], dtype=torch.bool)
+        shape_ok = shape_ok & ~stretched
     per_object = []
     correct = {"color": found.float(), "shape": shape_ok.float()}
     if judge.config.kind == "video":
@@ -107,7 +240,8 @@ def score(judge: Judge, frames, prompts: list[str]) -> dict:
         motion_ok = found & (motion.argmax(-1).cpu() == want)
         correct["motion"] = motion_ok.float()[has] if has.any() else torch.empty(0)
     for j, (i, obj) in enumerate(rows):
-        guess = {"sample": i, **obj, "found": bool(found[j]), "shape_guess": SHAPES[int(shape[j].argmax())]}
+        guess = {"sample": i, **obj, "found": bool(found[j]), "shape_guess": SHAPES[int(shape[j].argmax())],
+                 "aspect": aspects[j]}
         if judge.config.kind == "video":
             guess["motion_guess"] = MOTIONS[int(motion[j].argmax())]
         per_object.append(guess)

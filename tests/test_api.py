@@ -7,10 +7,28 @@ import pytest
 import torch
 
 import diffattn
-from diffattn_testbed.tiny import tiny_wan_transformer
+from diffattn.methods import METHODS
+from diffattn.methods.radial import Radial
+from diffattn_testbed.tiny import tiny_hunyuan_transformer, tiny_wan_transformer
 
 pytestmark = pytest.mark.cpu
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _wan_inputs(frames=3, size=8):
+    g = torch.Generator().manual_seed(0)
+    return dict(hidden_states=torch.randn(1, 16, frames, size, size, generator=g), timestep=torch.tensor([500]),
+                encoder_hidden_states=torch.randn(1, 4, 32, generator=g))
+
+
+def test_listings_say_which_method_fits_which_family():
+    assert set(diffattn.methods()) == {"radial", "neighborhood"}
+    assert diffattn.methods()["neighborhood"] == ("wan2.1", "wan2.2", "hunyuan_video")
+    models = diffattn.supported_models()
+    assert models["WanTransformer3DModel"] == {"families": ("wan2.1", "wan2.2"), "methods": ["neighborhood", "radial"]}
+    assert "HunyuanVideoTransformer3DModel" in models
+    assert diffattn.patch_size(tiny_wan_transformer()) == (1, 2, 2)
+    assert diffattn.patch_size(tiny_hunyuan_transformer()) == (1, 1, 1)
 
 
 def test_unsupported_model_lists_supported_families():
@@ -19,36 +37,70 @@ def test_unsupported_model_lists_supported_families():
     assert "HunyuanVideoTransformer3DModel" in str(info.value)
 
 
-def test_pipeline_without_transformer():
+def test_pipeline_without_a_supported_model():
     class NotAPipeline:
-        pass
+        def __init__(self):
+            self.vae = torch.nn.Linear(2, 2)
 
-    with pytest.raises(NotImplementedError, match="no transformer"):
+    with pytest.raises(NotImplementedError, match="no model diffattn can install on.*Linear"):
         diffattn.apply(NotAPipeline(), "radial")
 
 
 def test_unknown_method_lists_methods():
-    with pytest.raises(ValueError, match="available methods: \\['radial'\\]"):
+    with pytest.raises(ValueError, match="available methods: \\['neighborhood', 'radial'\\]"):
         diffattn.apply(tiny_wan_transformer(), "sparse-magic")
 
 
+def test_unknown_family_lists_families():
+    with pytest.raises(ValueError, match="unknown family='wan2'.*'wan2.1'"):
+        diffattn.apply(tiny_wan_transformer(), "radial", family="wan2")
+
+
+def test_method_that_does_not_fit_the_family_names_what_fits(monkeypatch):
+    class VideoOnlyOnHunyuan(Radial):
+        name = "hunyuan-only"
+        FAMILIES = ("hunyuan_video",)
+
+    monkeypatch.setitem(METHODS, "hunyuan-only", VideoOnlyOnHunyuan)
+    with pytest.raises(NotImplementedError, match="does not fit model family 'wan2.1'; it fits \\['hunyuan_video'\\]"):
+        diffattn.apply(tiny_wan_transformer(), "hunyuan-only")
+
+
 @pytest.mark.parametrize(
-    "options,match",
+    "method,options,match",
     [
-        (dict(decay=-1), "decay must be a finite number > 0"),
-        (dict(block_size=48), "block_size must be one of 16, 32, 64, 128"),
-        (dict(dense_steps=-2), "dense_steps must be an int >= 0"),
-        (dict(dense_layers=1.5), "dense_layers must be an int >= 0"),
-        (dict(sink="yes"), "sink must be True or False"),
-        (dict(window=3), "unknown option"),
-        (dict(backend="cuda"), "backend must be one of"),
+        ("radial", dict(decay=-1), "decay must be a finite number > 0"),
+        ("radial", dict(block_size=48), "block_size must be one of 16, 32, 64, 128"),
+        ("radial", dict(dense_steps=-2), "dense_steps must be an int >= 0"),
+        ("radial", dict(dense_layers=1.5), "dense_layers must be an int >= 0"),
+        ("radial", dict(sink="yes"), "sink must be True or False"),
+        ("radial", dict(window=3), "unknown option"),
+        ("radial", dict(kernel_size=3), "'kernel_size' is an option of \\['neighborhood'\\], not of 'radial'"),
+        ("neighborhood", dict(decay=0.5), "'decay' is an option of \\['radial'\\]"),
+        ("radial", dict(backend="cuda"), "backend must be one of"),
+        ("neighborhood", dict(kernel_size=(3, 5)), "one value or three"),
+        ("neighborhood", dict(kernel_size=0), "ints >= 1"),
+        ("neighborhood", dict(kernel_size=(3, 3, 3), stride=(1, 4, 1)), "stride must be <= kernel_size, got Y: stride 4 > kernel 3"),
+        ("neighborhood", dict(stride=2), "stride needs kernel_size"),
+        ("neighborhood", dict(kernel_size=3, dilation=(1, 0, 1)), "ints >= 1"),
+        ("neighborhood", dict(kernel_size=3, causal=(True, 1, False)), "True/False"),
+        ("neighborhood", dict(kernel_size=3, block_m=48), "block_m must be one of"),
     ],
 )
-def test_invalid_config_values(options, match):
+def test_invalid_options_raise_at_apply(method, options, match):
     model = tiny_wan_transformer()
     with pytest.raises(ValueError, match=match):
-        diffattn.apply(model, "radial", **options)
+        diffattn.apply(model, method, **options)
     assert not hasattr(model, "_diffattn_handle")  # a failed apply leaves nothing behind
+    assert not any(type(p).__module__.startswith("diffattn") for p in model.attn_processors.values())
+
+
+def test_window_larger_than_the_grid_raises_before_any_attention():
+    model = tiny_wan_transformer()
+    with diffattn.apply(model, "neighborhood", dense_steps=0, dense_layers=0, kernel_size=(3, 9, 3)) as handle:
+        with pytest.raises(ValueError, match="kernel \\* dilation must be <= the grid length, got Y: 9 \\* 1 > 4.*\\(3, 4, 4\\)"):
+            model(**_wan_inputs())
+        assert all(r["calls"] == 0 for r in handle.report())  # the hook raised before any attention ran
 
 
 def test_remove_without_apply():
@@ -58,25 +110,77 @@ def test_remove_without_apply():
 
 def test_forced_backend_that_cannot_run_says_why():
     model = tiny_wan_transformer()
-    x = torch.randn(1, 16, 3, 8, 8)
     with diffattn.apply(model, "radial", dense_steps=0, dense_layers=0, block_size=16, backend="flex"):
         with pytest.raises(NotImplementedError, match="CUDA"):
-            model(x, torch.tensor([500]), torch.randn(1, 4, 32))
+            model(**_wan_inputs())
 
 
-LAYERS = {  # package -> packages it may import (layers import downward only)
+def test_report_records_the_fallback_reason():
+    model = tiny_wan_transformer()
+    with diffattn.apply(model, "radial", dense_steps=0, dense_layers=0, block_size=16) as handle, torch.no_grad():
+        model(**_wan_inputs())
+        summary = handle.summary()
+    assert summary["backends"] == {"sdpa": 2} and summary["method_calls"] == 2
+    assert any("triton:" in n and "flex:" in n for n in summary["notes"])
+
+
+def test_cache_is_bounded():
+    model = tiny_wan_transformer()
+    with diffattn.apply(model, "radial", dense_steps=0, dense_layers=0, block_size=16) as handle, torch.no_grad():
+        handle.cache_size = 2
+        for frames in (2, 3, 4):
+            model(**_wan_inputs(frames=frames))
+        assert handle.cache_len == 2
+
+
+def _graph_breaks(model, inputs):
+    torch._dynamo.reset()
+    return torch._dynamo.explain(model)(**inputs).graph_break_count
+
+
+@pytest.mark.parametrize("method,options", [("radial", dict(block_size=16)), ("neighborhood", dict(kernel_size=3))])
+def test_compiled_model_has_no_more_graph_breaks_than_stock(method, options):
+    model = tiny_wan_transformer()
+    inputs = _wan_inputs(frames=3, size=16)
+    with torch.no_grad():
+        stock = _graph_breaks(model, inputs)
+        with diffattn.apply(model, method, dense_steps=0, dense_layers=1, **options):
+            model(**inputs)  # the description is cached: a hit never leaves the graph
+            applied = _graph_breaks(model, inputs)
+    assert applied <= stock
+
+
+def test_compiled_pipeline_model_reads_the_step_from_the_scheduler():
+    from diffattn_testbed.tiny import tiny_wan_pipeline
+
+    pipe = tiny_wan_pipeline()
+    inputs = _wan_inputs(frames=3, size=16)
+    with torch.no_grad():
+        stock = _graph_breaks(pipe.transformer, inputs)
+        with diffattn.apply(pipe, "radial", dense_steps=2, block_size=16):
+            pipe.transformer(**inputs)
+            applied = _graph_breaks(pipe.transformer, inputs)
+    assert applied <= stock
+
+
+LAYERS = {  # folder -> packages it may import (layers import downward only)
     "diffattn/core": set(),
-    "diffattn/patterns": {"diffattn.core"},
-    "kernels": {"diffattn.core", "diffattn.patterns"},
-    "diffattn/methods": {"diffattn.core", "diffattn.patterns", "diffattn.kernels"},
-    "pipelines": {"diffattn.core", "diffattn.patterns", "diffattn.kernels", "diffattn.methods"},
+    "diffattn/rules": {"diffattn.core"},
+    "diffattn/patterns": {"diffattn.core", "diffattn.rules"},
+    "kernels": {"diffattn.core", "diffattn.rules", "diffattn.patterns"},
+    "diffattn/methods": {"diffattn.core", "diffattn.rules", "diffattn.patterns", "diffattn.kernels"},
+    "pipelines": {"diffattn.core", "diffattn.rules", "diffattn.patterns", "diffattn.kernels", "diffattn.methods"},
+    "lora": {"diffattn.core", "diffattn.rules", "diffattn.patterns", "diffattn.kernels", "diffattn.methods", "diffattn.pipelines", "diffattn"},
 }
+SELF = {"diffattn/core": "diffattn.core", "diffattn/rules": "diffattn.rules", "diffattn/patterns": "diffattn.patterns",
+        "kernels": "diffattn.kernels", "diffattn/methods": "diffattn.methods", "pipelines": "diffattn.pipelines",
+        "lora": "diffattn.lora"}
 
 
-def test_layers_import_downward_only():
+def test_layers_import_downward_only_and_the_library_never_imports_the_testbed():
     bad = []
     for folder, allowed in LAYERS.items():
-        for path in (ROOT / folder).glob("*.py"):
+        for path in (ROOT / folder).rglob("*.py"):
             for node in ast.walk(ast.parse(path.read_text())):
                 names = []
                 if isinstance(node, ast.Import):
@@ -84,8 +188,10 @@ def test_layers_import_downward_only():
                 elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                     names = [node.module]
                 for name in names:
-                    if name == "diffattn" or (name.startswith("diffattn.") and not any(
-                        name == a or name.startswith(a + ".") for a in allowed | {"diffattn." + folder.split("/")[-1]}
+                    if name.startswith("diffattn_testbed"):
+                        bad.append(f"{path.relative_to(ROOT)} imports {name}")
+                    elif (name == "diffattn" and "diffattn" not in allowed) or (name.startswith("diffattn.") and not any(
+                        name == a or name.startswith(a + ".") for a in allowed | {SELF[folder]}
                     )):
                         bad.append(f"{path.relative_to(ROOT)} imports {name}")
     assert not bad, "upward imports: " + "; ".join(bad)

@@ -1,0 +1,45 @@
+"""The tiny model families the shared testers run on (built in code, seeded, CPU-fast)."""
+
+from __future__ import annotations
+
+import torch
+
+from diffattn_testbed.tiny import tiny_hunyuan_transformer, tiny_wan_pipeline
+from testers import Family
+
+
+def _wan_call(pipe, frames=25, size=128, steps=2, guidance=5.0):
+    return pipe(
+        prompt="a red circle moving right", negative_prompt="blue square", height=size, width=size,
+        num_frames=frames, num_inference_steps=steps, guidance_scale=guidance, output_type="latent",
+        generator=torch.Generator().manual_seed(0),
+    ).frames
+
+
+WAN = Family(
+    name="wan", build=tiny_wan_pipeline, call=_wan_call, models=lambda pipe: [pipe.transformer],
+    shape=dict(frames=25, size=128), other_shape=dict(frames=17, size=96), small=dict(steps=1, guidance=1.0),
+    ours=lambda key: ".attn1." in key,
+)
+
+
+def hunyuan_inputs(frames=4, size=16, text=12, pad=5, timestep=900.0):
+    """Two samples, the second with ``pad`` padded text tokens (the model's bool key mask)."""
+    g = torch.Generator().manual_seed(1)
+    b = 2
+    mask = torch.ones(b, text, dtype=torch.bool)
+    mask[1, text - pad:] = False
+    return dict(
+        hidden_states=torch.randn(b, 4, frames, size, size, generator=g),
+        timestep=torch.full((b,), timestep), encoder_hidden_states=torch.randn(b, text, 16, generator=g),
+        encoder_attention_mask=mask, pooled_projections=torch.randn(b, 8, generator=g),
+        guidance=torch.full((b,), 6000.0),
+    )
+
+
+HUNYUAN = Family(
+    name="hunyuan_video", build=lambda: tiny_hunyuan_transformer(double_layers=2, single_layers=2),
+    call=lambda model, **kw: model(**hunyuan_inputs(**kw)).sample, models=lambda model: [model],
+    shape=dict(frames=4, size=16), other_shape=dict(frames=3, size=12), small=dict(frames=5, size=8),
+    ours=lambda key: not key.startswith("context_embedder"),
+)

@@ -1,0 +1,35 @@
+"""Every (model family x method) pair runs the whole AdapterTester checklist (tests/testers.py)."""
+
+import pytest
+
+from families import HUNYUAN, WAN
+from testers import AdapterTester
+
+pytestmark = pytest.mark.cpu
+
+
+class TestWanRadial(AdapterTester):
+    family, method = WAN, "radial"
+    sparse = dict(dense_steps=0, dense_layers=0, block_size=32, decay=0.5)
+    # 4 latent frames of 16 x 16 tokens: distances <= 3 pass the frequency gate, a huge decay
+    # keeps every pair (7 frames of 8 x 8 would gate distances 4-6)
+    full = dict(dense_steps=0, dense_layers=0, block_size=64, decay=1000.0)
+    full_shape = dict(frames=13, size=256)
+
+
+class TestWanNeighborhood(AdapterTester):
+    family, method = WAN, "neighborhood"
+    sparse = dict(dense_steps=0, dense_layers=0, kernel_size=(3, 5, 5), stride=(1, 2, 1))
+    full = dict(dense_steps=0, dense_layers=0, kernel_size=(7, 8, 8))  # the whole 7 x 8 x 8 grid
+
+
+class TestHunyuanRadial(AdapterTester):
+    family, method = HUNYUAN, "radial"
+    sparse = dict(dense_steps=0, block_size=32, decay=0.3)
+    full = dict(dense_steps=0, block_size=64, decay=1000.0)
+
+
+class TestHunyuanNeighborhood(AdapterTester):
+    family, method = HUNYUAN, "neighborhood"
+    sparse = dict(dense_steps=0, kernel_size=(3, 3, 5), dilation=(1, 2, 1))
+    full = dict(dense_steps=0, kernel_size=(4, 16, 16))

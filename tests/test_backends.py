@@ -1,0 +1,41 @@
+"""Every backend vs the fp32 reference on descriptions with every element rule (BackendTester)."""
+
+import pytest
+import torch
+
+from diffattn.core.layout import TokenLayout
+from diffattn.patterns import clear
+from diffattn.patterns import neighborhood as nbm
+from diffattn.patterns.blocks import expand_block_mask, from_block_mask
+from diffattn.rules import RULES
+from testers import BackendTester
+
+pytestmark = pytest.mark.cpu
+
+
+def _random_blocks(seed=3):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(2, 5, 5, generator=g) < 0.4
+    mask[:, :, 0] = True
+    desc = from_block_mask(mask, 70, block_m=16)
+    return desc, expand_block_mask(mask, 70, 70, 16, 16)[None]
+
+
+class TestBackends(BackendTester):
+    def cases(self):
+        a = TokenLayout(3, 6, 7, 5, "after")
+        sa = nbm.spec(a, (3, 3, 5), (1, 2, 2), 1, (True, False, False))
+        b = TokenLayout(2, 8, 9, 4, "after")
+        sb = nbm.spec(b, (1, 3, 3), 1, (1, 2, 3))
+        c = TokenLayout(1, 10, 11, 6, "after")
+        blocks, blocks_tok = _random_blocks()
+        return [
+            ("per-head block mask with a tail", blocks, blocks_tok),
+            ("neighborhood causal + stride, text after", nbm.block_sparsity(a, sa, block_m=32, block_n=16), nbm.token_mask(a, sa)),
+            ("neighborhood dilated", nbm.block_sparsity(b, sb, block_m=16, block_n=16), nbm.token_mask(b, sb)),
+            ("circle, text after", clear.block_sparsity(c, 4, block_m=32, block_n=16), clear.token_mask(c, 4)),
+        ]
+
+    def test_every_rule_has_a_case(self):
+        kinds = {desc.rule_kind for _, desc, _ in self.cases()}
+        assert kinds == set(RULES) | {"none"}, "declare a backend case for every element rule"

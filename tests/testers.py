@@ -1,0 +1,267 @@
+"""Shared testers: a new method, model family or backend gets the whole checklist by declaring
+itself, never by copying tests.
+
+- ``AdapterTester``: one test class per (family x method). Declare ``family`` (a ``Family``: how to
+  build the tiny model and call it) and ``method`` with ``sparse`` (options that change the output),
+  ``full`` (options whose pattern covers everything: must equal stock to 1e-5) and optionally
+  ``other`` (a second layout). Checks: dense schedule == stock bit for bit, full density == stock,
+  sparse differs and ``remove`` restores bit for bit, apply twice raises, ``processors`` +
+  ``set_attn_processor`` is a complete install, an unset ``processors`` dict blocks nothing, a layout
+  change re-derives descriptions (== fresh handles), the report lists every target site, and the
+  Triton kernel (interpreter on CPU) agrees with SDPA inside the model.
+- ``MethodTester``: declare ``method`` and ``cases`` [(layout, options)]; checks the method's SDPA
+  and Triton paths against its token-level reference (``method.reference_mask``) on fresh random
+  inputs with padded keys, and that ``full_options`` reproduces dense attention.
+- ``BackendTester``: every backend vs the fp32 reference on descriptions with every element rule.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import pytest
+import torch
+
+import diffattn
+from diffattn.core.context import AttnContext
+from diffattn.kernels.reference import attention_reference
+from diffattn.methods import METHODS
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+needs_interpreter = pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1 (set by conftest on CPU machines)")
+
+
+@dataclass
+class Family:
+    """How the testers build and call one model family at toy size.
+
+    build():              the target diffattn is applied to (a pipeline or a model).
+    call(target, **shape): one deterministic run -> a tensor (latents / model output).
+    models(target):       the nn.Modules diffattn installs on.
+    shape / other_shape:  two call shapes with different layouts (the second smaller: the Triton
+                          interpreter runs the ``small`` shape).
+    """
+
+    name: str
+    build: Callable[[], Any]
+    call: Callable[..., torch.Tensor]
+    models: Callable[[Any], list]
+    shape: dict = field(default_factory=dict)
+    other_shape: dict = field(default_factory=dict)
+    small: dict = field(default_factory=dict)
+    ours: Callable[[str], bool] = lambda key: True  # processor keys diffattn replaces
+
+
+def _ours(processor) -> bool:
+    return type(processor).__module__.startswith("diffattn")
+
+
+class AdapterTester:
+    family: Family
+    method: str
+    sparse: dict
+    full: dict
+    dense: dict = {"dense_steps": 10_000}
+    full_shape: dict = {}  # a call shape where ``full`` covers every pair (default: the family's)
+
+    @pytest.fixture(scope="class")
+    def target(self):
+        return self.family.build()
+
+    def run(self, target, **shape):
+        with torch.no_grad():
+            return self.family.call(target, **{**self.family.shape, **shape})
+
+    def test_dense_schedule_equals_stock_and_remove_is_exact(self, target):
+        stock = self.run(target)
+        with diffattn.apply(target, self.method, **{**self.sparse, **self.dense}) as handle:
+            applied = self.run(target)
+        assert torch.equal(applied, stock)
+        assert torch.equal(self.run(target), stock)
+        rows = handle.report()
+        assert rows and all(r["method_calls"] == 0 and r["dense_calls"] > 0 for r in rows)
+
+    def test_full_density_equals_stock(self, target):
+        stock = self.run(target, **self.full_shape)
+        with diffattn.apply(target, self.method, **self.full) as handle:
+            applied = self.run(target, **self.full_shape)
+        torch.testing.assert_close(applied, stock, atol=1e-5, rtol=1e-5)
+        assert handle.summary()["density"] == pytest.approx(1.0)
+
+    def test_sparse_changes_output_and_remove_restores(self, target):
+        stock = self.run(target)
+        handle = diffattn.apply(target, self.method, **self.sparse)
+        try:
+            applied = self.run(target)
+        finally:
+            handle.remove()
+        assert (applied - stock).abs().max() > 1e-4, "the pattern must change the computation"
+        assert torch.equal(self.run(target), stock), "remove() did not restore the stock output bit for bit"
+        for model in self.family.models(target):
+            assert not any(_ours(p) for p in model.attn_processors.values())
+            assert not hasattr(model, "_diffattn_handle")
+
+    def test_apply_twice_says_remove_first(self, target):
+        with diffattn.apply(target, self.method, **self.sparse):
+            with pytest.raises(RuntimeError, match="remove"):
+                diffattn.apply(target, self.method, **self.sparse)
+        diffattn.apply(target, self.method, **self.sparse).remove()  # after remove, apply works again
+
+    def test_processors_dict_is_a_complete_install(self, target):
+        stock = self.run(target)
+        model = self.family.models(target)[0]
+        procs = diffattn.processors(model, self.method, **self.sparse)
+        assert set(procs) == set(model.attn_processors)
+        for key, proc in procs.items():
+            assert _ours(proc) == self.family.ours(key), key
+        model.set_attn_processor(procs)
+        if len(self.family.models(target)) == 1:
+            assert (self.run(target) - stock).abs().max() > 1e-4
+        diffattn.remove(model)
+        assert torch.equal(self.run(target), stock)
+
+    def test_unset_processors_dict_blocks_nothing(self, target):
+        model = self.family.models(target)[0]
+        diffattn.processors(model, self.method, **self.sparse)  # never set
+        stock = self.run(target)
+        with diffattn.apply(target, self.method, **self.sparse):
+            assert (self.run(target) - stock).abs().max() > 1e-4
+        assert torch.equal(self.run(target), stock)
+
+    def test_layout_change_rederives_descriptions(self, target):
+        with diffattn.apply(target, self.method, **self.sparse) as handle:
+            first = self.run(target)
+            second = self.run(target, **self.family.other_shape)
+            layouts = {r["layout"] for r in handle.report() if r["layout"] is not None}
+        assert len(layouts) == 1  # the report keeps the last layout per site
+        with diffattn.apply(target, self.method, **self.sparse):
+            fresh_second = self.run(target, **self.family.other_shape)
+        with diffattn.apply(target, self.method, **self.sparse):
+            fresh_first = self.run(target)
+        assert torch.equal(second, fresh_second) and torch.equal(first, fresh_first)
+
+    def test_report_lists_every_target_site(self, target):
+        with diffattn.apply(target, self.method, **self.sparse) as handle:
+            self.run(target)
+            rows = handle.report()
+        expected = sum(sum(1 for k in m.attn_processors if self.family.ours(k)) for m in self.family.models(target))
+        assert len(rows) == expected
+        assert any(r["method_calls"] for r in rows)
+        for r in rows:
+            if r["method_calls"]:
+                assert r["backends"] and 0 < r["density"] <= 1 and r["layout"] is not None
+
+    @needs_interpreter
+    def test_triton_agrees_with_sdpa_in_the_model(self, target):
+        outs = {}
+        for backend in ("sdpa", "triton"):
+            with diffattn.apply(target, self.method, backend=backend, **self.sparse) as handle:
+                outs[backend] = self.run(target, **self.family.small)
+                assert set(handle.summary()["backends"]) == {backend}
+        torch.testing.assert_close(outs["triton"], outs["sdpa"], atol=1e-4, rtol=1e-4)
+
+
+def make_context(layout, kv_len=None, layer=0, step=0):
+    """An AttnContext with a plain dict as the cache (what a handle would hold)."""
+    cache = {}
+
+    def lookup(key, build):
+        if key not in cache:
+            cache[key] = build()
+        return cache[key]
+
+    return AttnContext(layout, step, None, layer, "test", kv_len, lookup), cache
+
+
+class MethodTester:
+    method: str
+    family: str = "wan2.1"
+    cases: list  # [(TokenLayout, options)]
+    full_cases: list = []  # [(TokenLayout, options)] whose pattern covers every pair
+
+    def build(self, options, backend):
+        return METHODS[self.method].from_options(self.family, backend=backend, **{"dense_steps": 0, "dense_layers": 0, **options})
+
+    @pytest.mark.parametrize("case", range(8))
+    def test_sdpa_path_equals_token_reference(self, case):
+        self._check(case, "sdpa")
+
+    @needs_interpreter
+    @pytest.mark.parametrize("case", range(8))
+    def test_triton_path_equals_token_reference(self, case):
+        self._check(case, "triton", heads=1)
+
+    def _check(self, case, backend, heads=2):
+        if case >= len(self.cases):
+            pytest.skip("fewer cases declared")
+        layout, options = self.cases[case]
+        method = self.build(options, backend)
+        g = torch.Generator().manual_seed(1000 + case)
+        s = layout.seq_len
+        kv_len = torch.tensor([s, s - min(3, layout.text_tokens)], dtype=torch.int32) if layout.text_position == "after" else None
+        ctx, cache = make_context(layout, kv_len)
+        q, k, v = (torch.randn(2, heads, s, 16, generator=g) for _ in range(3))
+        out = method(q, k, v, ctx)
+        want, _ = attention_reference(q, k, v, method.reference_mask(layout), kv_len=kv_len)
+        torch.testing.assert_close(out, want, atol=2e-5, rtol=1e-5)
+        assert len(cache) >= 1  # the description came from the handle's cache
+
+    def test_full_pattern_equals_dense_attention(self):
+        for layout, options in self.full_cases:
+            method = self.build(options, "sdpa")
+            ctx, _ = make_context(layout)
+            q, k, v = (torch.randn(1, 2, layout.seq_len, 16) for _ in range(3))
+            torch.testing.assert_close(method(q, k, v, ctx), torch.nn.functional.scaled_dot_product_attention(q, k, v), atol=1e-5, rtol=1e-5)
+            assert method.density(layout) == pytest.approx(1.0)
+
+
+class BackendTester:
+    """Declare ``cases()`` -> [(name, BlockSparsity, token mask [S, S] or [H, S, S])]."""
+
+    def cases(self):
+        raise NotImplementedError
+
+    def _inputs(self, desc, seed, grad=False):
+        g = torch.Generator().manual_seed(seed)
+        return [torch.randn(2, 2, desc.q_len, 16, generator=g).requires_grad_(grad) for _ in range(3)]
+
+    def _kv_len(self, desc):
+        return torch.tensor([desc.kv_len, desc.kv_len - 3], dtype=torch.int32)
+
+    def test_sdpa_equals_reference(self):
+        from diffattn.kernels import sdpa
+
+        for i, (name, desc, tok) in enumerate(self.cases()):
+            q, k, v = self._inputs(desc, i)
+            kv_len = self._kv_len(desc)
+            want, _ = attention_reference(q, k, v, tok, kv_len=kv_len)
+            torch.testing.assert_close(sdpa.sdpa_block_sparse(q, k, v, desc, kv_len=kv_len), want, atol=2e-5, rtol=1e-5, msg=name)
+
+    def test_flex_equals_reference(self):
+        # the eager flex_attention on CPU (forward only there); CUDA runs the compiled kernel
+        from torch.nn.attention.flex_attention import flex_attention
+
+        from diffattn.kernels.flex import FlexBackend
+
+        for i, (name, desc, tok) in enumerate(self.cases()):
+            q, k, v = self._inputs(desc, i)
+            kv_len = self._kv_len(desc)
+            runner = FlexBackend(desc, "cpu", compiled=flex_attention, text_key_start=0)
+            want, _ = attention_reference(q, k, v, tok, kv_len=kv_len)
+            torch.testing.assert_close(runner(q, k, v, kv_len=kv_len), want, atol=2e-5, rtol=1e-5, msg=name)
+
+    @needs_interpreter
+    def test_triton_equals_reference_with_gradients(self):
+        from diffattn.kernels import block_sparse
+
+        for i, (name, desc, tok) in enumerate(self.cases()):
+            q, k, v = self._inputs(desc, i, grad=True)
+            kv_len = self._kv_len(desc)
+            out = block_sparse.block_sparse_attention(q, k, v, desc, kv_len=kv_len)
+            want, _ = attention_reference(q, k, v, tok, kv_len=kv_len)
+            torch.testing.assert_close(out, want, atol=2e-5, rtol=1e-5, msg=name)
+            g = torch.randn_like(out)
+            for a, r in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(want, (q, k, v), g)):
+                torch.testing.assert_close(a, r, atol=5e-5, rtol=1e-5, msg=name)
