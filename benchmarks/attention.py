@@ -1,9 +1,17 @@
 """Attention kernels, one run, same inputs: cuDNN SDPA, FlashAttention-2 SDPA, FlexAttention (dense
-and with the radial block mask) and diffattn's Triton block-sparse kernel.
+and with each sparse pattern) and diffattn's Triton block-sparse kernel, for radial and
+neighborhood patterns.
 
     python benchmarks/attention.py                       # every shape below, forward and fwd+bwd
     python benchmarks/attention.py --shapes wan14b hunyuan129 --no-backward
+    python benchmarks/attention.py --shapes wan14b --patterns radial nb-time nb-3d
     python benchmarks/attention.py --json out.json       # also write the rows
+
+Patterns (``--patterns``): ``radial`` (the shape's radial mask, block 128), and on the video shapes
+neighborhood windows at a density comparable to radial's, described with 128 x 64 blocks:
+``nb-time`` (a temporal window, kernel (5, Y, X): nearly every listed block is full), ``nb-3d``
+(kernel (9, 23, 40) on Wan 720p, scaled by grid: every listed block evaluates the window rule
+in-kernel) and ``nb-preset`` (the family preset rescaled to the grid).
 
 Prints ms, TFLOP/s on computed blocks, and efficiency = density x t(best dense) / t(ours):
 1.0 means our kernel is as fast per computed block as the best dense kernel over all blocks.
@@ -22,9 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from diffattn.core.layout import TokenLayout
 from diffattn.kernels.block_sparse import block_sparse_attention
 from diffattn.kernels.flex import FlexBackend
-from diffattn.patterns import radial
+from diffattn.methods.neighborhood import PRESETS, rescale
+from diffattn.patterns import neighborhood, radial
 from diffattn.patterns.blocks import dense as dense_blocks
 from diffattn.patterns.blocks import from_block_mask
 
@@ -36,6 +46,8 @@ class Shape:
     frames: int
     tokens_per_frame: int
     text: int
+    rows: int  # Y: tokens_per_frame = rows * cols
+    cols: int
     decay: float
     sink: bool
     backward: bool = True
@@ -48,11 +60,11 @@ class Shape:
 
 
 SHAPES = {
-    "wan13b": Shape("Wan2.1-1.3B 480x832x81", 12, 21, 1560, 0, 0.2, True),
-    "wan14b": Shape("Wan2.1-14B 720x1280x81", 40, 21, 3600, 0, 0.2, True),
-    "hunyuan129": Shape("HunyuanVideo 720x1280x129 +256 text", 24, 33, 3600, 256, 0.95, False),
-    "hunyuan509": Shape("HunyuanVideo 720x1280x509 +256 text", 24, 128, 3600, 256, 1.0, False, backward=False),
-    "flux4k": Shape("FLUX 4096x4096 +512 text (dense)", 24, 1, 65536, 512, 1.0, False, dense_only=True),
+    "wan13b": Shape("Wan2.1-1.3B 480x832x81", 12, 21, 1560, 0, 30, 52, 0.2, True),
+    "wan14b": Shape("Wan2.1-14B 720x1280x81", 40, 21, 3600, 0, 45, 80, 0.2, True),
+    "hunyuan129": Shape("HunyuanVideo 720x1280x129 +256 text", 24, 33, 3600, 256, 45, 80, 0.95, False),
+    "hunyuan509": Shape("HunyuanVideo 720x1280x509 +256 text", 24, 128, 3600, 256, 45, 80, 1.0, False, backward=False),
+    "flux4k": Shape("FLUX 4096x4096 +512 text (dense)", 24, 1, 65536, 512, 256, 256, 1.0, False, dense_only=True),
 }
 
 
@@ -89,7 +101,33 @@ def _time_pair(attn, q, k, v, backward: bool):
     return fwd, _bench(step) - fwd
 
 
-def run_shape(key: str, backward: bool, flex_sparse: bool = True, compare_tma: bool = False) -> list[Row]:
+PATTERNS = ("radial", "nb-time", "nb-3d", "nb-preset")
+
+
+def sparse_patterns(shape: Shape, names) -> dict:
+    """{label: BlockSparsity} of the requested patterns on ``shape`` (on the GPU)."""
+    layout = TokenLayout(shape.frames, shape.rows, shape.cols, shape.text, "after" if shape.text else "none")
+    out = {}
+    for name in names:
+        if name == "radial":
+            mask = radial.block_mask(
+                shape.frames, shape.tokens_per_frame, block_size=128, decay=shape.decay, sink=shape.sink,
+                text_tokens=shape.text, device="cuda",
+            )
+            out["radial"] = from_block_mask(mask, shape.seq, block_m=128)
+            continue
+        if name == "nb-time":
+            kernel, stride = (5, shape.rows, shape.cols), (1, 1, 1)
+        elif name == "nb-3d":  # (9, 23, 40) on Wan 720p's (21, 45, 80), by grid fraction elsewhere
+            kernel, stride = rescale(((21, 45, 80), (9, 23, 40), (1, 1, 1)), layout)
+        else:
+            kernel, stride = rescale(PRESETS["hunyuan_video" if shape.text else "wan2.1"], layout)
+        spec = neighborhood.spec(layout, kernel, stride)
+        out[f"nb k={kernel} s={stride}"] = neighborhood.block_sparsity(layout, spec, block_m=128, block_n=64, device="cuda")
+    return out
+
+
+def run_shape(key: str, backward: bool, flex_sparse: bool = True, compare_tma: bool = False, patterns=("radial",)) -> list[Row]:
     shape = SHAPES[key]
     backward = backward and shape.backward
     s, h, d = shape.seq, shape.heads, shape.head_dim
@@ -97,16 +135,9 @@ def run_shape(key: str, backward: bool, flex_sparse: bool = True, compare_tma: b
     q, k, v = (torch.randn(1, h, s, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     flops_dense = 4.0 * h * s * s * d  # two matmuls of 2*S*S*D each, per head
 
+    sparse = {} if shape.dense_only else sparse_patterns(shape, patterns)
     if shape.dense_only:
-        mask = None
-        sp = dense_blocks(s, block_m=128).to("cuda")
-    else:
-        mask = radial.block_mask(
-            shape.frames, shape.tokens_per_frame, block_size=128, decay=shape.decay, sink=shape.sink,
-            text_tokens=shape.text, device="cuda",
-        )
-        sp = from_block_mask(mask, s, block_m=128)
-    density = sp.density
+        sparse = {"dense": dense_blocks(s, block_m=128).to("cuda")}
 
     kernels = {}
 
@@ -127,16 +158,20 @@ def run_shape(key: str, backward: bool, flex_sparse: bool = True, compare_tma: b
     if shape.dense_only or key != "hunyuan509":
         flex_dense = FlexBackend(dense_blocks(s, block_m=128), "cuda", compiled=flex_fn)
         kernels["Flex (dense)"] = (lambda q, k, v: flex_dense(q, k, v), 1.0)
-    if not shape.dense_only and flex_sparse:
-        flex_sparse_backend = FlexBackend(sp, "cuda", compiled=flex_fn)
-        kernels["Flex (radial mask)"] = (lambda q, k, v: flex_sparse_backend(q, k, v), density)
-    label = " (dense)" if shape.dense_only else " (radial mask)"
-    kernels["diffattn Triton" + label] = (lambda q, k, v: block_sparse_attention(q, k, v, sp), density)
-    if compare_tma:
-        kernels["diffattn no-TMA" + label] = (lambda q, k, v: block_sparse_attention(q, k, v, sp, tma=False), density)
+    for label, sp in sparse.items():
+        if not shape.dense_only and flex_sparse:
+            runner = FlexBackend(sp, "cuda", compiled=flex_fn)
+            kernels[f"Flex ({label})"] = ((lambda r: lambda q, k, v: r(q, k, v))(runner), sp.density)
+        kernels[f"diffattn Triton ({label})"] = ((lambda d: lambda q, k, v: block_sparse_attention(q, k, v, d))(sp), sp.density)
+        if compare_tma:
+            kernels[f"diffattn no-TMA ({label})"] = ((lambda d: lambda q, k, v: block_sparse_attention(q, k, v, d, tma=False))(sp), sp.density)
+        if label != "dense":
+            full = float((sp.mask & ~sp.partial).sum() / sp.mask.sum())
+            print(f"  {label}: density {sp.density:.3f}, full blocks {full:.2f} of listed, rule {sp.rule_kind}", flush=True)
 
     # correctness of ours vs cuDNN at this size, on a slice of heads (dense comparison only)
     if shape.dense_only:
+        sp = sparse["dense"]
         ref = cudnn(q[:, :2], k[:, :2], v[:, :2]).float()
         got = block_sparse_attention(q[:, :2].contiguous(), k[:, :2].contiguous(), v[:, :2].contiguous(), sp).float()
         print(f"  dense check vs cuDNN: max abs err {(got - ref).abs().max().item():.3e}", flush=True)
@@ -173,13 +208,13 @@ def run_shape(key: str, backward: bool, flex_sparse: bool = True, compare_tma: b
 
 
 def print_table(rows: list[Row]) -> None:
-    head = f"{'shape':38s} {'kernel':28s} {'dens':>6s} {'fwd ms':>9s} {'TF/s':>6s} {'eff':>6s} {'bwd ms':>9s} {'TF/s':>6s} {'eff':>6s}"
+    head = f"{'shape':38s} {'kernel':50s} {'dens':>6s} {'fwd ms':>9s} {'TF/s':>6s} {'eff':>6s} {'bwd ms':>9s} {'TF/s':>6s} {'eff':>6s}"
     print(head)
     print("-" * len(head))
     fmt = lambda x, spec: format(x, spec) if x is not None else "-".rjust(int(spec.split(".")[0]) if "." in spec else 6)
     for r in rows:
         print(
-            f"{r.shape:38s} {r.kernel:28s} {r.density:6.3f} {r.fwd_ms:9.2f} {r.fwd_tflops:6.0f} "
+            f"{r.shape:38s} {r.kernel:50s} {r.density:6.3f} {r.fwd_ms:9.2f} {r.fwd_tflops:6.0f} "
             f"{fmt(r.fwd_eff, '6.2f')} {fmt(r.bwd_ms, '9.2f')} {fmt(r.bwd_tflops, '6.0f')} {fmt(r.bwd_eff, '6.2f')}"
         )
 
@@ -191,6 +226,7 @@ def main(argv=None) -> None:
     parser.add_argument("--no-flex-sparse", action="store_true", help="skip Flex with the block mask (slow to compile)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--compare-tma", action="store_true", help="also time our kernel with pointer loads")
+    parser.add_argument("--patterns", nargs="*", default=["radial"], choices=PATTERNS)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("benchmarks/attention.py needs a CUDA GPU")
@@ -200,7 +236,8 @@ def main(argv=None) -> None:
     rows = []
     for key in args.shapes:
         print(f"{SHAPES[key].name}: S={SHAPES[key].seq}", flush=True)
-        rows += run_shape(key, not args.no_backward, flex_sparse=not args.no_flex_sparse, compare_tma=args.compare_tma)
+        rows += run_shape(key, not args.no_backward, flex_sparse=not args.no_flex_sparse, compare_tma=args.compare_tma,
+                          patterns=args.patterns)
         if args.json:
             with open(args.json, "w") as fh:
                 json.dump([asdict(r) for r in rows], fh, indent=1)

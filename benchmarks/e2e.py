@@ -1,16 +1,19 @@
 """One WanTransformer3DModel forward at the real Wan2.1 configs (random bf16 weights): dense SDPA
-vs radial attention (Flex and Triton backends), in one run.
+vs each diffattn method (Flex and Triton backends), in one run.
 
-    python benchmarks/radial_e2e.py                  # 1.3B at 480x832x81 and 14B at 720x1280x81
-    python benchmarks/radial_e2e.py --models 1.3b
+    python benchmarks/e2e.py                         # 1.3B at 480x832x81 and 14B at 720x1280x81
+    python benchmarks/e2e.py --models 14b --methods radial "neighborhood:kernel_size=(5,45,80)"
 
-Radial runs every step sparse (dense_steps=0) with the Wan2.1 defaults otherwise (first layer dense,
-decay 0.2, block 128, sink). Prints ms per forward and the speed-up over dense. Needs a CUDA GPU.
+A method is ``name`` or ``name:option=value;option=value`` (values are Python literals). Every
+method runs every step sparse (dense_steps=0), with the Wan2.1 defaults otherwise (first layer
+dense; radial decay 0.2, block 128, sink). Prints ms per forward, the speed-up over dense and the
+density of the method calls (``handle.summary()``). Needs a CUDA GPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import sys
 
 import torch
@@ -58,14 +61,24 @@ def time_forward(model, inputs, repeats: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def parse_method(text: str) -> tuple[str, dict]:
+    name, _, rest = text.partition(":")
+    options = {}
+    for item in filter(None, rest.split(";")):
+        key, _, value = item.partition("=")
+        options[key.strip()] = ast.literal_eval(value.strip())
+    return name, options
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--backends", nargs="*", default=["flex", "triton"])
+    parser.add_argument("--methods", nargs="*", default=["radial"], help="name or name:option=value;...")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        sys.exit("benchmarks/radial_e2e.py needs a CUDA GPU")
+        sys.exit("benchmarks/e2e.py needs a CUDA GPU")
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
     rows = []
     for name in args.models:
@@ -81,17 +94,21 @@ def main(argv=None):
         dense_ms = time_forward(model, inputs, args.repeats)
         print(f"Wan2.1-{name} {clip}: dense SDPA {dense_ms:.0f} ms", flush=True)
         rows.append((name, clip, "dense SDPA", dense_ms, 1.0, 1.0))
-        for backend in args.backends:
-            with diffattn.apply(model, "radial", dense_steps=0, backend=backend) as handle:
-                ms = time_forward(model, inputs, args.repeats)
-                sparsity = next(v for k, v in handle._cache.items() if k[0] == "radial" and len(k) == 6)
-            print(f"Wan2.1-{name} {clip}: radial ({backend}) {ms:.0f} ms, x{dense_ms / ms:.2f}, density {sparsity.density:.3f}", flush=True)
-            rows.append((name, clip, f"radial ({backend})", ms, dense_ms / ms, sparsity.density))
+        for text in args.methods:
+            method, options = parse_method(text)
+            for backend in args.backends:
+                with diffattn.apply(model, method, dense_steps=0, backend=backend, **options) as handle:
+                    ms = time_forward(model, inputs, args.repeats)
+                    summary = handle.summary()
+                label = f"{text} ({backend})"
+                assert set(summary["backends"]) == {backend}, summary
+                print(f"Wan2.1-{name} {clip}: {label} {ms:.0f} ms, x{dense_ms / ms:.2f}, density {summary['density']:.3f}", flush=True)
+                rows.append((name, clip, label, ms, dense_ms / ms, summary["density"]))
         del model
         torch.cuda.empty_cache()
-    print(f"\n{'model':8s} {'clip':12s} {'attention':16s} {'ms/forward':>11s} {'speed-up':>9s} {'density':>8s}")
+    print(f"\n{'model':8s} {'clip':12s} {'attention':48s} {'ms/forward':>11s} {'speed-up':>9s} {'density':>8s}")
     for name, clip, what, ms, speed, dens in rows:
-        print(f"{name:8s} {clip:12s} {what:16s} {ms:11.0f} {speed:9.2f} {dens:8.3f}")
+        print(f"{name:8s} {clip:12s} {what:48s} {ms:11.0f} {speed:9.2f} {dens:8.3f}")
 
 
 if __name__ == "__main__":

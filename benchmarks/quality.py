@@ -4,10 +4,13 @@
     python benchmarks/quality.py --kinds video --prompts 8 --device cpu
     python benchmarks/quality.py --weights /path/to/retrained     # folders video/, image-dit/, image-unet/
     python benchmarks/quality.py --methods dense --prompts 128    # dense only (a second set of prompts)
+    python benchmarks/quality.py --kinds video --methods "radial,neighborhood,neighborhood:kernel_size=(3,7,7)"
 
 For each testbed pipeline (``diffattn_testbed.load_pipeline``) and each method (dense first, then
-every method in ``diffattn.methods()``; a method the pipeline's model does not support is listed
-as n/a with the reason), the same held-out prompts (seeds from ``training.EVAL_SEED``, never
+every method in ``diffattn.methods()``, or the comma-separated ``--methods``, where an entry may
+carry options as ``name:option=value;option=value`` with Python literals; a method the pipeline's
+model does not support is listed as n/a with the reason; options come from the model family and the
+pipeline's declared defaults, as with ``diffattn.apply``), the same held-out prompts (seeds from ``training.EVAL_SEED``, never
 trained on) and the same generator seeds are run with the pipeline's defaults. Columns: judge
 accuracy per attribute (``diffattn_testbed.judge``), PSNR and SSIM of the method's samples against
 the dense samples, and seconds per sample (batched, after a warm-up batch). Prints a Markdown table
@@ -17,7 +20,9 @@ and, with ``--json``, writes the rows. Results go to benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import ast
 import json
+import re
 import time
 from dataclasses import asdict, dataclass
 
@@ -27,7 +32,7 @@ import torch
 import diffattn
 from diffattn_testbed.judge import load_judge, score
 from diffattn_testbed.metrics import psnr, ssim
-from diffattn_testbed.pipelines import KINDS, METHOD_OPTIONS, load_pipeline
+from diffattn_testbed.pipelines import KINDS, load_pipeline
 from diffattn_testbed.shapes import sample
 from diffattn_testbed.training import EVAL_SEED
 
@@ -59,12 +64,24 @@ def _generate(pipe, kind: str, prompts: list[str], seeds: list[int], batch: int,
     return np.concatenate(out), seconds / len(prompts)
 
 
+def parse_method(text: str) -> tuple[str, dict]:
+    """``name`` or ``name:option=value;option=value`` (values are Python literals)."""
+    name, _, rest = text.partition(":")
+    options = {}
+    for item in filter(None, rest.split(";")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"quality: method options are option=value, got {item!r} in {text!r}")
+        options[key.strip()] = ast.literal_eval(value.strip())
+    return name, options
+
+
 def _methods(cfg: QualityConfig) -> list[str]:
-    """The methods to compare with dense: ``--methods a,b``, ``--methods dense`` (none), or all."""
+    """The methods to compare with dense: ``--methods a,b:k=v``, ``--methods dense`` (none), or all."""
     if not cfg.methods:
         return list(diffattn.methods())
-    asked = [m for m in cfg.methods.split(",") if m and m != "dense"]
-    unknown = [m for m in asked if m not in diffattn.methods()]
+    asked = [m.strip() for m in re.split(r",(?![^()]*\))", cfg.methods) if m.strip() and m.strip() != "dense"]
+    unknown = [m for m in asked if parse_method(m)[0] not in diffattn.methods()]
     if unknown:
         raise SystemExit(f"quality: unknown method(s) {unknown}; choose from {list(diffattn.methods())} (or 'dense' alone)")
     return asked
@@ -82,8 +99,9 @@ def evaluate(kind: str, cfg: QualityConfig) -> list[dict]:
         row = {"kind": kind, "method": method, "pipeline": type(pipe).__mro__[2].__name__, "prompts": cfg.prompts}
         handle = None
         if method != "dense":
+            name, options = parse_method(method)
             try:
-                handle = diffattn.apply(pipe, method, **METHOD_OPTIONS.get(kind, {}).get(method, {}))
+                handle = diffattn.apply(pipe, name, **options)
             except NotImplementedError as exc:
                 rows.append({**row, "note": f"n/a: {exc}"})
                 continue
@@ -91,8 +109,12 @@ def evaluate(kind: str, cfg: QualityConfig) -> list[dict]:
                 _generate(pipe, kind, prompts[:2], seeds[:2], cfg.batch, cfg.device)
         try:
             samples, sec = _generate(pipe, kind, prompts, seeds, cfg.batch, cfg.device)
-            if handle is not None and handle.state.layout is not None:
-                row["density"] = round(handle.method.density(handle.state.layout), 4)
+            if handle is not None:
+                summary = handle.summary()
+                if summary["density"] is not None:
+                    row["density"] = round(summary["density"], 4)  # mean over the sparse calls
+                row["sparse_calls"] = summary["method_calls"]
+                row["config"] = repr(handle.method.config)
         finally:
             if handle is not None:
                 handle.remove()
