@@ -9,9 +9,12 @@ neighborhood patterns.
 
 Patterns (``--patterns``): ``radial`` (the shape's radial mask, block 128), and on the video shapes
 neighborhood windows at a density comparable to radial's, described with 128 x 64 blocks:
-``nb-time`` (a temporal window, kernel (5, Y, X): nearly every listed block is full), ``nb-3d``
-(kernel (9, 23, 40) on Wan 720p, scaled by grid: every listed block evaluates the window rule
-in-kernel) and ``nb-preset`` (the family preset rescaled to the grid).
+``nb-time`` (a temporal window, kernel (5, Y, X)), ``nb-3d`` (kernel (9, 23, 40) on Wan 720p,
+scaled by grid), ``nb-preset`` (the family preset rescaled to the grid) and ``nb-gna`` (stride =
+tile, windows on tile edges), all in tile order (the method's default: one block per 128-token
+tile), and ``nb-3d-rowmajor`` (the 3-D window in model order with 128 x 64 blocks, where every
+listed block evaluates the window rule). The permutation itself (a gather of q, k, v and of the
+output) is timed by ``benchmarks/e2e.py``, not here.
 
 Prints ms, TFLOP/s on computed blocks, and efficiency = density x t(best dense) / t(ours):
 1.0 means our kernel is as fast per computed block as the best dense kernel over all blocks.
@@ -101,7 +104,7 @@ def _time_pair(attn, q, k, v, backward: bool):
     return fwd, _bench(step) - fwd
 
 
-PATTERNS = ("radial", "nb-time", "nb-3d", "nb-preset")
+PATTERNS = ("radial", "nb-time", "nb-3d", "nb-preset", "nb-gna", "nb-3d-rowmajor")
 
 
 def sparse_patterns(shape: Shape, names) -> dict:
@@ -116,14 +119,22 @@ def sparse_patterns(shape: Shape, names) -> dict:
             )
             out["radial"] = from_block_mask(mask, shape.seq, block_m=128)
             continue
+        tiling = neighborhood.choose_tiling(layout, 128)
         if name == "nb-time":
             kernel, stride = (5, shape.rows, shape.cols), (1, 1, 1)
-        elif name == "nb-3d":  # (9, 23, 40) on Wan 720p's (21, 45, 80), by grid fraction elsewhere
+        elif name in ("nb-3d", "nb-3d-rowmajor"):  # (9, 23, 40) on Wan 720p's (21, 45, 80), by grid fraction elsewhere
             kernel, stride = rescale(((21, 45, 80), (9, 23, 40), (1, 1, 1)), layout)
+        elif name == "nb-gna":  # stride = tile, window starts on tile edges: GNA's "fully block-sparse" case
+            t = tiling.tile
+            kernel = (min(9, shape.frames), 3 * t[1], 3 * t[2]) if t[0] == 1 else (2 * t[0], 3 * t[1], 3 * t[2])
+            stride = t
         else:
             kernel, stride = rescale(PRESETS["hunyuan_video" if shape.text else "wan2.1"], layout)
         spec = neighborhood.spec(layout, kernel, stride)
-        out[f"nb k={kernel} s={stride}"] = neighborhood.block_sparsity(layout, spec, block_m=128, block_n=64, device="cuda")
+        if name == "nb-3d-rowmajor":  # tokens in model order, 128 x 64 blocks: every block needs the rule
+            out[f"nb k={kernel} s={stride} row-major"] = neighborhood.block_sparsity(layout, spec, block_m=128, block_n=64, device="cuda")
+        else:  # tile order (the method's default), one block per tile
+            out[f"nb k={kernel} s={stride} tiles {tiling.tile}"] = neighborhood.tiled_block_sparsity(layout, spec, tiling, device="cuda")
     return out
 
 

@@ -29,11 +29,15 @@ class TestBackends(BackendTester):
         sb = nbm.spec(b, (1, 3, 3), 1, (1, 2, 3))
         c = TokenLayout(1, 10, 11, 6, "after")
         blocks, blocks_tok = _random_blocks()
+        d = TokenLayout(3, 5, 9, 5, "after")
+        sd = nbm.spec(d, (3, 3, 5), (1, 2, 1))
+        tiling = nbm.choose_tiling(d, 32)
         return [
             ("per-head block mask with a tail", blocks, blocks_tok),
             ("neighborhood causal + stride, text after", nbm.block_sparsity(a, sa, block_m=32, block_n=16), nbm.token_mask(a, sa)),
             ("neighborhood dilated", nbm.block_sparsity(b, sb, block_m=16, block_n=16), nbm.token_mask(b, sb)),
             ("circle, text after", clear.block_sparsity(c, 4, block_m=32, block_n=16), clear.token_mask(c, 4)),
+            ("neighborhood in tile order, padded grid, text after", nbm.tiled_block_sparsity(d, sd, tiling), nbm.tiled_token_mask(d, sd, tiling)),
         ]
 
     def test_every_rule_has_a_case(self):

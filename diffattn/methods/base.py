@@ -72,6 +72,12 @@ class BlockSparseMethod:
             return 0
         return None
 
+    def token_order(self, layout: TokenLayout, device):
+        """None, or (gather [S'], scatter [S], extra) when the kernel runs on reordered tokens:
+        ``x.index_select(-2, gather)`` reorders, ``y.index_select(-2, scatter)`` undoes it, and
+        ``extra`` padding tokens sit before the text (valid-key counts shift by it)."""
+        return None
+
     def description(self, ctx: AttnContext, device) -> BlockSparsity:
         key = self.describe_key(ctx.layout) + (str(device),)
         return ctx.cache(key, lambda: self.describe(ctx.layout, device))
@@ -82,22 +88,32 @@ class BlockSparseMethod:
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
         layout = ctx.layout
-        if q.shape[-2] != layout.seq_len or k.shape[-2] != layout.seq_len:
+        if q.shape[-2] != layout.seq_len or k.shape[-2] != layout.seq_len:  # [B, H, S, D]
             raise ValueError(
                 f"{self.name}: attention over {q.shape[-2]} queries / {k.shape[-2]} keys but the layout "
                 f"{layout!r} has {layout.seq_len} tokens (is the sequence split across GPUs without "
                 f"Ulysses? {self.name} needs the full sequence per head)"
             )
         sparsity = self.description(ctx, q.device)
+        key = self.describe_key(layout) + (str(q.device),)
+        order = ctx.cache(("order",) + key, lambda: self.token_order(layout, q.device))
+        kv_len = ctx.kv_len
+        if order is not None:
+            gather, scatter, extra = order
+            if kv_len is not None and layout.text_position == "before":
+                raise NotImplementedError(f"{self.name}: padded text before the video with reordered tokens; pass reorder=False")
+            q, k, v = (t.index_select(-2, gather) for t in (q, k, v))  # [B, H, S', D] in kernel order
+            if kv_len is not None:
+                kv_len = kv_len + extra
         backend, reasons = select.choose(self.backend, q, sparsity)
         note = None
         if reasons:
             note = f"diffattn {self.name}: using backend {backend.name!r} ({'; '.join(reasons)})"
             ctx.note(note)
         ctx.record(ctx.site, mode="method", layout=layout, backend=backend.name, density=sparsity.density, note=note)
-        key = self.describe_key(layout) + (str(q.device),)
-        return backend.run(q, k, v, sparsity, kv_len=ctx.kv_len, cache=ctx.cache, key=key,
-                           text_key_start=self.text_key_start(layout) if ctx.kv_len is not None else None)
+        out = backend.run(q, k, v, sparsity, kv_len=kv_len, cache=ctx.cache, key=key,
+                          text_key_start=self.text_key_start(layout) if kv_len is not None else None)
+        return out if order is None else out.index_select(-2, order[1])  # [B, H, S, D] in model order
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config}, backend={self.backend!r})"

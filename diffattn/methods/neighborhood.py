@@ -123,17 +123,32 @@ class NeighborhoodAttention(BlockSparseMethod):
         "wan2.2": dict(dense_steps=11, dense_layers=1),
         "hunyuan_video": dict(dense_steps=12, dense_layers=0),
     }
-    KNOBS = ("backend", "block_m", "block_n")
+    KNOBS = ("backend", "block_m", "block_n", "reorder", "tile")
 
-    def __init__(self, config: NeighborhoodConfig, *, backend: str = "auto", block_m: int = 128, block_n: int = 64,
-                 family: str = "wan2.1"):
-        """block_m / block_n: query / key block edges of the kernel description (performance only:
-        the pattern is exact at any block size). 128 x 64 suits head dim 128 on Hopper."""
+    def __init__(self, config: NeighborhoodConfig, *, backend: str = "auto", block_m: int = 128, block_n: int = 128,
+                 reorder: bool = True, tile: tuple[int, int, int] | None = None, family: str = "wan2.1"):
+        """Performance knobs (the pattern is exact with any of them):
+
+        reorder: put q, k, v in 3-D tile order (NATTEN's token permutation) so that blocks are boxes
+                 of the grid and most listed blocks are full (no element rule); the order is undone on
+                 the output. Costs a gather of q, k, v and of the output, and pads the grid to whole
+                 tiles. Recommended (True).
+        tile:    the tile shape (tf, ty, tx) with reorder (default: of 128 tokens, least padding).
+        block_m / block_n: block edges without reorder (with reorder a block is one tile).
+        """
         super().__init__(config, backend=backend)
         for name, value in (("block_m", block_m), ("block_n", block_n)):
             if value not in (16, 32, 64, 128):
                 raise ValueError(f"neighborhood {name} must be one of 16, 32, 64, 128, got {name}={value!r}")
+        if not isinstance(reorder, bool):
+            raise ValueError(f"neighborhood reorder must be True or False, got reorder={reorder!r}")
+        if tile is not None:
+            tile = tuple(tile)
+            volume = tile[0] * tile[1] * tile[2] if len(tile) == 3 and all(isinstance(v, int) and v >= 1 for v in tile) else 0
+            if volume not in (16, 32, 64, 128):
+                raise ValueError(f"neighborhood tile must be three ints whose product is 16, 32, 64 or 128, got tile={tile!r}")
         self.block_m, self.block_n = block_m, block_n
+        self.reorder, self.tile = reorder, tile
         self.preset = PRESETS.get(family)
 
     @classmethod
@@ -141,7 +156,12 @@ class NeighborhoodAttention(BlockSparseMethod):
         return {"family": family}
 
     def knob_key(self) -> tuple:
-        return (self.block_m, self.block_n, self.preset)
+        return (self.block_m, self.block_n, self.reorder, self.tile, self.preset)
+
+    def tiling(self, layout: TokenLayout) -> nb_pattern.Tiling | None:
+        if not self.reorder:
+            return None
+        return nb_pattern.choose_tiling(layout, 128, self.tile)
 
     def spec(self, layout: TokenLayout) -> nb_pattern.Neighborhood:
         """The window parameters on ``layout`` (the preset rescaled when kernel_size is None)."""
@@ -163,7 +183,25 @@ class NeighborhoodAttention(BlockSparseMethod):
         self.spec(layout)
 
     def describe(self, layout: TokenLayout, device) -> BlockSparsity:
+        """The description in the order the kernel sees (tile order with ``reorder``)."""
+        tiling = self.tiling(layout)
+        if tiling is not None:
+            return nb_pattern.tiled_block_sparsity(layout, self.spec(layout), tiling, device=device)
         return nb_pattern.block_sparsity(layout, self.spec(layout), block_m=self.block_m, block_n=self.block_n, device=device)
+
+    def token_order(self, layout: TokenLayout, device):
+        tiling = self.tiling(layout)
+        if tiling is None:
+            return None
+        gather, valid, scatter = nb_pattern.tile_order(layout, tiling, device)
+        extra = tiling.padded_tokens - layout.video_tokens  # padding before the text in tile order
+        return gather, scatter, extra
+
+    def text_key_start(self, layout: TokenLayout) -> int | None:
+        tiling = self.tiling(layout)
+        if tiling is None or not layout.text_tokens:
+            return super().text_key_start(layout)
+        return tiling.padded_tokens  # text follows the tiles
 
     def reference_mask(self, layout: TokenLayout):
         """Token-level ``[S, S]`` twin for tests."""

@@ -16,13 +16,14 @@ to print the density.
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass
 
 import torch
 
 from diffattn.core.layout import TokenLayout
 from diffattn.patterns.blocks import BlockSparsity, from_block_mask
-from diffattn.rules.neighborhood import NeighborhoodRule, allowed as _allowed, window
+from diffattn.rules.neighborhood import NeighborhoodRule, TiledNeighborhoodRule, allowed as _allowed, window
 from diffattn.patterns.segments import segments, tile_classes
 
 
@@ -125,6 +126,132 @@ def block_sparsity(
     listed, full = tile_classes(q, kk, any_pass, all_pass)
     return from_block_mask(
         listed, layout.seq_len, block_m=block_m, block_n=block_n, partial=listed & ~full, rule=_rule(layout, nb),
+    )
+
+
+# -- tile reordering (NATTEN / GNA "token permutation") -----------------------------------------
+#
+# Row-major tokens put a 3-D window's keys into many short runs, so almost every listed block is
+# partial and pays the element rule. Reordered into 3-D tiles whose volume is the block size, a
+# block *is* a box of the grid: windows then cover whole boxes and most listed blocks are full.
+# The grid is padded up to whole tiles; padding keys are masked by the rule, padding queries are
+# dropped when the order is undone. Text tokens go after the tiles.
+
+TILE_CANDIDATES = {  # tile volume -> shapes (tf, ty, tx) tried, the first wins ties
+    128: ((2, 8, 8), (1, 8, 16), (4, 4, 8), (1, 16, 8), (2, 4, 16), (4, 8, 4), (8, 4, 4), (1, 4, 32), (2, 16, 4)),
+    64: ((1, 8, 8), (2, 4, 8), (4, 4, 4), (1, 4, 16), (2, 8, 4)),
+    32: ((1, 4, 8), (2, 4, 4), (1, 8, 4), (2, 2, 8)),  # small grids and tests
+}
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """3-D tiles of ``tile = (tf, ty, tx)`` tokens over a grid ``(F, Y, X)``."""
+
+    grid: tuple[int, int, int]
+    tile: tuple[int, int, int]
+
+    @property
+    def tiles(self) -> tuple[int, int, int]:
+        return tuple(-(-g // t) for g, t in zip(self.grid, self.tile))
+
+    @property
+    def volume(self) -> int:
+        return math.prod(self.tile)
+
+    @property
+    def padded_tokens(self) -> int:
+        return math.prod(self.tiles) * self.volume
+
+    def __repr__(self) -> str:
+        return f"Tiling(grid={self.grid}, tile={self.tile}, padding={self.padded_tokens / math.prod(self.grid) - 1:.1%})"
+
+
+def choose_tiling(layout: TokenLayout, volume: int = 128, tile=None) -> Tiling:
+    """The tiling of ``layout``'s grid with the least padding (``tile`` forces one shape)."""
+    grid = (layout.frames, layout.rows, layout.cols)
+    if tile is not None:
+        return Tiling(grid, tuple(tile))
+    if volume not in TILE_CANDIDATES:
+        raise ValueError(f"neighborhood: tile volume must be one of {sorted(TILE_CANDIDATES)}, got {volume}")
+    options = [Tiling(grid, t) for t in TILE_CANDIDATES[volume]]
+    return min(options, key=lambda o: o.padded_tokens)  # min keeps the first of equal ones
+
+
+def tiled_layout(layout: TokenLayout, tiling: Tiling) -> TokenLayout:
+    """The layout the kernels see: the padded tiled video first, then the text."""
+    return TokenLayout(1, 1, tiling.padded_tokens, layout.text_tokens, "after" if layout.text_tokens else "none")
+
+
+def tile_order(layout: TokenLayout, tiling: Tiling, device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(gather [S'], valid [S'], scatter [S]) as int64 / bool on ``device``.
+
+    ``x_tiled = x.index_select(-2, gather)`` puts a sequence into tile order (padding positions
+    read token 0, masked as keys, dropped as queries); ``x = x_tiled.index_select(-2, scatter)``
+    undoes it. ``valid`` marks the positions that hold a real token.
+    """
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    rule = _tiled_rule(layout, Neighborhood((1, 1, 1)), tiling)
+    pos = torch.arange(tiling.padded_tokens, device=dev)
+    _, f, y, x = rule.coords(pos)
+    valid = (f < layout.frames) & (y < layout.rows) & (x < layout.cols)
+    original = layout.video_start + (f * layout.rows + y) * layout.cols + x
+    text = torch.arange(layout.text_tokens, device=dev) + (0 if layout.text_position == "after" else 0)
+    text_start = layout.video_tokens if layout.text_position == "after" else 0
+    gather = torch.cat([torch.where(valid, original, torch.zeros_like(original)), text + text_start])
+    valid = torch.cat([valid, torch.ones(layout.text_tokens, dtype=torch.bool, device=dev)])
+    scatter = torch.empty(layout.seq_len, dtype=torch.int64, device=dev)
+    scatter[gather[valid]] = torch.arange(gather.numel(), device=dev)[valid]
+    return gather, valid, scatter
+
+
+def _tiled_rule(layout: TokenLayout, nb: Neighborhood, tiling: Tiling) -> TiledNeighborhoodRule:
+    return TiledNeighborhoodRule(
+        0, tiling.padded_tokens, layout.frames, layout.rows, layout.cols,
+        kernel=nb.kernel, stride=nb.stride, dilation=nb.dilation, causal=nb.causal,
+        tile=tiling.tile, tiles=tiling.tiles,
+    )
+
+
+def tiled_token_mask(layout: TokenLayout, nb: Neighborhood, tiling: Tiling) -> torch.Tensor:
+    """Reference ``[S', S']`` bool in tile order (small sizes only)."""
+    idx = torch.arange(tiling.padded_tokens + layout.text_tokens)
+    return _tiled_rule(layout, nb, tiling).mask(idx[:, None], idx[None, :])
+
+
+def tiled_block_sparsity(layout: TokenLayout, nb: Neighborhood, tiling: Tiling, *, device=None) -> BlockSparsity:
+    """Kernel description in tile order, one block per tile (block = tile volume).
+
+    Each video block is a box; per dimension the windows of the box's queries are monotone, so
+    whether some / every query of one box sees some / every key of another is exact from the box
+    ends (``_range_window``). A key box that holds padding is never full.
+    """
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    block = tiling.volume
+    n_tiles = math.prod(tiling.tiles)
+    t = torch.arange(n_tiles, device=dev)
+    idx = (t // (tiling.tiles[1] * tiling.tiles[2]), (t // tiling.tiles[2]) % tiling.tiles[1], t % tiling.tiles[2])
+    lo = [i * s for i, s in zip(idx, tiling.tile)]
+    hi = [torch.clamp(l + s - 1, max=g - 1) for l, s, g in zip(lo, tiling.tile, tiling.grid)]
+    clipped = torch.zeros(n_tiles, dtype=torch.bool, device=dev)
+    for l, s, g in zip(lo, tiling.tile, tiling.grid):
+        clipped |= l + s > g
+    any_pass = torch.ones(n_tiles, n_tiles, dtype=torch.bool, device=dev)
+    all_pass = ~clipped[None, :].expand(n_tiles, n_tiles).clone()
+    for dim in range(3):
+        k, s, d, c = nb.kernel[dim], nb.stride[dim], nb.dilation[dim], nb.causal[dim]
+        u_lo, u_hi, i_lo, i_hi = _range_window(lo[dim], hi[dim], tiling.grid[dim], k, s, d, c)
+        any_pass &= (u_lo[:, None] <= hi[dim][None, :]) & (lo[dim][None, :] <= u_hi[:, None])
+        all_pass &= (i_lo[:, None] <= lo[dim][None, :]) & (hi[dim][None, :] <= i_hi[:, None])
+    seq = tiling.padded_tokens + layout.text_tokens
+    nb_blocks = -(-seq // block)
+    listed = torch.ones(nb_blocks, nb_blocks, dtype=torch.bool, device=dev)
+    full = listed.clone()
+    listed[:n_tiles, :n_tiles] = any_pass
+    full[:n_tiles, :n_tiles] = all_pass & any_pass
+    full[n_tiles:, :n_tiles] = ~clipped[None, :]  # text queries: padded key boxes need the rule
+    return from_block_mask(
+        listed, seq, block_m=block, block_n=block, partial=listed & ~full, rule=_tiled_rule(layout, nb, tiling),
     )
 
 

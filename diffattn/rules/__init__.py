@@ -12,8 +12,8 @@ entry in ``RULES``; the BackendTester then checks every backend against the fp32
 
 from .circle import CircleRule
 from .grid import GridRule
-from .neighborhood import NeighborhoodRule, window
+from .neighborhood import NeighborhoodRule, TiledNeighborhoodRule, window
 
-RULES = {rule.kind: rule for rule in (NeighborhoodRule, CircleRule)}  # static table
+RULES = {rule.kind: rule for rule in (NeighborhoodRule, TiledNeighborhoodRule, CircleRule)}  # static table
 
-__all__ = ["RULES", "CircleRule", "GridRule", "NeighborhoodRule", "window"]
+__all__ = ["RULES", "CircleRule", "GridRule", "NeighborhoodRule", "TiledNeighborhoodRule", "window"]

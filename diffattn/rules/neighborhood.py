@@ -70,3 +70,44 @@ class NeighborhoodRule(GridRule):
             return ok
 
         return self.with_text(q_idx, kv_idx, video)
+
+
+@dataclass(frozen=True)
+class TiledNeighborhoodRule(NeighborhoodRule):
+    """The neighborhood rule on tokens reordered into 3-D tiles (``patterns.neighborhood.Tiling``).
+
+    The video region ``[video_start, video_start + video_tokens)`` holds the grid padded up to whole
+    tiles of ``tile = (tf, ty, tx)`` tokens, tile after tile (tiles frame-major, then row, then
+    column; tokens inside a tile likewise). ``video_tokens`` is the padded count. Padding tokens
+    are never attended as keys (queries there are discarded by the caller).
+    """
+
+    tile: tuple[int, int, int] = (1, 1, 1)
+    tiles: tuple[int, int, int] = (1, 1, 1)  # tiles per dimension (F, Y, X)
+
+    kind = "neighborhood_tiled"
+    kernel_id = 3
+
+    def pack(self) -> tuple[int, ...]:
+        # order read by kernels/triton/rules.py `_tiled_coords`: the neighborhood rule's 17 values,
+        # then [17:20] the tile (tf, ty, tx) and [20:22] tiles along Y and X
+        return (*super().pack(), *self.tile, self.tiles[1], self.tiles[2])
+
+    def coords(self, idx: torch.Tensor):
+        rel = idx - self.video_start
+        video = (rel >= 0) & (rel < self.video_tokens)
+        rel = rel.clamp(0, self.video_tokens - 1)
+        tf, ty, tx = self.tile
+        volume = tf * ty * tx
+        tile, inner = rel // volume, rel % volume
+        per_frame_tiles = self.tiles[1] * self.tiles[2]
+        f = (tile // per_frame_tiles) * tf + inner // (ty * tx)
+        y = ((tile // self.tiles[2]) % self.tiles[1]) * ty + (inner // tx) % ty
+        x = (tile % self.tiles[2]) * tx + inner % tx
+        return video, f, y, x
+
+    def mask(self, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        ok = super().mask(q_idx, kv_idx)
+        vk, fk, yk, xk = self.coords(kv_idx)
+        padding = vk & ((fk >= self.frames) | (yk >= self.rows) | (xk >= self.cols))
+        return ok & ~padding

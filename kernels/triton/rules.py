@@ -43,8 +43,27 @@ def _circle(fq, fk, yq, yk, xq, xk, pred_ptr):
 
 
 @triton.jit
+def _tiled_coords(r, nf, ny, nx, pred_ptr):
+    # TiledNeighborhoodRule.pack(): [17:20] tile (tf, ty, tx), [20] tiles along Y, [21] along X;
+    # returns (f, y, x) and whether the token is grid padding
+    tf = tl.load(pred_ptr + 17)
+    ty = tl.load(pred_ptr + 18)
+    tx = tl.load(pred_ptr + 19)
+    n_ty = tl.load(pred_ptr + 20)
+    n_tx = tl.load(pred_ptr + 21)
+    volume = tf * ty * tx
+    tile = r // volume
+    inner = r % volume
+    f = (tile // (n_ty * n_tx)) * tf + inner // (ty * tx)
+    y = ((tile // n_tx) % n_ty) * ty + (inner // tx) % ty
+    x = (tile % n_tx) * tx + inner % tx
+    return f, y, x, (f >= nf) | (y >= ny) | (x >= nx)
+
+
+@triton.jit
 def _predicate(qi, ki, pred_ptr, PREDICATE: tl.constexpr):
-    """Element rule of partial blocks, by kernel_id (1: neighborhood, 2: circle); qi, ki broadcast.
+    """Element rule of partial blocks, by kernel_id (1: neighborhood, 2: circle, 3: neighborhood on
+    tiled tokens); qi, ki broadcast.
 
     pred_ptr [0:5] is the grid (GridRule.pack_grid): video start, video tokens, F, Y, X.
     """
@@ -55,9 +74,15 @@ def _predicate(qi, ki, pred_ptr, PREDICATE: tl.constexpr):
     nx = tl.load(pred_ptr + 4)
     rq = qi - v0
     rk = ki - v0
-    text = (rq < 0) | (rq >= n) | (rk < 0) | (rk >= n)  # text tokens are global
+    text_k = (rk < 0) | (rk >= n)
+    text = (rq < 0) | (rq >= n) | text_k  # text tokens are global
     rq = tl.minimum(tl.maximum(rq, 0), n - 1)
     rk = tl.minimum(tl.maximum(rk, 0), n - 1)
+    if PREDICATE == 3:
+        fq, yq, xq, pad_q = _tiled_coords(rq, nf, ny, nx, pred_ptr)
+        fk, yk, xk, pad_k = _tiled_coords(rk, nf, ny, nx, pred_ptr)
+        ok = _neighborhood(fq, fk, yq, yk, xq, xk, nf, ny, nx, pred_ptr)
+        return (ok | text) & ~(pad_k & ~text_k)
     per_frame = ny * nx
     fq = rq // per_frame
     fk = rk // per_frame
