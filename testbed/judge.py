@@ -14,7 +14,7 @@ is the prompted one (an object that is not found counts as wrong for every attri
 Shape also checks proportions, which the CNN does not see well (it reads a tall oval as a circle):
 every testbed shape has n-fold rotational symmetry (n >= 3), so the second-moment matrix of its pixel
 mask is isotropic and the ratio of its principal axes is ~1. ``object_aspect`` measures that ratio
-for the asked colour on the full-resolution frames (median over frames), and shape counts as right
+for the asked colour on every frame as passed (median over frames), and shape counts as right
 only if the CNN's shape is right and the ratio is at most ``ASPECT_MAX`` (``score(..., aspect=False)``
 turns this off and gives the CNN-only verdicts).
 
@@ -42,14 +42,21 @@ SIZE = 64
 
 # Aspect check (see ``object_aspect``). ASPECT_MAX: the largest principal-axis ratio that still counts
 # as the prompted (rotationally symmetric) shape. Calibrated on rendered 128x128 scenes of
-# shapes.sample(50_000 + k) (default max_objects=3): CALIBRATION
+# shapes.sample(50_000 + k) (max_objects=3; 250 videos of 29 frames, 1000 images): the largest ratio of
+# any rendered object is 1.079 (467 video and 1144 image objects measured, 99th percentile 1.054 /
+# 1.058), so all pass; the same scenes stretched 1.3x vertically (and centre-cropped) give >= 1.258 for
+# every circle that stays in the frame (>= 1.188 for any shape), so all fail. Not measured (no frame
+# free of the border and of other objects): 7.5 % of video objects, 42 % of image objects (objects in
+# 3-object still scenes often touch). The ratio is read on the frames as passed: at 64x64 (what
+# train_judge's held-out check passes) rendered image objects reach 1.195 and 99.1 % pass.
 ASPECT_MAX = 1.15
-ASPECT_TOL = 0.3            # RGB distance (Euclidean, [0, 1] channels) of a pixel to the asked colour; generated
-                            # samples drift by a median 0.05-0.2, rendered anti-aliased edges by up to ~0.5
+ASPECT_TOL = 0.4            # RGB distance (Euclidean, [0, 1] channels) of a pixel to the asked colour (generated
+                            # samples drift by a median 0.05-0.2, some objects by more)
 ASPECT_MIN_PIXELS = 0.004   # a frame's object smaller than this fraction of the frame gives no ratio (the
                             # smallest rendered object, a 0.09-radius star, covers 0.011)
 ASPECT_MAX_CONTACT = 0.0    # a frame where more than this share of the object's 2-pixel rim is another
-                            # asked object's colour is skipped (occlusion: the visible part is not the shape)
+                            # asked object's colour is skipped (occlusion: the visible part is not the shape;
+                            # 0.06 would already let 0.5 % of rendered image objects fail, up to 1.29)
 
 
 @dataclass(frozen=True)
@@ -105,67 +112,54 @@ def color_rgb(names) -> torch.Tensor:
 # ------------------------------------------------------------------------------- aspect check
 
 
-def _palette() -> tuple[list[str], torch.Tensor]:
-    """Reference colours a pixel is matched against: the object colours, then every background colour
-    plain and lit (the striped / checkered texture), labelled ``""``."""
-    names = list(COLOR_NAMES)
-    rgb = [COLORS[c] for c in names]
+def _background_rgb() -> torch.Tensor:
+    """Every background colour, plain and lit (the striped / checkered texture), ``[8, 3]`` in [0, 1]."""
+    rgb = []
     for base in BACKGROUNDS.values():
-        lit = tuple(min(255.0, v * 1.8 + 12) for v in base)  # shapes._background's texture colour
-        names += ["", ""]
-        rgb += [base, lit]
-    return names, torch.tensor(rgb, dtype=torch.float32) / 255.0
+        rgb += [base, tuple(min(255.0, v * 1.8 + 12) for v in base)]  # shapes._background's texture colour
+    return torch.tensor(rgb, dtype=torch.float32) / 255.0
 
 
 def colour_masks(frames: torch.Tensor, colours) -> dict[str, torch.Tensor]:
-    """``{colour: bool [..., H, W]}``: pixels of ``frames`` (``[..., H, W, 3]`` in [0, 1]) whose nearest
-    reference colour (object colours and backgrounds) is ``colour``, within ``ASPECT_TOL``."""
-    names, palette = _palette()
-    dist = torch.cdist(frames.float().reshape(-1, 3), palette).reshape(*frames.shape[:-1], len(names))
+    """``{colour: bool [..., H, W]}`` for the objects asked about: each pixel of ``frames``
+    (``[..., H, W, 3]`` in [0, 1]) goes to the nearest of ``colours`` and the background colours, and
+    counts for its colour when within ``ASPECT_TOL`` of it. Only the asked colours compete: generated
+    colours drift (a purple ring drawn blue-violet), and a full palette would split such an object."""
+    colours = list(colours)
+    refs = torch.cat([color_rgb(colours), _background_rgb()])
+    dist = torch.cdist(frames.float().reshape(-1, 3), refs).reshape(*frames.shape[:-1], len(refs))
     near, which = dist.min(dim=-1)
     close = near < ASPECT_TOL
-    return {c: close & (which == names.index(c)) for c in colours}
+    return {c: close & (which == k) for k, c in enumerate(colours)}
 
 
-def _torus_components(mask: torch.Tensor, max_iters: int = 512) -> torch.Tensor:
-    """4-connected component labels (0 = background) of ``mask`` ``[F, H, W]``, each frame a torus
-    (objects that leave one edge re-enter at the opposite one)."""
+def _largest_component(mask: torch.Tensor, max_iters: int = 256) -> torch.Tensor:
+    """The largest 8-connected component of each frame of ``mask`` ``[F, H, W]`` (bool, same shape)."""
     f, h, w = mask.shape
-    ids = torch.arange(1, h * w + 1).reshape(1, h, w).expand(f, h, w)
-    labels = torch.where(mask, ids, torch.zeros_like(ids))
-    for _ in range(max_iters):  # propagate the largest label through each component
-        grown = labels
-        for shift, dim in ((1, 1), (-1, 1), (1, 2), (-1, 2)):
-            grown = torch.maximum(grown, torch.roll(labels, shift, dim))
-        grown = torch.where(mask, grown, labels)
+    ids = torch.arange(1, h * w + 1, dtype=torch.float32).reshape(1, 1, h, w).expand(f, 1, h, w)
+    inside = mask[:, None]
+    labels = torch.where(inside, ids, torch.zeros_like(ids))
+    for _ in range(max_iters):  # spread the largest label through each component (exact in float32 up to 2**24)
+        grown = torch.where(inside, F.max_pool2d(labels, 3, 1, 1), labels)
         if torch.equal(grown, labels):
             break
         labels = grown
-    return labels
-
-
-def _roll_gap(occupied: torch.Tensor) -> int:
-    """The circular shift that moves the longest run of empty rows (or columns) to the border."""
-    idx = torch.nonzero(occupied).flatten()
-    if len(idx) in (0, len(occupied)):
-        return 0
-    gaps = torch.diff(torch.cat([idx, idx[:1] + len(occupied)]))  # from each occupied index to the next
-    return -int(idx[(int(gaps.argmax()) + 1) % len(idx)])
+    labels = labels[:, 0].long().reshape(f, -1)
+    counts = torch.zeros(f, h * w + 1, dtype=torch.long).scatter_add_(1, labels, torch.ones_like(labels))
+    counts[:, 0] = 0
+    return (labels == counts.argmax(1, keepdim=True)).reshape(f, h, w) & mask
 
 
 def axis_ratio(mask) -> float:
     """sqrt(largest / smallest eigenvalue) of the pixel-coordinate covariance of ``mask`` ``[H, W]``:
-    1 for a disc (and any shape with n >= 3-fold symmetry), ``s`` for a disc stretched ``s`` times
-    along one axis. The mask is a torus: it is first shifted circularly so that its longest empty gap
-    of rows and of columns lies at the border, which makes an object that wraps around the edges whole
-    again. NaN for an empty mask."""
+    1 for a disc (and for any shape with n >= 3-fold rotational symmetry), ``s`` for a disc stretched
+    ``s`` times along one axis. NaN for an empty mask."""
     mask = torch.as_tensor(np.asarray(mask) if not torch.is_tensor(mask) else mask).bool()
     if not mask.any():
         return float("nan")
-    mask = torch.roll(mask, (_roll_gap(mask.any(1)), _roll_gap(mask.any(0))), (0, 1))
     pts = torch.nonzero(mask).double()
     pts = pts - pts.mean(0)
-    cov = pts.T @ pts / len(pts) + torch.eye(2, dtype=torch.float64) / 12  # + a pixel's own extent
+    cov = pts.T @ pts / len(pts) + torch.eye(2, dtype=torch.float64) / 12  # + each pixel's own extent
     low, high = torch.linalg.eigvalsh(cov).tolist()
     return float((high / low) ** 0.5)
 
@@ -173,34 +167,33 @@ def axis_ratio(mask) -> float:
 def object_aspect(frames, colour: str, others=()) -> float | None:
     """Median over frames of the principal-axis ratio (``axis_ratio``) of the object of ``colour``.
 
-    ``frames``: ``[F, H, W, 3]`` (or ``[H, W, 3]``) in [0, 1], all frames at full resolution. Per frame
-    the object is the largest torus-connected component of the pixels matched to ``colour``
-    (``colour_masks``); stray pixels elsewhere are ignored, and objects wrapping around the edges are
-    handled by the circular shift in ``axis_ratio``. A frame is skipped when that component covers less
-    than ``ASPECT_MIN_PIXELS`` of the frame or when more than ``ASPECT_MAX_CONTACT`` of its rim is
-    the colour of one of ``others`` (the other asked objects: an occluded object's visible part has other
-    moments). None when no frame is left (the object is not found, tiny or always occluded).
+    ``frames``: ``[F, H, W, 3]`` (or ``[H, W, 3]``) in [0, 1], every frame at full resolution;
+    ``others``: the other colours the prompt asks for. Per frame the object is the largest connected
+    component of its colour's pixels (``colour_masks``; stray pixels elsewhere are ignored). A frame
+    gives no ratio when that component
+    - covers less than ``ASPECT_MIN_PIXELS`` of the frame (not found, tiny, fading out),
+    - touches the frame border: objects that move out of the frame (testbed motions wrap around the
+      edges) are cut there, and the generated videos do not always redraw the part that re-enters on
+      the other side, so cut frames are skipped rather than stitched together,
+    - or has another asked object within 2 pixels (``ASPECT_MAX_CONTACT``): one of the two may hide part
+      of the other, and a partly hidden shape is not symmetric any more.
+    None when no frame is left (then the judge's shape verdict stands alone).
     """
-    x = torch.as_tensor(np.asarray(frames) if not torch.is_tensor(frames) else frames).float()
+    x = torch.as_tensor(np.asarray(frames) if not torch.is_tensor(frames) else frames).float().cpu()
     if x.dim() == 3:
         x = x[None]
     masks = colour_masks(x, [colour, *others])
-    labels = _torus_components(masks[colour])
-    other = torch.zeros_like(masks[colour])
-    for c in others:
-        other |= masks[c]
-    f, h, w = labels.shape
-    ratios = []
-    for t in range(f):
-        ids, counts = torch.unique(labels[t][labels[t] > 0], return_counts=True)
-        if len(ids) == 0 or int(counts.max()) < ASPECT_MIN_PIXELS * h * w:
-            continue
-        obj = labels[t] == ids[counts.argmax()]
-        if others:
-            rim = F.max_pool2d(F.pad(obj[None, None].float(), (2, 2, 2, 2), mode="circular"), 5, 1)[0, 0].bool() & ~obj
-            if float((rim & other[t]).sum()) > ASPECT_MAX_CONTACT * float(rim.sum()):
-                continue
-        ratios.append(axis_ratio(obj))
+    obj = _largest_component(masks[colour])
+    f, h, w = obj.shape
+    keep = obj.flatten(1).sum(1) >= max(ASPECT_MIN_PIXELS * h * w, 1)
+    border = obj[:, 0].any(1) | obj[:, -1].any(1) | obj[:, :, 0].any(1) | obj[:, :, -1].any(1)
+    keep &= ~border
+    if others:
+        other = torch.stack([masks[c] for c in others]).any(0)
+        rim = F.max_pool2d(obj[:, None].float(), 5, 1, 2)[:, 0].bool() & ~obj
+        contact = (rim & other).flatten(1).sum(1) / rim.flatten(1).sum(1).clamp(min=1)
+        keep &= contact <= ASPECT_MAX_CONTACT
+    ratios = [axis_ratio(obj[t]) for t in torch.nonzero(keep).flatten().tolist()]
     return float(np.median(ratios)) if ratios else None
 
 
