@@ -117,7 +117,7 @@ def sparse_patterns(shape: Shape, names) -> dict:
                 shape.frames, shape.tokens_per_frame, block_size=128, decay=shape.decay, sink=shape.sink,
                 text_tokens=shape.text, device="cuda",
             )
-            out["radial"] = from_block_mask(mask, shape.seq, block_m=128)
+            out["radial"] = (from_block_mask(mask, shape.seq, block_m=128), None)
             continue
         tiling = neighborhood.choose_tiling(layout, 128)
         if name == "nb-time":
@@ -132,9 +132,11 @@ def sparse_patterns(shape: Shape, names) -> dict:
             kernel, stride = rescale(PRESETS["hunyuan_video" if shape.text else "wan2.1"], layout)
         spec = neighborhood.spec(layout, kernel, stride)
         if name == "nb-3d-rowmajor":  # tokens in model order, 128 x 64 blocks: every block needs the rule
-            out[f"nb k={kernel} s={stride} row-major"] = neighborhood.block_sparsity(layout, spec, block_m=128, block_n=64, device="cuda")
-        else:  # tile order (the method's default), one block per tile
-            out[f"nb k={kernel} s={stride} tiles {tiling.tile}"] = neighborhood.tiled_block_sparsity(layout, spec, tiling, device="cuda")
+            out[f"nb k={kernel} s={stride} row-major"] = (neighborhood.block_sparsity(layout, spec, block_m=128, block_n=64, device="cuda"), None)
+        else:  # tile order (the method's default), one block per tile; timed with the reorder
+            gather, _, scatter = neighborhood.tile_order(layout, tiling, "cuda")
+            out[f"nb k={kernel} s={stride} tiles {tiling.tile}"] = (
+                neighborhood.tiled_block_sparsity(layout, spec, tiling, device="cuda"), (gather, scatter))
     return out
 
 
@@ -148,7 +150,7 @@ def run_shape(key: str, backward: bool, flex_sparse: bool = True, compare_tma: b
 
     sparse = {} if shape.dense_only else sparse_patterns(shape, patterns)
     if shape.dense_only:
-        sparse = {"dense": dense_blocks(s, block_m=128).to("cuda")}
+        sparse = {"dense": (dense_blocks(s, block_m=128).to("cuda"), None)}
 
     kernels = {}
 
@@ -169,20 +171,29 @@ def run_shape(key: str, backward: bool, flex_sparse: bool = True, compare_tma: b
     if shape.dense_only or key != "hunyuan509":
         flex_dense = FlexBackend(dense_blocks(s, block_m=128), "cuda", compiled=flex_fn)
         kernels["Flex (dense)"] = (lambda q, k, v: flex_dense(q, k, v), 1.0)
-    for label, sp in sparse.items():
+    def ordered(fn, order):
+        """``fn`` on tokens in tile order: gather q, k, v, run, scatter the output back (timed)."""
+        if order is None:
+            return fn
+        gather, scatter = order
+        return lambda q, k, v: fn(*(x.index_select(-2, gather) for x in (q, k, v))).index_select(-2, scatter)
+
+    for label, (sp, order) in sparse.items():
+        # computed area over the model's S x S (tile order pads the grid, so its S' > S)
+        dens = sp.density * (sp.q_len / s) ** 2
         if not shape.dense_only and flex_sparse:
             runner = FlexBackend(sp, "cuda", compiled=flex_fn)
-            kernels[f"Flex ({label})"] = ((lambda r: lambda q, k, v: r(q, k, v))(runner), sp.density)
-        kernels[f"diffattn Triton ({label})"] = ((lambda d: lambda q, k, v: block_sparse_attention(q, k, v, d))(sp), sp.density)
+            kernels[f"Flex ({label})"] = (ordered((lambda r: lambda q, k, v: r(q, k, v))(runner), order), dens)
+        kernels[f"diffattn Triton ({label})"] = (ordered((lambda d: lambda q, k, v: block_sparse_attention(q, k, v, d))(sp), order), dens)
         if compare_tma:
-            kernels[f"diffattn no-TMA ({label})"] = ((lambda d: lambda q, k, v: block_sparse_attention(q, k, v, d, tma=False))(sp), sp.density)
+            kernels[f"diffattn no-TMA ({label})"] = (ordered((lambda d: lambda q, k, v: block_sparse_attention(q, k, v, d, tma=False))(sp), order), dens)
         if label != "dense":
             full = float((sp.mask & ~sp.partial).sum() / sp.mask.sum())
-            print(f"  {label}: density {sp.density:.3f}, full blocks {full:.2f} of listed, rule {sp.rule_kind}", flush=True)
+            print(f"  {label}: density {dens:.3f} of S^2, full blocks {full:.2f} of listed, rule {sp.rule_kind}", flush=True)
 
     # correctness of ours vs cuDNN at this size, on a slice of heads (dense comparison only)
     if shape.dense_only:
-        sp = sparse["dense"]
+        sp = sparse["dense"][0]
         ref = cudnn(q[:, :2], k[:, :2], v[:, :2]).float()
         got = block_sparse_attention(q[:, :2].contiguous(), k[:, :2].contiguous(), v[:, :2].contiguous(), sp).float()
         print(f"  dense check vs cuDNN: max abs err {(got - ref).abs().max().item():.3e}", flush=True)
