@@ -29,6 +29,12 @@ class TestHunyuanRadial(AdapterTester):
     full = dict(dense_steps=0, block_size=64, decay=1000.0)
 
 
+class TestWanNeighborhoodTiled(AdapterTester):
+    family, method = WAN, "neighborhood"
+    sparse = dict(dense_steps=0, dense_layers=0, kernel_size=(3, 5, 5), reorder=True)
+    full = dict(dense_steps=0, dense_layers=0, kernel_size=(7, 8, 8), reorder=True)
+
+
 class TestHunyuanNeighborhood(AdapterTester):
     family, method = HUNYUAN, "neighborhood"
     sparse = dict(dense_steps=0, kernel_size=(3, 3, 5), dilation=(1, 2, 1))

@@ -28,7 +28,7 @@ class TestNeighborhoodMethod(MethodTester):
         (TokenLayout(5, 6, 6, 5, "after"), dict(kernel_size=(3, 3, 3), causal=(True, False, False))),
         (TokenLayout(1, 12, 13), dict(kernel_size=5, stride=2)),  # an image grid: F = 1 is not windowed
         (TokenLayout(8, 16, 16), dict()),  # the Wan preset rescaled to the testbed grid
-        (TokenLayout(4, 9, 7, 6, "after"), dict(kernel_size=(2, 4, 3), stride=(1, 2, 3), reorder=False)),  # row-major blocks
-        (TokenLayout(5, 6, 6, 5, "after"), dict(kernel_size=3, dilation=(1, 2, 1), reorder=False, block_m=32, block_n=16)),
+        (TokenLayout(4, 9, 7, 6, "after"), dict(kernel_size=(2, 4, 3), stride=(1, 2, 3), reorder=True)),  # tile order
+        (TokenLayout(5, 6, 6, 5, "after"), dict(kernel_size=3, dilation=(1, 2, 1), block_m=32, block_n=16)),
     ]
     full_cases = [(TokenLayout(3, 5, 7, 4, "after"), dict(kernel_size=(3, 5, 7)))]

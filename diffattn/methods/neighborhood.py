@@ -125,16 +125,18 @@ class NeighborhoodAttention(BlockSparseMethod):
     }
     KNOBS = ("backend", "block_m", "block_n", "reorder", "tile")
 
-    def __init__(self, config: NeighborhoodConfig, *, backend: str = "auto", block_m: int = 128, block_n: int = 128,
-                 reorder: bool = True, tile: tuple[int, int, int] | None = None, family: str = "wan2.1"):
+    def __init__(self, config: NeighborhoodConfig, *, backend: str = "auto", block_m: int = 128, block_n: int = 64,
+                 reorder: bool = False, tile: tuple[int, int, int] | None = None, family: str = "wan2.1"):
         """Performance knobs (the pattern is exact with any of them):
 
         reorder: put q, k, v in 3-D tile order (NATTEN's token permutation) so that blocks are boxes
-                 of the grid and most listed blocks are full (no element rule); the order is undone on
-                 the output. Costs a gather of q, k, v and of the output, and pads the grid to whole
-                 tiles. Recommended (True).
+                 of the grid and more listed blocks are full (no element rule); the order is undone on
+                 the output. Off by default: measured on an H200 (benchmarks/RESULTS.md, 2026-12-02)
+                 the tiled rule's partial blocks cost so much that every tested window ran slower in
+                 tile order (Wan-14B 720p, (9, 23, 40): 1530 ms against 502 ms row-major).
         tile:    the tile shape (tf, ty, tx) with reorder (default: of 128 tokens, least padding).
-        block_m / block_n: block edges without reorder (with reorder a block is one tile).
+        block_m / block_n: block edges without reorder (with reorder a block is one tile); 128 x 64
+                 measured best for the row-major description (Wan-14B temporal window: 1.71x e2e).
         """
         super().__init__(config, backend=backend)
         for name, value in (("block_m", block_m), ("block_n", block_n)):

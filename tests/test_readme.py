@@ -1,0 +1,61 @@
+"""Every code block of the README runs: Python blocks are executed, shell blocks' commands are run
+(patterns, benchmark --help) or parsed (the CLI), except the set-up lines CI itself runs."""
+
+import pathlib
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.cpu
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+BLOCKS = re.findall(r"```(\w+)\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+PYTHON = [code for lang, code in BLOCKS if lang == "python"]
+SHELL = [code for lang, code in BLOCKS if lang == "bash"]
+
+
+def test_readme_has_blocks():
+    assert len(PYTHON) >= 4 and len(SHELL) >= 2
+
+
+@pytest.mark.parametrize("index", range(len(PYTHON)))
+def test_python_block_runs(index, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    exec(compile(PYTHON[index], f"README.md python block {index}", "exec"), {"__name__": f"readme_{index}"})
+
+
+def _commands():
+    for block in SHELL:
+        text = block.replace("\\\n", " ")
+        for line in text.splitlines():
+            line = line.split(" #")[0].strip()
+            if line and not line.startswith("#"):
+                yield line
+
+
+COMMANDS = list(_commands())
+
+
+@pytest.mark.parametrize("index", range(len(COMMANDS)))
+def test_shell_command(index, tmp_path):
+    from diffattn.app import cli
+
+    line = COMMANDS[index]
+    for part in [p.strip() for p in line.split("&&")]:
+        argv = shlex.split(part)
+        if argv[0] in ("pip", "pytest"):
+            continue  # the set-up and test commands: .ci/run runs exactly these
+        if argv[0] == "diffattn":
+            cfg = cli._parse(argv[1:])  # every flag exists and parses
+            assert cfg.method in ("radial", "neighborhood")
+        elif argv[:2] == ["python", "-m"]:
+            subprocess.run([sys.executable, *argv[1:]], cwd=tmp_path, check=True, capture_output=True, timeout=300)
+        elif argv[0] == "python" and argv[1].startswith("benchmarks/"):
+            assert (ROOT / argv[1]).exists(), argv[1]
+            subprocess.run([sys.executable, str(ROOT / argv[1]), "--help"], check=True, capture_output=True, timeout=120)
+        elif argv[0] == "bash":
+            assert (ROOT / argv[1]).exists(), argv[1]
+        else:
+            raise AssertionError(f"README command not covered by this test: {part}")
