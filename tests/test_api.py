@@ -195,3 +195,20 @@ def test_layers_import_downward_only_and_the_library_never_imports_the_testbed()
                     )):
                         bad.append(f"{path.relative_to(ROOT)} imports {name}")
     assert not bad, "upward imports: " + "; ".join(bad)
+
+
+def test_everything_meets_its_written_protocol():
+    from diffattn.core.protocols import Adapter, Backend, ElementRule, Method
+    from diffattn.kernels.select import BACKEND_OBJECTS
+    from diffattn.pipelines import ADAPTERS
+    from diffattn.rules import RULES
+
+    for name, cls in METHODS.items():
+        assert isinstance(cls.from_options(cls.FAMILIES[0]), Method), name
+    for name, adapter in ADAPTERS.items():
+        assert isinstance(adapter, Adapter) and hasattr(adapter, "Processor"), name
+    for name, backend in BACKEND_OBJECTS.items():
+        assert isinstance(backend, Backend), name
+    for kind, rule in RULES.items():
+        assert isinstance(rule(0, 8, 2, 2, 2), ElementRule) and rule.kind == kind
+    assert len({rule.kernel_id for rule in RULES.values()}) == len(RULES)  # one Triton branch each
