@@ -18,6 +18,8 @@ resolutions per forward (U-Nets) get one layout per call.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 
@@ -77,10 +79,7 @@ class DiffattnProcessor:
         if method_ok and self.handle.method.active(ctx):
             self.check_parallel()
             if kv_len is not None:
-                ctx = AttnContext(
-                    layout=layout, step=ctx.step, num_steps=ctx.num_steps, layer=ctx.layer, site=ctx.site,
-                    kv_len=kv_len(), cache=ctx.cache, note=ctx.note, record=ctx.record,
-                )
+                ctx = dataclasses.replace(ctx, kv_len=kv_len())
             out = self.handle.method(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), ctx)  # [B, H, S, D]
             return out.transpose(1, 2)
         if dense_note is not None:

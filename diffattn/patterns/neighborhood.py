@@ -196,7 +196,7 @@ def tile_order(layout: TokenLayout, tiling: Tiling, device=None) -> tuple[torch.
     _, f, y, x = rule.coords(pos)
     valid = (f < layout.frames) & (y < layout.rows) & (x < layout.cols)
     original = layout.video_start + (f * layout.rows + y) * layout.cols + x
-    text = torch.arange(layout.text_tokens, device=dev) + (0 if layout.text_position == "after" else 0)
+    text = torch.arange(layout.text_tokens, device=dev)
     text_start = layout.video_tokens if layout.text_position == "after" else 0
     gather = torch.cat([torch.where(valid, original, torch.zeros_like(original)), text + text_start])
     valid = torch.cat([valid, torch.ones(layout.text_tokens, dtype=torch.bool, device=dev)])
