@@ -8,13 +8,15 @@ neighborhood patterns.
     python benchmarks/attention.py --json out.json       # also write the rows
 
 Patterns (``--patterns``): ``radial`` (the shape's radial mask, block 128), and on the video shapes
-neighborhood windows at a density comparable to radial's, described with 128 x 64 blocks:
-``nb-time`` (a temporal window, kernel (5, Y, X)), ``nb-3d`` (kernel (9, 23, 40) on Wan 720p,
-scaled by grid), ``nb-preset`` (the family preset rescaled to the grid) and ``nb-gna`` (stride =
-tile, windows on tile edges), all in tile order (the method's default: one block per 128-token
-tile), and ``nb-3d-rowmajor`` (the 3-D window in model order with 128 x 64 blocks, where every
-listed block evaluates the window rule). The permutation itself (a gather of q, k, v and of the
-output) is timed by ``benchmarks/e2e.py``, not here.
+neighborhood windows at a density comparable to radial's: ``nb-time`` (a temporal window, kernel
+(5, Y, X)), ``nb-3d`` (kernel (9, 23, 40) on Wan 720p, scaled by grid), ``nb-preset`` (the family
+preset rescaled to the grid) and ``nb-gna`` (stride = tile, windows on tile edges). Each runs in
+model (row-major) order with 128 x 64 blocks, the method's default; ``nb-...-tiles`` runs it in
+tile order (one block per 128-token tile), timed with the gather of q, k, v and the scatter of the
+output. ``--block-n 128`` describes the row-major windows with 128 x 128 blocks instead.
+
+Element rules run from per-block bits (the kernel's default; built once per description, their
+build time and memory printed); ``--compare-rule`` also times the in-kernel per-score predicate.
 
 Prints ms, TFLOP/s on computed blocks, and efficiency = density x t(best dense) / t(ours):
 1.0 means our kernel is as fast per computed block as the best dense kernel over all blocks.
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -34,7 +37,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from diffattn.core.layout import TokenLayout
-from diffattn.kernels.block_sparse import block_sparse_attention
+from diffattn.kernels.block_sparse import block_sparse_attention, element_bits
 from diffattn.kernels.flex import FlexBackend
 from diffattn.methods.neighborhood import PRESETS, rescale
 from diffattn.patterns import neighborhood, radial
@@ -104,11 +107,12 @@ def _time_pair(attn, q, k, v, backward: bool):
     return fwd, _bench(step) - fwd
 
 
-PATTERNS = ("radial", "nb-time", "nb-3d", "nb-preset", "nb-gna", "nb-3d-rowmajor")
+WINDOWS = ("nb-time", "nb-3d", "nb-preset", "nb-gna")
+PATTERNS = ("radial",) + WINDOWS + tuple(f"{w}-tiles" for w in WINDOWS)
 
 
-def sparse_patterns(shape: Shape, names) -> dict:
-    """{label: BlockSparsity} of the requested patterns on ``shape`` (on the GPU)."""
+def sparse_patterns(shape: Shape, names, block_n: int = 64) -> dict:
+    """{label: (BlockSparsity, tile order or None)} of the requested patterns on ``shape`` (GPU)."""
     layout = TokenLayout(shape.frames, shape.rows, shape.cols, shape.text, "after" if shape.text else "none")
     out = {}
     for name in names:
@@ -120,27 +124,30 @@ def sparse_patterns(shape: Shape, names) -> dict:
             out["radial"] = (from_block_mask(mask, shape.seq, block_m=128), None)
             continue
         tiling = neighborhood.choose_tiling(layout, 128)
-        if name == "nb-time":
+        window = name.removesuffix("-tiles")
+        if window == "nb-time":
             kernel, stride = (5, shape.rows, shape.cols), (1, 1, 1)
-        elif name in ("nb-3d", "nb-3d-rowmajor"):  # (9, 23, 40) on Wan 720p's (21, 45, 80), by grid fraction elsewhere
+        elif window == "nb-3d":  # (9, 23, 40) on Wan 720p's (21, 45, 80), by grid fraction elsewhere
             kernel, stride = rescale(((21, 45, 80), (9, 23, 40), (1, 1, 1)), layout)
-        elif name == "nb-gna":  # stride = tile, window starts on tile edges: GNA's "fully block-sparse" case
+        elif window == "nb-gna":  # stride = tile, window starts on tile edges: GNA's "fully block-sparse" case
             t = tiling.tile
             kernel = (min(9, shape.frames), 3 * t[1], 3 * t[2]) if t[0] == 1 else (2 * t[0], 3 * t[1], 3 * t[2])
             stride = t
         else:
             kernel, stride = rescale(PRESETS["hunyuan_video" if shape.text else "wan2.1"], layout)
         spec = neighborhood.spec(layout, kernel, stride)
-        if name == "nb-3d-rowmajor":  # tokens in model order, 128 x 64 blocks: every block needs the rule
-            out[f"nb k={kernel} s={stride} row-major"] = (neighborhood.block_sparsity(layout, spec, block_m=128, block_n=64, device="cuda"), None)
-        else:  # tile order (the method's default), one block per tile; timed with the reorder
+        if name.endswith("-tiles"):  # tile order, one block per tile; timed with the reorder
             gather, _, scatter = neighborhood.tile_order(layout, tiling, "cuda")
             out[f"nb k={kernel} s={stride} tiles {tiling.tile}"] = (
                 neighborhood.tiled_block_sparsity(layout, spec, tiling, device="cuda"), (gather, scatter))
+        else:  # model order (the method's default)
+            out[f"nb k={kernel} s={stride} row-major 128x{block_n}"] = (
+                neighborhood.block_sparsity(layout, spec, block_m=128, block_n=block_n, device="cuda"), None)
     return out
 
 
-def run_shape(key: str, backward: bool, flex_sparse: bool = True, compare_tma: bool = False, patterns=("radial",)) -> list[Row]:
+def run_shape(key: str, backward: bool, flex_sparse: bool = True, compare_tma: bool = False, patterns=("radial",),
+              compare_rule: bool = False, block_n: int = 64) -> list[Row]:
     shape = SHAPES[key]
     backward = backward and shape.backward
     s, h, d = shape.seq, shape.heads, shape.head_dim
@@ -148,7 +155,7 @@ def run_shape(key: str, backward: bool, flex_sparse: bool = True, compare_tma: b
     q, k, v = (torch.randn(1, h, s, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     flops_dense = 4.0 * h * s * s * d  # two matmuls of 2*S*S*D each, per head
 
-    sparse = {} if shape.dense_only else sparse_patterns(shape, patterns)
+    sparse = {} if shape.dense_only else sparse_patterns(shape, patterns, block_n)
     if shape.dense_only:
         sparse = {"dense": (dense_blocks(s, block_m=128).to("cuda"), None)}
 
@@ -184,9 +191,18 @@ def run_shape(key: str, backward: bool, flex_sparse: bool = True, compare_tma: b
         if not shape.dense_only and flex_sparse:
             runner = FlexBackend(sp, "cuda", compiled=flex_fn)
             kernels[f"Flex ({label})"] = (ordered((lambda r: lambda q, k, v: r(q, k, v))(runner), order), dens)
-        kernels[f"diffattn Triton ({label})"] = (ordered((lambda d: lambda q, k, v: block_sparse_attention(q, k, v, d))(sp), order), dens)
+        bits = None
+        if sp.rule is not None:  # built once per description, as the Triton backend does on the handle
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            bits = element_bits(sp)
+            torch.cuda.synchronize()
+            print(f"  {label}: element bits built in {1e3 * (time.perf_counter() - t0):.1f} ms, {bits.nbytes / 2**20:.1f} MiB", flush=True)
+        kernels[f"diffattn Triton ({label})"] = (ordered((lambda d, b: lambda q, k, v: block_sparse_attention(q, k, v, d, bits=b))(sp, bits), order), dens)
+        if compare_rule and sp.rule is not None:
+            kernels[f"diffattn Triton per-score rule ({label})"] = (ordered((lambda d: lambda q, k, v: block_sparse_attention(q, k, v, d, element_mask="rule"))(sp), order), dens)
         if compare_tma:
-            kernels[f"diffattn no-TMA ({label})"] = (ordered((lambda d: lambda q, k, v: block_sparse_attention(q, k, v, d, tma=False))(sp), order), dens)
+            kernels[f"diffattn no-TMA ({label})"] = (ordered((lambda d, b: lambda q, k, v: block_sparse_attention(q, k, v, d, tma=False, bits=b))(sp, bits), order), dens)
         if label != "dense":
             full = float((sp.mask & ~sp.partial).sum() / sp.mask.sum())
             print(f"  {label}: density {dens:.3f} of S^2, full blocks {full:.2f} of listed, rule {sp.rule_kind}", flush=True)
@@ -249,6 +265,8 @@ def main(argv=None) -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--compare-tma", action="store_true", help="also time our kernel with pointer loads")
     parser.add_argument("--patterns", nargs="*", default=["radial"], choices=PATTERNS)
+    parser.add_argument("--compare-rule", action="store_true", help="also time element rules evaluated per score in the kernel")
+    parser.add_argument("--block-n", type=int, default=64, choices=(64, 128), help="key block of the row-major windows")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("benchmarks/attention.py needs a CUDA GPU")
@@ -259,7 +277,7 @@ def main(argv=None) -> None:
     for key in args.shapes:
         print(f"{SHAPES[key].name}: S={SHAPES[key].seq}", flush=True)
         rows += run_shape(key, not args.no_backward, flex_sparse=not args.no_flex_sparse, compare_tma=args.compare_tma,
-                          patterns=args.patterns)
+                          patterns=args.patterns, compare_rule=args.compare_rule, block_n=args.block_n)
         if args.json:
             with open(args.json, "w") as fh:
                 json.dump([asdict(r) for r in rows], fh, indent=1)
@@ -268,7 +286,7 @@ def main(argv=None) -> None:
     print("\nautotuned configs (key -> config):")
     for name in ("_fwd_kernel", "_dkdv_kernel", "_dq_kernel"):
         for key, config in getattr(block_sparse, name).cache.items():
-            print(f"  {name} {key[:12]} -> {config}")
+            print(f"  {name} {key[:14]} -> {config}")
     print()
     print_table(rows)
 

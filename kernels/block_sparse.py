@@ -32,6 +32,7 @@ try:  # triton is a Linux dependency; elsewhere the backend reports it cannot ru
     import triton.language as tl
 
     HAS_TRITON = True
+    from diffattn.kernels.triton.bits import ElementBits, element_bits  # element rules as per-block bits
     from diffattn.kernels.triton.rules import _predicate  # the element-rule switch (one file per rule set)
 
     try:  # host-side TMA descriptors (Hopper and newer)
@@ -97,6 +98,30 @@ if HAS_TRITON:
         else:
             return tl.load(ptrs)
 
+    @triton.jit
+    def _bit_test(words_ptr, rows, col0, BLOCK_N: tl.constexpr, W: tl.constexpr, TRANS: tl.constexpr):
+        """The element rule read from its bits (``kernels.triton.bits``): ``words_ptr`` is the
+        [SPARSE_M, W] int64 block of one (query block, key block) pair, ``rows`` the tile's rows in
+        it, ``col0`` the tile's first key column in it. [rows, BLOCK_N] bool, or [BLOCK_N, rows]
+        with TRANS (the dK/dV pass's orientation)."""
+        # one bit per column as a [BLOCK_N] vector, so a score costs one and + one compare
+        cols = tl.arange(0, BLOCK_N)
+        bit = tl.full([BLOCK_N], 1, tl.int64) << ((col0 + cols) % 64).to(tl.int64)
+        if BLOCK_N <= 64:  # one word per row
+            words = tl.load(words_ptr + rows * W + col0 // 64)  # [rows] int64
+            if TRANS:
+                return (words[None, :] & bit[:, None]) != 0
+            else:
+                return (words[:, None] & bit[None, :]) != 0
+        else:  # two words per row, chosen per column
+            tl.static_assert(BLOCK_N == 128, "key tiles of at most 128 columns")
+            lo = tl.load(words_ptr + rows * W + col0 // 64)
+            hi = tl.load(words_ptr + rows * W + col0 // 64 + 1)
+            if TRANS:
+                return (tl.where(cols[:, None] < 64, lo[None, :], hi[None, :]) & bit[:, None]) != 0
+            else:
+                return (tl.where(cols[None, :] < 64, lo[:, None], hi[:, None]) & bit[None, :]) != 0
+
     # -- forward inner loop ----------------------------------------------------------------------
 
     @triton.jit
@@ -113,9 +138,10 @@ if HAS_TRITON:
     @triton.jit
     def _fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, h, idx_ptr, count, kv_end,
-        stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, offs_m, pred_ptr,
+        stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, offs_m, pred_ptr, bits_base,
         BLOCK_N: tl.constexpr, SPARSE_N: tl.constexpr, MASKED: tl.constexpr, PAD_D: tl.constexpr,
-        HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr, PREDICATE: tl.constexpr,
+        HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr, PREDICATE: tl.constexpr, RULE: tl.constexpr, W: tl.constexpr,
+        SPARSE_M: tl.constexpr,
     ):
         tl.static_assert(SPARSE_N % BLOCK_N == 0, "the kernel tile must divide the sparse block")
         SUB: tl.constexpr = SPARSE_N // BLOCK_N
@@ -123,16 +149,25 @@ if HAS_TRITON:
             kb = tl.load(idx_ptr + t // SUB)
             start = kb * SPARSE_N + (t % SUB) * BLOCK_N
             offs_n = start + tl.arange(0, BLOCK_N)
-            k = _load_rows(k_desc, k_base, b, h, start, offs_n, offs_d, stride_kn, stride_kd, kv_end, head_dim, BLOCK_N, HEAD_DIM, MASKED, PAD_D, USE_TMA)
-            v = _load_rows(v_desc, v_base, b, h, start, offs_n, offs_d, stride_vn, stride_vd, kv_end, head_dim, BLOCK_N, HEAD_DIM, MASKED, PAD_D, USE_TMA)
+            k = _load_rows(k_desc, k_base, b, h, start, offs_n, offs_d, stride_kn, stride_kd, kv_end, head_dim, BLOCK_N, HEAD_DIM, MASKED | (RULE == 2), PAD_D, USE_TMA)
+            v = _load_rows(v_desc, v_base, b, h, start, offs_n, offs_d, stride_vn, stride_vd, kv_end, head_dim, BLOCK_N, HEAD_DIM, MASKED | (RULE == 2), PAD_D, USE_TMA)
             qk = tl.dot(q, tl.trans(k))  # [BLOCK_M, BLOCK_N] raw scores
+            # MASKED: the key bound (kv_end); RULE: the element rule (1 per score, 2 from its bits,
+            # which also hold the static sequence tail, so partial blocks may skip the bound)
             if MASKED:
                 valid = offs_n[None, :] < kv_end
-                if PREDICATE != 0:
+                if RULE == 1:
                     valid = valid & _predicate(offs_m[:, None], offs_n[None, :], pred_ptr, PREDICATE)
+                elif RULE == 2:  # the rule's bits for this block pair: [SPARSE_M rows, W words]
+                    valid = valid & _bit_test(bits_base + (t // SUB) * (SPARSE_M * W), tl.arange(0, SPARSE_M), (t % SUB) * BLOCK_N, BLOCK_N, W, False)
+                qk = tl.where(valid, qk, float("-inf"))
+            elif RULE == 2:
+                valid = _bit_test(bits_base + (t // SUB) * (SPARSE_M * W), tl.arange(0, SPARSE_M), (t % SUB) * BLOCK_N, BLOCK_N, W, False)
                 qk = tl.where(valid, qk, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)  # running max of base-2 logits
             if MASKED:  # a fully masked row keeps m = -inf: subtract 0 instead (exp2(-inf) = 0)
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            elif RULE != 0:
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             else:
                 m_safe = m_new
@@ -173,13 +208,13 @@ if HAS_TRITON:
     # -- forward kernel --------------------------------------------------------------------------
 
     @triton.autotune(
-        configs=_fwd_configs(), key=["HEAD_DIM", "SPARSE_M", "SPARSE_N", "HAS_KV_LEN", "USE_TMA"],
+        configs=_fwd_configs(), key=["HEAD_DIM", "SPARSE_M", "SPARSE_N", "HAS_KV_LEN", "USE_TMA", "PREDICATE", "RULE"],
         prune_configs_by={"early_config_prune": _prune_fwd},
     )
     @triton.jit
     def _fwd_kernel(
         Q, K, V, K_desc, V_desc, Out, Lse,
-        full_num, full_idx, part_num, part_idx, kv_len_ptr, pred_ptr,
+        full_num, full_idx, part_num, part_idx, kv_len_ptr, pred_ptr, bits,
         stride_qb, stride_qh, stride_qm, stride_qd,
         stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd,
@@ -188,7 +223,7 @@ if HAS_TRITON:
         list_head_stride, num_q_blocks, full_width, part_width,
         HEAD_DIM: tl.constexpr, SPARSE_M: tl.constexpr, SPARSE_N: tl.constexpr,
         HAS_KV_LEN: tl.constexpr, PAD_D: tl.constexpr, USE_TMA: tl.constexpr, PREDICATE: tl.constexpr,
-        BLOCK_N: tl.constexpr,
+        RULE: tl.constexpr, W: tl.constexpr, PART_BOUND: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         qb = tl.program_id(0)
         bh = tl.program_id(1)
@@ -220,18 +255,18 @@ if HAS_TRITON:
                 kb = tl.load(full_list + i)
                 n_clean += ((kb + 1) * SPARSE_N <= kv_end).to(tl.int32)
             if PAD_D:
-                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, K_desc, V_desc, b, h, full_list, n_clean, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, offs_m, pred_ptr, BLOCK_N, SPARSE_N, False, True, HEAD_DIM, USE_TMA, PREDICATE)
-                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, K_desc, V_desc, b, h, full_list + n_clean, n_full - n_clean, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, offs_m, pred_ptr, BLOCK_N, SPARSE_N, True, True, HEAD_DIM, USE_TMA, PREDICATE)
+                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, K_desc, V_desc, b, h, full_list, n_clean, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, offs_m, pred_ptr, bits, BLOCK_N, SPARSE_N, False, True, HEAD_DIM, USE_TMA, PREDICATE, 0, W, SPARSE_M)
+                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, K_desc, V_desc, b, h, full_list + n_clean, n_full - n_clean, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, offs_m, pred_ptr, bits, BLOCK_N, SPARSE_N, True, True, HEAD_DIM, USE_TMA, PREDICATE, 0, W, SPARSE_M)
             else:
-                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, K_desc, V_desc, b, h, full_list, n_clean, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, offs_m, pred_ptr, BLOCK_N, SPARSE_N, False, False, HEAD_DIM, USE_TMA, PREDICATE)
-                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, K_desc, V_desc, b, h, full_list + n_clean, n_full - n_clean, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, offs_m, pred_ptr, BLOCK_N, SPARSE_N, True, False, HEAD_DIM, USE_TMA, PREDICATE)
+                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, K_desc, V_desc, b, h, full_list, n_clean, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, offs_m, pred_ptr, bits, BLOCK_N, SPARSE_N, False, False, HEAD_DIM, USE_TMA, PREDICATE, 0, W, SPARSE_M)
+                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, K_desc, V_desc, b, h, full_list + n_clean, n_full - n_clean, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, offs_m, pred_ptr, bits, BLOCK_N, SPARSE_N, True, False, HEAD_DIM, USE_TMA, PREDICATE, 0, W, SPARSE_M)
         else:
             if PAD_D:
-                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, K_desc, V_desc, b, h, full_list, n_full, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, offs_m, pred_ptr, BLOCK_N, SPARSE_N, False, True, HEAD_DIM, USE_TMA, PREDICATE)
+                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, K_desc, V_desc, b, h, full_list, n_full, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, offs_m, pred_ptr, bits, BLOCK_N, SPARSE_N, False, True, HEAD_DIM, USE_TMA, PREDICATE, 0, W, SPARSE_M)
             else:
-                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, K_desc, V_desc, b, h, full_list, n_full, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, offs_m, pred_ptr, BLOCK_N, SPARSE_N, False, False, HEAD_DIM, USE_TMA, PREDICATE)
+                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, K_desc, V_desc, b, h, full_list, n_full, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, offs_m, pred_ptr, bits, BLOCK_N, SPARSE_N, False, False, HEAD_DIM, USE_TMA, PREDICATE, 0, W, SPARSE_M)
         part_list = part_idx + row * part_width
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, K_desc, V_desc, b, h, part_list, n_part, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, offs_m, pred_ptr, BLOCK_N, SPARSE_N, True, True, HEAD_DIM, USE_TMA, PREDICATE)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, K_desc, V_desc, b, h, part_list, n_part, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, offs_m, pred_ptr, bits + row * part_width * (SPARSE_M * W), BLOCK_N, SPARSE_N, PART_BOUND, True, HEAD_DIM, USE_TMA, PREDICATE, RULE, W, SPARSE_M)
 
         empty = l_i == 0.0
         l_safe = tl.where(empty, 1.0, l_i)
@@ -263,8 +298,10 @@ if HAS_TRITON:
     def _dkdv_inner(
         dk, dv, k, v, q_base, do_base, q_desc, do_desc, b, h, lse_base, delta_base, idx_ptr, count,
         offs_n, offs_d, stride_qm, stride_qd, stride_dom, stride_dod, q_len, kv_end, head_dim, qk_scale,
-        pred_ptr, BLOCK_M: tl.constexpr, SPARSE_M: tl.constexpr, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr,
-        PAD_D: tl.constexpr, USE_TMA: tl.constexpr, PREDICATE: tl.constexpr,
+        pred_ptr, slot_ptr, bits_head, bits_width, key_col0,
+        BLOCK_M: tl.constexpr, SPARSE_M: tl.constexpr, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr,
+        PAD_D: tl.constexpr, USE_TMA: tl.constexpr, PREDICATE: tl.constexpr, RULE: tl.constexpr, W: tl.constexpr,
+        BLOCK_N: tl.constexpr,
     ):
         tl.static_assert(SPARSE_M % BLOCK_M == 0, "the kernel tile must divide the sparse block")
         SUB: tl.constexpr = SPARSE_M // BLOCK_M
@@ -282,8 +319,12 @@ if HAS_TRITON:
             valid = offs_m[None, :] < q_len
             if MASKED:
                 valid = valid & (offs_n[:, None] < kv_end)
-                if PREDICATE != 0:
-                    valid = valid & _predicate(offs_m[None, :], offs_n[:, None], pred_ptr, PREDICATE)
+            if RULE == 1:
+                valid = valid & _predicate(offs_m[None, :], offs_n[:, None], pred_ptr, PREDICATE)
+            elif RULE == 2:  # bits of (query block qb, this key block) at its slot in qb's list
+                slot = tl.load(slot_ptr + t // SUB)
+                words = bits_head + (qb.to(tl.int64) * bits_width + slot) * (SPARSE_M * W)
+                valid = valid & _bit_test(words, (t % SUB) * BLOCK_M + tl.arange(0, BLOCK_M), key_col0, BLOCK_N, W, True)
             pT = tl.where(valid, pT, 0.0)
             dv += tl.dot(pT.to(do.dtype), do)
             dpT = tl.dot(v, tl.trans(do))
@@ -317,23 +358,23 @@ if HAS_TRITON:
         return kept or [triton.Config({"BLOCK_M": min(sm, 32), "BLOCK_N": min(sn, 32)}, num_warps=4, num_stages=2, pre_hook=_set_block_shapes)]
 
     @triton.autotune(
-        configs=_bwd_configs("dkdv"), key=["HEAD_DIM", "SPARSE_M", "SPARSE_N", "HAS_KV_LEN", "USE_TMA"],
+        configs=_bwd_configs("dkdv"), key=["HEAD_DIM", "SPARSE_M", "SPARSE_N", "HAS_KV_LEN", "USE_TMA", "PREDICATE", "RULE"],
         prune_configs_by={"early_config_prune": _prune_bwd},
     )
     @triton.jit
     def _dkdv_kernel(
         Q, K, V, dO, Q_desc, dO_desc, Lse, Delta, dK, dV,
-        q_full_num, q_full_idx, q_part_num, q_part_idx, kv_len_ptr, pred_ptr,
+        q_full_num, q_full_idx, q_part_num, q_part_idx, kv_len_ptr, pred_ptr, bits, q_part_slot,
         stride_qb, stride_qh, stride_qm, stride_qd,
         stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd,
         stride_dob, stride_doh, stride_dom, stride_dod,
         stride_dkb, stride_dkh, stride_dkn, stride_dkd,
         num_heads, q_len, kv_len, head_dim, qk_scale, sm_scale,
-        list_head_stride, full_width, part_width,
+        list_head_stride, full_width, part_width, bits_head_stride, bits_width,
         HEAD_DIM: tl.constexpr, SPARSE_M: tl.constexpr, SPARSE_N: tl.constexpr,
         HAS_KV_LEN: tl.constexpr, PAD_D: tl.constexpr, USE_TMA: tl.constexpr, PREDICATE: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        RULE: tl.constexpr, W: tl.constexpr, PART_BOUND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         tile = tl.program_id(0)  # key tile of BLOCK_N rows
         bh = tl.program_id(1)
@@ -356,14 +397,16 @@ if HAS_TRITON:
         delta_base = Delta + bh.to(tl.int64) * q_len
         row = h.to(tl.int64) * list_head_stride + kb
         clean = (kb + 1) * SPARSE_N <= kv_end
+        bits_head = bits + h.to(tl.int64) * bits_head_stride * bits_width * (SPARSE_M * W)  # forward lists' head
+        key_col0 = tile * BLOCK_N - kb * SPARSE_N  # this key tile's first column in its sparse block
         if tile * BLOCK_N < kv_end:
             n_full = tl.load(q_full_num + row)
             n_part = tl.load(q_part_num + row)
             if clean:
-                dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, Q_desc, dO_desc, b, h, lse_base, delta_base, q_full_idx + row * full_width, n_full, offs_n, offs_d, stride_qm, stride_qd, stride_dom, stride_dod, q_len, kv_end, head_dim, qk_scale, pred_ptr, BLOCK_M, SPARSE_M, False, HEAD_DIM, PAD_D, USE_TMA, PREDICATE)
+                dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, Q_desc, dO_desc, b, h, lse_base, delta_base, q_full_idx + row * full_width, n_full, offs_n, offs_d, stride_qm, stride_qd, stride_dom, stride_dod, q_len, kv_end, head_dim, qk_scale, pred_ptr, q_part_slot, bits_head, bits_width, key_col0, BLOCK_M, SPARSE_M, False, HEAD_DIM, PAD_D, USE_TMA, PREDICATE, 0, W, BLOCK_N)
             else:
-                dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, Q_desc, dO_desc, b, h, lse_base, delta_base, q_full_idx + row * full_width, n_full, offs_n, offs_d, stride_qm, stride_qd, stride_dom, stride_dod, q_len, kv_end, head_dim, qk_scale, pred_ptr, BLOCK_M, SPARSE_M, True, HEAD_DIM, PAD_D, USE_TMA, PREDICATE)
-            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, Q_desc, dO_desc, b, h, lse_base, delta_base, q_part_idx + row * part_width, n_part, offs_n, offs_d, stride_qm, stride_qd, stride_dom, stride_dod, q_len, kv_end, head_dim, qk_scale, pred_ptr, BLOCK_M, SPARSE_M, True, HEAD_DIM, PAD_D, USE_TMA, PREDICATE)
+                dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, Q_desc, dO_desc, b, h, lse_base, delta_base, q_full_idx + row * full_width, n_full, offs_n, offs_d, stride_qm, stride_qd, stride_dom, stride_dod, q_len, kv_end, head_dim, qk_scale, pred_ptr, q_part_slot, bits_head, bits_width, key_col0, BLOCK_M, SPARSE_M, True, HEAD_DIM, PAD_D, USE_TMA, PREDICATE, 0, W, BLOCK_N)
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, Q_desc, dO_desc, b, h, lse_base, delta_base, q_part_idx + row * part_width, n_part, offs_n, offs_d, stride_qm, stride_qd, stride_dom, stride_dod, q_len, kv_end, head_dim, qk_scale, pred_ptr, q_part_slot + row * part_width, bits_head, bits_width, key_col0, BLOCK_M, SPARSE_M, PART_BOUND, HEAD_DIM, PAD_D, USE_TMA, PREDICATE, RULE, W, BLOCK_N)
         dk = dk * sm_scale
         out_mask = (offs_n[:, None] < kv_len) & (offs_d[None, :] < head_dim)
         dk_off = b.to(tl.int64) * stride_dkb + h.to(tl.int64) * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
@@ -374,8 +417,9 @@ if HAS_TRITON:
     def _dq_inner(
         dq, q, do, lse, delta, k_base, v_base, k_desc, v_desc, b, h, idx_ptr, count, offs_m, offs_d,
         stride_kn, stride_kd, stride_vn, stride_vd, q_len, kv_end, head_dim, qk_scale,
-        pred_ptr, BLOCK_N: tl.constexpr, SPARSE_N: tl.constexpr, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr,
-        PAD_D: tl.constexpr, USE_TMA: tl.constexpr, PREDICATE: tl.constexpr,
+        pred_ptr, bits_base, row0, BLOCK_N: tl.constexpr, SPARSE_N: tl.constexpr, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr,
+        PAD_D: tl.constexpr, USE_TMA: tl.constexpr, PREDICATE: tl.constexpr, RULE: tl.constexpr, W: tl.constexpr,
+        SPARSE_M: tl.constexpr, BLOCK_M: tl.constexpr,
     ):
         tl.static_assert(SPARSE_N % BLOCK_N == 0, "the kernel tile must divide the sparse block")
         SUB: tl.constexpr = SPARSE_N // BLOCK_N
@@ -383,28 +427,32 @@ if HAS_TRITON:
             kb = tl.load(idx_ptr + t // SUB)
             start = kb * SPARSE_N + (t % SUB) * BLOCK_N
             offs_n = start + tl.arange(0, BLOCK_N)
-            k = _load_rows(k_desc, k_base, b, h, start, offs_n, offs_d, stride_kn, stride_kd, kv_end, head_dim, BLOCK_N, HEAD_DIM, MASKED, PAD_D, USE_TMA)
-            v = _load_rows(v_desc, v_base, b, h, start, offs_n, offs_d, stride_vn, stride_vd, kv_end, head_dim, BLOCK_N, HEAD_DIM, MASKED, PAD_D, USE_TMA)
+            k = _load_rows(k_desc, k_base, b, h, start, offs_n, offs_d, stride_kn, stride_kd, kv_end, head_dim, BLOCK_N, HEAD_DIM, MASKED | (RULE == 2), PAD_D, USE_TMA)
+            v = _load_rows(v_desc, v_base, b, h, start, offs_n, offs_d, stride_vn, stride_vd, kv_end, head_dim, BLOCK_N, HEAD_DIM, MASKED | (RULE == 2), PAD_D, USE_TMA)
             qk = tl.dot(q, tl.trans(k)) * qk_scale
             p = tl.math.exp2(qk - lse[:, None])
             if MASKED:
                 valid = offs_n[None, :] < kv_end
-                if PREDICATE != 0:
+                if RULE == 1:
                     valid = valid & _predicate(offs_m[:, None], offs_n[None, :], pred_ptr, PREDICATE)
+                elif RULE == 2:  # bits of this pair; row0: the tile's first row in its sparse block
+                    valid = valid & _bit_test(bits_base + (t // SUB) * (SPARSE_M * W), row0 + tl.arange(0, BLOCK_M), (t % SUB) * BLOCK_N, BLOCK_N, W, False)
                 p = tl.where(valid, p, 0.0)
+            elif RULE == 2:
+                p = tl.where(_bit_test(bits_base + (t // SUB) * (SPARSE_M * W), row0 + tl.arange(0, BLOCK_M), (t % SUB) * BLOCK_N, BLOCK_N, W, False), p, 0.0)
             dp = tl.dot(do, tl.trans(v))
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(k.dtype), k)
         return dq
 
     @triton.autotune(
-        configs=_bwd_configs("dq"), key=["HEAD_DIM", "SPARSE_M", "SPARSE_N", "HAS_KV_LEN", "USE_TMA"],
+        configs=_bwd_configs("dq"), key=["HEAD_DIM", "SPARSE_M", "SPARSE_N", "HAS_KV_LEN", "USE_TMA", "PREDICATE", "RULE"],
         prune_configs_by={"early_config_prune": _prune_bwd},
     )
     @triton.jit
     def _dq_kernel(
         Q, K, V, dO, K_desc, V_desc, Lse, Delta, dQ,
-        full_num, full_idx, part_num, part_idx, kv_len_ptr, pred_ptr,
+        full_num, full_idx, part_num, part_idx, kv_len_ptr, pred_ptr, bits,
         stride_qb, stride_qh, stride_qm, stride_qd,
         stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd,
@@ -414,7 +462,7 @@ if HAS_TRITON:
         list_head_stride, full_width, part_width,
         HEAD_DIM: tl.constexpr, SPARSE_M: tl.constexpr, SPARSE_N: tl.constexpr,
         HAS_KV_LEN: tl.constexpr, PAD_D: tl.constexpr, USE_TMA: tl.constexpr, PREDICATE: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        RULE: tl.constexpr, W: tl.constexpr, PART_BOUND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         tile = tl.program_id(0)  # query tile of BLOCK_M rows
         bh = tl.program_id(1)
@@ -440,10 +488,10 @@ if HAS_TRITON:
         n_full = tl.load(full_num + row)
         n_part = tl.load(part_num + row)
         if HAS_KV_LEN:
-            dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, K_desc, V_desc, b, h, full_idx + row * full_width, n_full, offs_m, offs_d, stride_kn, stride_kd, stride_vn, stride_vd, q_len, kv_end, head_dim, qk_scale, pred_ptr, BLOCK_N, SPARSE_N, True, HEAD_DIM, PAD_D, USE_TMA, PREDICATE)
+            dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, K_desc, V_desc, b, h, full_idx + row * full_width, n_full, offs_m, offs_d, stride_kn, stride_kd, stride_vn, stride_vd, q_len, kv_end, head_dim, qk_scale, pred_ptr, bits + row * part_width * (SPARSE_M * W), tile * BLOCK_M - qb * SPARSE_M, BLOCK_N, SPARSE_N, True, HEAD_DIM, PAD_D, USE_TMA, PREDICATE, 0, W, SPARSE_M, BLOCK_M)
         else:
-            dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, K_desc, V_desc, b, h, full_idx + row * full_width, n_full, offs_m, offs_d, stride_kn, stride_kd, stride_vn, stride_vd, q_len, kv_end, head_dim, qk_scale, pred_ptr, BLOCK_N, SPARSE_N, False, HEAD_DIM, PAD_D, USE_TMA, PREDICATE)
-        dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, K_desc, V_desc, b, h, part_idx + row * part_width, n_part, offs_m, offs_d, stride_kn, stride_kd, stride_vn, stride_vd, q_len, kv_end, head_dim, qk_scale, pred_ptr, BLOCK_N, SPARSE_N, True, HEAD_DIM, PAD_D, USE_TMA, PREDICATE)
+            dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, K_desc, V_desc, b, h, full_idx + row * full_width, n_full, offs_m, offs_d, stride_kn, stride_kd, stride_vn, stride_vd, q_len, kv_end, head_dim, qk_scale, pred_ptr, bits + row * part_width * (SPARSE_M * W), tile * BLOCK_M - qb * SPARSE_M, BLOCK_N, SPARSE_N, False, HEAD_DIM, PAD_D, USE_TMA, PREDICATE, 0, W, SPARSE_M, BLOCK_M)
+        dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, K_desc, V_desc, b, h, part_idx + row * part_width, n_part, offs_m, offs_d, stride_kn, stride_kd, stride_vn, stride_vd, q_len, kv_end, head_dim, qk_scale, pred_ptr, bits + row * part_width * (SPARSE_M * W), tile * BLOCK_M - qb * SPARSE_M, BLOCK_N, SPARSE_N, PART_BOUND, HEAD_DIM, PAD_D, USE_TMA, PREDICATE, RULE, W, SPARSE_M, BLOCK_M)
         dq = dq * sm_scale
         tl.store(dQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd, dq.to(dQ.dtype.element_ty), mask=qmask)
 
@@ -476,7 +524,14 @@ def _descriptors(use_tma: bool, head: int, *tensors):
     return tuple(TensorDescriptor.from_tensor(t, [1, 1, 16, head]) for t in tensors)
 
 
-def _forward(q, k, v, full_num, full_idx, part_num, part_idx, kv_len, pred, predicate, scale, sparse_m, sparse_n, tma):
+def _rule_mode(predicate: int, bits) -> tuple[int, int]:
+    """(RULE, W): 0 no element rule, 1 the in-kernel predicate, 2 the precomputed bits (W words a row)."""
+    if predicate == 0:
+        return 0, 1
+    return (2, bits.shape[-1]) if bits is not None else (1, 1)
+
+
+def _forward(q, k, v, full_num, full_idx, part_num, part_idx, kv_len, pred, predicate, bits, bound, scale, sparse_m, sparse_n, tma):
     b, h, sq, d = q.shape
     sk = k.shape[2]
     use_tma = tma and _use_tma(q, k, v)
@@ -485,19 +540,21 @@ def _forward(q, k, v, full_num, full_idx, part_num, part_idx, kv_len, pred, pred
     lse = torch.empty(b, h, sq, device=q.device, dtype=torch.float32)
     kv_ptr = kv_len if kv_len is not None else full_num  # never read when HAS_KV_LEN is False
     grid = (-(-sq // sparse_m), b * h)
+    rule, words = _rule_mode(predicate, bits)
     _fwd_kernel[grid](
         q, k, v, k_desc, v_desc, out, lse, full_num, full_idx, part_num, part_idx, kv_ptr,
-        pred if pred is not None else full_num,
+        pred if pred is not None else full_num, bits if bits is not None else full_num,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         h, sq, sk, d, scale * LOG2E,
         _list_head_stride(full_num), full_num.shape[1], full_idx.shape[-1], part_idx.shape[-1],
         HEAD_DIM=_head_dim_pow2(d), SPARSE_M=sparse_m, SPARSE_N=sparse_n, HAS_KV_LEN=kv_len is not None,
-        PAD_D=_head_dim_pow2(d) != d, USE_TMA=use_tma, PREDICATE=predicate,
+        PAD_D=_head_dim_pow2(d) != d, USE_TMA=use_tma, PREDICATE=predicate, RULE=rule, W=words,
+        PART_BOUND=rule != 2 or bound,
     )
     return out, lse
 
 
-def _backward(do, q, k, v, out, lse, lists, kv_len, pred, predicate, scale, sparse_m, sparse_n, tma):
+def _backward(do, q, k, v, out, lse, lists, kv_len, pred, predicate, bits, q_part_slot, bound, scale, sparse_m, sparse_n, tma):
     (full_num, full_idx, part_num, part_idx, q_full_num, q_full_idx, q_part_num, q_part_idx) = lists
     b, h, sq, d = q.shape
     sk = k.shape[2]
@@ -511,19 +568,26 @@ def _backward(do, q, k, v, out, lse, lists, kv_len, pred, predicate, scale, spar
     q_desc, do_desc, k_desc, v_desc = _descriptors(use_tma, head, q, do, k, v)
     pad_d = head != d
     pred_ptr = pred if pred is not None else full_num
+    rule, words = _rule_mode(predicate, bits)
+    bits_ptr = bits if bits is not None else full_num
+    slot_ptr = q_part_slot if q_part_slot is not None else full_num
     _dkdv_kernel[lambda meta: (-(-sk // meta["BLOCK_N"]), b * h)](
         q, k, v, do, q_desc, do_desc, lse, delta, dk, dv, q_full_num, q_full_idx, q_part_num, q_part_idx, kv_ptr, pred_ptr,
+        bits_ptr, slot_ptr,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(),
         h, sq, sk, d, scale * LOG2E, scale,
         _list_head_stride(q_full_num), q_full_idx.shape[-1], q_part_idx.shape[-1],
+        _list_head_stride(full_num), part_idx.shape[-1],
         HEAD_DIM=head, SPARSE_M=sparse_m, SPARSE_N=sparse_n, HAS_KV_LEN=has_kv, PAD_D=pad_d, USE_TMA=use_tma, PREDICATE=predicate,
+        RULE=rule, W=words, PART_BOUND=rule != 2 or bound,
     )
     _dq_kernel[lambda meta: (-(-sq // meta["BLOCK_M"]), b * h)](
-        q, k, v, do, k_desc, v_desc, lse, delta, dq, full_num, full_idx, part_num, part_idx, kv_ptr, pred_ptr,
+        q, k, v, do, k_desc, v_desc, lse, delta, dq, full_num, full_idx, part_num, part_idx, kv_ptr, pred_ptr, bits_ptr,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         h, sq, sk, d, scale * LOG2E, scale,
         _list_head_stride(full_num), full_idx.shape[-1], part_idx.shape[-1],
         HEAD_DIM=head, SPARSE_M=sparse_m, SPARSE_N=sparse_n, HAS_KV_LEN=has_kv, PAD_D=pad_d, USE_TMA=use_tma, PREDICATE=predicate,
+        RULE=rule, W=words, PART_BOUND=rule != 2 or bound,
     )
     return dq, dk, dv
 
@@ -536,14 +600,16 @@ def block_sparse_fwd(
     full_num: torch.Tensor, full_idx: torch.Tensor, part_num: torch.Tensor, part_idx: torch.Tensor,
     q_full_num: torch.Tensor, q_full_idx: torch.Tensor, q_part_num: torch.Tensor, q_part_idx: torch.Tensor,
     kv_len: torch.Tensor | None, pred: torch.Tensor | None, predicate: int,
+    bits: torch.Tensor | None, q_part_slot: torch.Tensor | None, bound: bool,
     scale: float, sparse_m: int, sparse_n: int, tma: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward: (out [B, H, Sq, D], lse [B, H, Sq] fp32 natural log)."""
-    return _forward(q, k, v, full_num, full_idx, part_num, part_idx, kv_len, pred, predicate, scale, sparse_m, sparse_n, tma)
+    return _forward(q, k, v, full_num, full_idx, part_num, part_idx, kv_len, pred, predicate, bits, bound, scale, sparse_m, sparse_n, tma)
 
 
 @block_sparse_fwd.register_fake
-def _(q, k, v, full_num, full_idx, part_num, part_idx, q_full_num, q_full_idx, q_part_num, q_part_idx, kv_len, pred, predicate, scale, sparse_m, sparse_n, tma):
+def _(q, k, v, full_num, full_idx, part_num, part_idx, q_full_num, q_full_idx, q_part_num, q_part_idx, kv_len, pred, predicate,
+      bits, q_part_slot, bound, scale, sparse_m, sparse_n, tma):
     return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
@@ -553,11 +619,12 @@ def block_sparse_bwd(
     full_num: torch.Tensor, full_idx: torch.Tensor, part_num: torch.Tensor, part_idx: torch.Tensor,
     q_full_num: torch.Tensor, q_full_idx: torch.Tensor, q_part_num: torch.Tensor, q_part_idx: torch.Tensor,
     kv_len: torch.Tensor | None, pred: torch.Tensor | None, predicate: int,
+    bits: torch.Tensor | None, q_part_slot: torch.Tensor | None, bound: bool,
     scale: float, sparse_m: int, sparse_n: int, tma: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward: (dq, dk, dv)."""
     lists = (full_num, full_idx, part_num, part_idx, q_full_num, q_full_idx, q_part_num, q_part_idx)
-    return _backward(do.contiguous(), q, k, v, out, lse, lists, kv_len, pred, predicate, scale, sparse_m, sparse_n, tma)
+    return _backward(do.contiguous(), q, k, v, out, lse, lists, kv_len, pred, predicate, bits, q_part_slot, bound, scale, sparse_m, sparse_n, tma)
 
 
 @block_sparse_bwd.register_fake
@@ -566,30 +633,36 @@ def _(do, q, k, v, out, lse, *rest):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, *lists, kv_len, pred, predicate, scale, sparse_m, sparse_n, tma = inputs
+    q, k, v, *lists, kv_len, pred, predicate, bits, q_part_slot, bound, scale, sparse_m, sparse_n, tma = inputs
     out, lse = output
-    optional = tuple(t for t in (kv_len, pred) if t is not None)
-    ctx.save_for_backward(q, k, v, out, lse, *lists, *optional)
-    ctx.has_kv_len, ctx.has_pred = kv_len is not None, pred is not None
-    ctx.predicate, ctx.scale, ctx.sparse_m, ctx.sparse_n, ctx.tma = predicate, scale, sparse_m, sparse_n, tma
+    optional = (kv_len, pred, bits, q_part_slot)
+    ctx.save_for_backward(q, k, v, out, lse, *lists, *(t for t in optional if t is not None))
+    ctx.present = tuple(t is not None for t in optional)
+    ctx.predicate, ctx.bound, ctx.scale, ctx.sparse_m, ctx.sparse_n, ctx.tma = predicate, bound, scale, sparse_m, sparse_n, tma
 
 
 def _backward_rule(ctx, grad_out, grad_lse):
     saved = ctx.saved_tensors
     q, k, v, out, lse = saved[:5]
     lists = saved[5:13]
-    optional = list(saved[13:])
-    kv_len = optional.pop(0) if ctx.has_kv_len else None
-    pred = optional.pop(0) if ctx.has_pred else None
+    rest = iter(saved[13:])
+    kv_len, pred, bits, q_part_slot = (next(rest) if present else None for present in ctx.present)
     # grad_lse is not propagated: callers that merge partial results differentiate through out only
     dq, dk, dv = block_sparse_bwd(
-        grad_out, q, k, v, out, lse, *lists, kv_len, pred, ctx.predicate, ctx.scale, ctx.sparse_m, ctx.sparse_n, ctx.tma
+        grad_out, q, k, v, out, lse, *lists, kv_len, pred, ctx.predicate, bits, q_part_slot, ctx.bound,
+        ctx.scale, ctx.sparse_m, ctx.sparse_n, ctx.tma,
     )
-    return (dq, dk, dv) + (None,) * 15
+    return (dq, dk, dv) + (None,) * 18
 
 
 block_sparse_fwd.register_autograd(_backward_rule, setup_context=_setup_context)
 
+
+# Partial blocks with bits can skip the key bound. Measured on the H200 (Wan2.1-14B 720p forward,
+# RESULTS.md 2026-12-02 bits session): the kernel compiled without it ran the temporal window
+# (99 % full blocks) at 59.1 ms instead of 66.2 ms, but the 3-D window (every block partial) at
+# 103.1 ms instead of 89.7 ms. So descriptions with fewer full blocks than this keep the bound.
+_BOUND_BELOW = 0.5
 
 # -- public function -------------------------------------------------------------------------------
 
@@ -603,12 +676,23 @@ def block_sparse_attention(
     return_lse: bool = False,
     *,
     tma: bool = True,
+    element_mask: str = "bits",
+    bits: ElementBits | None = None,
+    bound_partial: bool | None = None,
 ):
     """Attention of q ``[B, H, Sq, D]`` over k, v ``[B, H, Sk, D]`` restricted to ``sparsity``.
 
     kv_len: ``[B]`` int32, keys at positions >= kv_len[b] are ignored (padded text), or None.
     tma:    load tiles through the Hopper tensor-memory accelerator where the GPU and strides allow
             (performance knob; False forces masked pointer loads).
+    element_mask: how partial blocks apply the description's element rule: ``"bits"`` reads the
+            rule from per-block bit masks (``kernels.triton.bits``; built here unless ``bits`` is
+            given: build them once with ``element_bits(sparsity)`` when a description is reused),
+            ``"rule"`` evaluates the rule per score in the kernel. Same result; bits are faster
+            (RESULTS.md) and cost 8 x block_m x ceil(block_n / 64) bytes per partial block.
+    bound_partial: with bits and no ``kv_len``, whether partial blocks still test keys against
+            the sequence end (the bits already hold it). Same result either way; ``None`` picks the
+            variant measured faster for the description (performance knob, see ``_BOUND_BELOW``).
     Returns out ``[B, H, Sq, D]`` (and lse ``[B, H, Sq]`` fp32, natural log, with return_lse).
     Differentiable in q, k, v. Rows that see no key return 0 with lse -inf.
     """
@@ -629,9 +713,21 @@ def block_sparse_attention(
     s = sparsity
     predicate = s.rule.kernel_id if s.rule is not None else 0  # 0: block-level pattern, no element rule
     pred = s.rule_params if predicate else None  # built with the description, on its device
+    if element_mask not in ("bits", "rule"):
+        raise ValueError(f"block_sparse_attention: element_mask must be 'bits' or 'rule', got {element_mask!r}")
+    if predicate and element_mask == "bits":
+        bits = element_bits(s) if bits is None else bits
+        if bits.bits.device != q.device:
+            raise ValueError(f"block_sparse_attention: bits on {bits.bits.device}, tensors on {q.device}; build them with the description's device")
+        words, slot = bits.bits, bits.q_part_slot
+    else:
+        words = slot = None
+    if bound_partial is None:
+        bound_partial = kv_len is not None or s.full_share < _BOUND_BELOW
+    bound = bool(bound_partial) or kv_len is not None  # per-batch key lengths are never in the bits
     out, lse = block_sparse_fwd(
         q, k, v, s.full_num, s.full_idx, s.part_num, s.part_idx,
         s.q_full_num, s.q_full_idx, s.q_part_num, s.q_part_idx,
-        kv_len, pred, predicate, scale, s.block_m, s.block_n, bool(tma),
+        kv_len, pred, predicate, words, slot, bound, scale, s.block_m, s.block_n, bool(tma),
     )
     return (out, lse) if return_lse else out

@@ -30,7 +30,13 @@ class TritonBackend:
         return block_sparse.can_run(q, sparsity, forced=forced)
 
     def run(self, q, k, v, sparsity, *, kv_len=None, cache=None, key=None, text_key_start=None):
-        return block_sparse.block_sparse_attention(q, k, v, sparsity.to(q.device), kv_len=kv_len)
+        sparsity = sparsity.to(q.device)
+        bits = None
+        if sparsity.rule is not None and cache is not None:
+            # the element rule's per-block bits, built once per description on the handle's cache
+            key = ("bits", key if key is not None else id(sparsity), str(q.device))
+            bits = cache(key, lambda: block_sparse.element_bits(sparsity))
+        return block_sparse.block_sparse_attention(q, k, v, sparsity, kv_len=kv_len, bits=bits)
 
 
 class FlexAttentionBackend:

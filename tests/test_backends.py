@@ -32,7 +32,19 @@ class TestBackends(BackendTester):
         d = TokenLayout(3, 5, 9, 5, "after")
         sd = nbm.spec(d, (3, 3, 5), (1, 2, 1))
         tiling = nbm.choose_tiling(d, 32)
+        # per-head lists with a rule: head 1 drops some of head 0's blocks
+        e = TokenLayout(2, 6, 9, 3, "after")
+        se = nbm.spec(e, (1, 3, 5))
+        base = nbm.block_sparsity(e, se, block_m=16, block_n=16)
+        drop = torch.zeros_like(base.mask[0])
+        drop[1::2, 2::3] = True
+        drop[:, 0] = False
+        mask = torch.stack([base.mask[0], base.mask[0] & ~drop])
+        mask[1][~mask[1].any(-1), 0] = True
+        per_head = from_block_mask(mask, e.seq_len, block_m=16, block_n=16, partial=base.partial.expand_as(mask) | ~base.mask[0], rule=base.rule)
+        per_head_tok = nbm.token_mask(e, se)[None] & expand_block_mask(mask, e.seq_len, e.seq_len, 16, 16)
         return [
+            ("neighborhood with per-head lists", per_head, per_head_tok),
             ("per-head block mask with a tail", blocks, blocks_tok),
             ("neighborhood causal + stride, text after", nbm.block_sparsity(a, sa, block_m=32, block_n=16), nbm.token_mask(a, sa)),
             ("neighborhood dilated", nbm.block_sparsity(b, sb, block_m=16, block_n=16), nbm.token_mask(b, sb)),

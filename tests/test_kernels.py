@@ -168,8 +168,9 @@ def test_triton_matches_reference_gpu(b, h, s, d, block, heads_in_mask, kv_pad, 
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["bits", "rule"])
 @pytest.mark.parametrize("kind", ["neighborhood3d", "neighborhood2d_gna", "circle"])
-def test_triton_predicates_gpu(kind):
+def test_triton_predicates_gpu(kind, mode):
     from diffattn.core.layout import TokenLayout
     from diffattn.patterns import clear
     from diffattn.patterns import neighborhood as nbm
@@ -187,7 +188,7 @@ def test_triton_predicates_gpu(kind):
         desc, tok = clear.block_sparsity(layout, 16, device="cuda"), clear.token_mask(layout, 16)
     g = torch.Generator().manual_seed(13)
     q, k, v = (torch.randn(1, 2, layout.seq_len, 128, generator=g).to("cuda", torch.bfloat16).requires_grad_(True) for _ in range(3))
-    out = block_sparse.block_sparse_attention(q, k, v, desc)
+    out = block_sparse.block_sparse_attention(q, k, v, desc, element_mask=mode)
     tok = tok.to("cuda")[None, None]
     ref32, _ = attention_reference(q, k, v, tok)
     ref_lp, _ = attention_reference(q, k, v, tok, compute_dtype=torch.bfloat16)

@@ -257,11 +257,43 @@ class BackendTester:
         from diffattn.kernels import block_sparse
 
         for i, (name, desc, tok) in enumerate(self.cases()):
-            q, k, v = self._inputs(desc, i, grad=True)
-            kv_len = self._kv_len(desc)
-            out = block_sparse.block_sparse_attention(q, k, v, desc, kv_len=kv_len)
-            want, _ = attention_reference(q, k, v, tok, kv_len=kv_len)
-            torch.testing.assert_close(out, want, atol=2e-5, rtol=1e-5, msg=name)
-            g = torch.randn_like(out)
-            for a, r in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(want, (q, k, v), g)):
-                torch.testing.assert_close(a, r, atol=5e-5, rtol=1e-5, msg=name)
+            # element rules both ways: per-block bits (the default; with and without per-batch key
+            # lengths; without them partial blocks may skip the key bound: both kernel variants)
+            modes = [("bits", True, None), ("bits", False, False), ("bits", False, True), ("rule", True, None)]
+            for mode, padded, bound in modes if desc.rule is not None else modes[:1]:
+                q, k, v = self._inputs(desc, i, grad=True)
+                kv_len = self._kv_len(desc) if padded else None
+                out = block_sparse.block_sparse_attention(q, k, v, desc, kv_len=kv_len, element_mask=mode, bound_partial=bound)
+                want, _ = attention_reference(q, k, v, tok, kv_len=kv_len)
+                torch.testing.assert_close(out, want, atol=2e-5, rtol=1e-5, msg=f"{name} ({mode}, kv_len={padded}, bound={bound})")
+                g = torch.randn_like(out)
+                for a, r in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(want, (q, k, v), g)):
+                    torch.testing.assert_close(a, r, atol=5e-5, rtol=1e-5, msg=f"{name} ({mode}, kv_len={padded}, bound={bound})")
+
+    @needs_interpreter
+    def test_bits_equal_the_rule(self):
+        # every bit of every partial block equals the rule's torch twin at that (query, key)
+        from diffattn.kernels import block_sparse
+
+        for name, desc, tok in self.cases():
+            if desc.rule is None:
+                continue
+            packed = block_sparse.element_bits(desc)
+            hm, nq, width, bm, words = packed.bits.shape
+            lanes = torch.arange(64)
+            for h in range(hm):
+                for qb in range(nq):
+                    for j in range(int(desc.part_num[h, qb])):
+                        kb = int(desc.part_idx[h, qb, j])
+                        got = ((packed.bits[h, qb, j][..., None] >> lanes) & 1).bool().reshape(bm, -1)[:, : desc.block_n]
+                        rows = slice(qb * bm, min((qb + 1) * bm, desc.q_len))
+                        cols = slice(kb * desc.block_n, min((kb + 1) * desc.block_n, desc.kv_len))
+                        want = tok[min(h, tok.shape[0] - 1), rows, cols] if tok.dim() == 3 else tok[rows, cols]
+                        n_r, n_c = want.shape
+                        assert torch.equal(got[:n_r, :n_c], want), f"{name}: bits of block ({qb}, {kb})"
+                        assert not got[:, n_c:].any(), f"{name}: bits past the sequence in block ({qb}, {kb})"
+                # the transposed lists find each pair's slot in the query block's list
+                for kb in range(desc.num_kv_blocks):
+                    for i in range(int(desc.q_part_num[h, kb])):
+                        qb, j = int(desc.q_part_idx[h, kb, i]), int(packed.q_part_slot[h, kb, i])
+                        assert int(desc.part_idx[h, qb, j]) == kb, f"{name}: slot of ({qb}, {kb})"

@@ -43,6 +43,7 @@ class BlockSparsity:
     rule_params: torch.Tensor  # [P] int32: rule.pack() on the lists' device, for the kernels
     rule: Any = None  # an ElementRule (diffattn.rules) for partial blocks, or None (block-level pattern)
     density: float = 1.0
+    full_share: float = 1.0  # listed blocks that are full (no element rule, no tail)
 
     @property
     def rule_kind(self) -> str:
@@ -70,7 +71,7 @@ class BlockSparsity:
         }
         return BlockSparsity(
             self.q_len, self.kv_len, self.block_m, self.block_n, rule=self.rule,
-            density=self.density, **moved,
+            density=self.density, full_share=self.full_share, **moved,
         )
 
     def __repr__(self) -> str:
@@ -154,7 +155,7 @@ def from_block_mask(
     return BlockSparsity(
         q_len, kv_len, block_m, block_n, full_num, full_idx, part_num, part_idx,
         q_full_num, q_full_idx, q_part_num, q_part_idx, mask, part, params,
-        rule=rule, density=float(area),
+        rule=rule, density=float(area), full_share=float(full.sum() / mask.sum()),
     )
 
 
