@@ -109,6 +109,21 @@ def test_bad_shapes_raise():
         block_sparse.block_sparse_attention(q, q[:, :1], q[:, :1], sp)
 
 
+@needs_interpreter
+@pytest.mark.cpu
+def test_bad_element_mask_options_raise():
+    from diffattn.core.layout import TokenLayout
+    from diffattn.patterns import neighborhood as nbm
+
+    layout = TokenLayout(2, 4, 4)
+    desc = nbm.block_sparsity(layout, nbm.spec(layout, (1, 3, 3)), block_m=16, block_n=16)
+    q = torch.randn(1, 1, layout.seq_len, 16)
+    with pytest.raises(ValueError, match="'bits' or 'rule'"):
+        block_sparse.block_sparse_attention(q, q, q, desc, element_mask="bitmask")
+    with pytest.raises(ValueError, match="no element rule"):
+        block_sparse.element_bits(dense(32, block_m=16))
+
+
 @pytest.mark.cpu
 def test_can_run_explains_itself():
     q = torch.randn(1, 1, 8, 16)
