@@ -165,9 +165,7 @@ if HAS_TRITON:
                 valid = _bit_test(bits_base + (t // SUB) * (SPARSE_M * W), tl.arange(0, SPARSE_M), (t % SUB) * BLOCK_N, BLOCK_N, W, False)
                 qk = tl.where(valid, qk, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)  # running max of base-2 logits
-            if MASKED:  # a fully masked row keeps m = -inf: subtract 0 instead (exp2(-inf) = 0)
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            elif RULE != 0:
+            if MASKED | (RULE != 0):  # a fully masked row keeps m = -inf: subtract 0 instead (exp2(-inf) = 0)
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             else:
                 m_safe = m_new
@@ -524,11 +522,11 @@ def _descriptors(use_tma: bool, head: int, *tensors):
     return tuple(TensorDescriptor.from_tensor(t, [1, 1, 16, head]) for t in tensors)
 
 
-def _rule_mode(predicate: int, bits) -> tuple[int, int]:
-    """(RULE, W): 0 no element rule, 1 the in-kernel predicate, 2 the precomputed bits (W words a row)."""
-    if predicate == 0:
-        return 0, 1
-    return (2, bits.shape[-1]) if bits is not None else (1, 1)
+def _rule_mode(predicate: int, bits, bound: bool) -> dict:
+    """Kernel constants of the element rule: RULE 0 none, 1 the in-kernel predicate, 2 the bits
+    (W words a row); PART_BOUND: partial blocks test keys against kv_end (only bits may skip it)."""
+    rule, words = (0, 1) if predicate == 0 else ((2, bits.shape[-1]) if bits is not None else (1, 1))
+    return {"RULE": rule, "W": words, "PART_BOUND": rule != 2 or bound}
 
 
 def _forward(q, k, v, full_num, full_idx, part_num, part_idx, kv_len, pred, predicate, bits, bound, scale, sparse_m, sparse_n, tma):
@@ -540,7 +538,6 @@ def _forward(q, k, v, full_num, full_idx, part_num, part_idx, kv_len, pred, pred
     lse = torch.empty(b, h, sq, device=q.device, dtype=torch.float32)
     kv_ptr = kv_len if kv_len is not None else full_num  # never read when HAS_KV_LEN is False
     grid = (-(-sq // sparse_m), b * h)
-    rule, words = _rule_mode(predicate, bits)
     _fwd_kernel[grid](
         q, k, v, k_desc, v_desc, out, lse, full_num, full_idx, part_num, part_idx, kv_ptr,
         pred if pred is not None else full_num, bits if bits is not None else full_num,
@@ -548,8 +545,7 @@ def _forward(q, k, v, full_num, full_idx, part_num, part_idx, kv_len, pred, pred
         h, sq, sk, d, scale * LOG2E,
         _list_head_stride(full_num), full_num.shape[1], full_idx.shape[-1], part_idx.shape[-1],
         HEAD_DIM=_head_dim_pow2(d), SPARSE_M=sparse_m, SPARSE_N=sparse_n, HAS_KV_LEN=kv_len is not None,
-        PAD_D=_head_dim_pow2(d) != d, USE_TMA=use_tma, PREDICATE=predicate, RULE=rule, W=words,
-        PART_BOUND=rule != 2 or bound,
+        PAD_D=_head_dim_pow2(d) != d, USE_TMA=use_tma, PREDICATE=predicate, **_rule_mode(predicate, bits, bound),
     )
     return out, lse
 
@@ -568,7 +564,7 @@ def _backward(do, q, k, v, out, lse, lists, kv_len, pred, predicate, bits, q_par
     q_desc, do_desc, k_desc, v_desc = _descriptors(use_tma, head, q, do, k, v)
     pad_d = head != d
     pred_ptr = pred if pred is not None else full_num
-    rule, words = _rule_mode(predicate, bits)
+    rule_mode = _rule_mode(predicate, bits, bound)
     bits_ptr = bits if bits is not None else full_num
     slot_ptr = q_part_slot if q_part_slot is not None else full_num
     _dkdv_kernel[lambda meta: (-(-sk // meta["BLOCK_N"]), b * h)](
@@ -579,7 +575,7 @@ def _backward(do, q, k, v, out, lse, lists, kv_len, pred, predicate, bits, q_par
         _list_head_stride(q_full_num), q_full_idx.shape[-1], q_part_idx.shape[-1],
         _list_head_stride(full_num), part_idx.shape[-1],
         HEAD_DIM=head, SPARSE_M=sparse_m, SPARSE_N=sparse_n, HAS_KV_LEN=has_kv, PAD_D=pad_d, USE_TMA=use_tma, PREDICATE=predicate,
-        RULE=rule, W=words, PART_BOUND=rule != 2 or bound,
+        **rule_mode,
     )
     _dq_kernel[lambda meta: (-(-sq // meta["BLOCK_M"]), b * h)](
         q, k, v, do, k_desc, v_desc, lse, delta, dq, full_num, full_idx, part_num, part_idx, kv_ptr, pred_ptr, bits_ptr,
@@ -587,7 +583,7 @@ def _backward(do, q, k, v, out, lse, lists, kv_len, pred, predicate, bits, q_par
         h, sq, sk, d, scale * LOG2E, scale,
         _list_head_stride(full_num), full_idx.shape[-1], part_idx.shape[-1],
         HEAD_DIM=head, SPARSE_M=sparse_m, SPARSE_N=sparse_n, HAS_KV_LEN=has_kv, PAD_D=pad_d, USE_TMA=use_tma, PREDICATE=predicate,
-        RULE=rule, W=words, PART_BOUND=rule != 2 or bound,
+        **rule_mode,
     )
     return dq, dk, dv
 
@@ -722,9 +718,8 @@ def block_sparse_attention(
         words, slot = bits.bits, bits.q_part_slot
     else:
         words = slot = None
-    if bound_partial is None:
-        bound_partial = kv_len is not None or s.full_share < _BOUND_BELOW
-    bound = bool(bound_partial) or kv_len is not None  # per-batch key lengths are never in the bits
+    # per-batch key lengths are never in the bits: with kv_len partial blocks always bound their keys
+    bound = kv_len is not None or (s.full_share < _BOUND_BELOW if bound_partial is None else bool(bound_partial))
     out, lse = block_sparse_fwd(
         q, k, v, s.full_num, s.full_idx, s.part_num, s.part_idx,
         s.q_full_num, s.q_full_idx, s.q_part_num, s.q_part_idx,

@@ -31,11 +31,10 @@ class TritonBackend:
 
     def run(self, q, k, v, sparsity, *, kv_len=None, cache=None, key=None, text_key_start=None):
         sparsity = sparsity.to(q.device)
-        bits = None
-        if sparsity.rule is not None and cache is not None:
+        bits = None  # without a cache key the kernel builds them for this call
+        if sparsity.rule is not None and cache is not None and key is not None:
             # the element rule's per-block bits, built once per description on the handle's cache
-            key = ("bits", key if key is not None else id(sparsity), str(q.device))
-            bits = cache(key, lambda: block_sparse.element_bits(sparsity))
+            bits = cache(("bits", key, str(q.device)), lambda: block_sparse.element_bits(sparsity))
         return block_sparse.block_sparse_attention(q, k, v, sparsity, kv_len=kv_len, bits=bits)
 
 
