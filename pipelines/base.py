@@ -19,6 +19,7 @@ resolutions per forward (U-Nets) get one layout per call.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 
 import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
@@ -54,8 +55,12 @@ class DiffattnProcessor:
             kv_len=kv_len, cache=handle.cache, note=handle.note_once, record=handle.record,
         )
 
-    def video_layout(self) -> TokenLayout:
+    def video_layout(self) -> TokenLayout | None:
+        """The grid of the current forward (None: the forward has none a method can use; then
+        ``handle.state.no_layout`` says why)."""
         layout = self.handle.state.layout
+        if layout is None and self.handle.state.no_layout:
+            return None
         if layout is None:
             raise RuntimeError(
                 "diffattn: the attention processor ran before the layout hook; call the transformer "
@@ -97,14 +102,24 @@ class DiffattnProcessor:
 def layout_hook(handle: Handle, grid):
     """The forward pre-hook that records the layout and step before every forward of a model.
 
+    ``grid(model, hidden_states, inputs)`` gets the forward's keyword inputs (positional ones by
+    name) and returns the ``TokenLayout`` of the call, or a string saying why this forward has no
+    layout a method can use (its attention then runs the stock path, with that note).
+
     Compile-friendly: it reads shapes and the scheduler's step counter (host ints), never a tensor
     value, unless the method's schedule depends on the step and no scheduler is known (then one
-    host read of the timestep).
+    host read of the timestep) or the adapter reads position ids (FLUX).
     """
+    names: dict[int, list[str]] = {}
 
     def hook(module, args, kwargs):
-        hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        timestep = kwargs["timestep"] if "timestep" in kwargs else (args[1] if len(args) > 1 else None)
-        handle.begin_forward(grid(module, hidden_states), timestep)
+        inputs = dict(kwargs)
+        if args:
+            params = names.get(id(module))
+            if params is None:
+                params = names[id(module)] = list(inspect.signature(module.forward).parameters)
+            inputs.update(zip(params, args))
+        hidden_states = inputs["hidden_states"]
+        handle.begin_forward(grid(module, hidden_states, inputs), inputs.get("timestep"))
 
     return hook

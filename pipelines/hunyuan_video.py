@@ -41,7 +41,7 @@ def patch_size(model) -> tuple[int, int, int]:
     return (model.config.patch_size_t, model.config.patch_size, model.config.patch_size)
 
 
-def grid(model, hidden_states: torch.Tensor) -> TokenLayout:
+def grid(model, hidden_states: torch.Tensor, inputs=None) -> TokenLayout:
     _, _, frames, height, width = hidden_states.shape  # [B, C, F, H, W] latents
     p, p_t = model.config.patch_size, model.config.patch_size_t
     return TokenLayout(frames // p_t, height // p, width // p)

@@ -40,7 +40,7 @@ def patch_size(model) -> tuple[int, int, int]:
     return tuple(model.config.patch_size)
 
 
-def grid(model, hidden_states: torch.Tensor) -> TokenLayout:
+def grid(model, hidden_states: torch.Tensor, inputs=None) -> TokenLayout:
     _, _, frames, height, width = hidden_states.shape  # [B, C, F, H, W] latents
     p_t, p_h, p_w = model.config.patch_size
     return TokenLayout(frames // p_t, height // p_h, width // p_w)

@@ -86,3 +86,51 @@ def tiny_hunyuan_transformer(seed: int = 0, *, double_layers: int = 1, single_la
         patch_size=1, patch_size_t=1, guidance_embeds=True, text_embed_dim=16,
         pooled_projection_dim=8, rope_axes_dim=(4, 6, 6),
     ).eval()
+
+
+def tiny_flux_transformer(seed: int = 0, *, double_layers: int = 1, single_layers: int = 1):
+    """A ``FluxTransformer2DModel`` (double- and single-stream blocks, RoPE over (0, y, x) ids)."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(
+        patch_size=1, in_channels=8, num_layers=double_layers, num_single_layers=single_layers,
+        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16,
+        guidance_embeds=False, axes_dims_rope=(4, 6, 6),
+    ).eval()
+
+
+def flux_inputs(batch: int = 2, rows: int = 8, cols: int = 8, text: int = 6, timestep: float = 0.9, seed: int = 1):
+    """Keyword inputs of one FLUX transformer forward (what FluxPipeline passes), seeded."""
+    g = torch.Generator().manual_seed(seed)
+    img_ids = torch.zeros(rows, cols, 3)
+    img_ids[..., 1] = torch.arange(rows)[:, None]
+    img_ids[..., 2] = torch.arange(cols)[None, :]
+    return dict(
+        hidden_states=torch.randn(batch, rows * cols, 8, generator=g),
+        encoder_hidden_states=torch.randn(batch, text, 32, generator=g),
+        pooled_projections=torch.randn(batch, 16, generator=g), timestep=torch.full((batch,), timestep),
+        img_ids=img_ids.reshape(-1, 3), txt_ids=torch.zeros(text, 3),
+    )
+
+
+def tiny_sd3_transformer(seed: int = 0, *, layers: int = 2, dual_attention_layers: tuple[int, ...] = (0,)):
+    """An ``SD3Transformer2DModel`` (SD3.5-style: the first block has the dual image attention)."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=4, num_layers=layers, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=16, out_channels=4,
+        pos_embed_max_size=32, dual_attention_layers=dual_attention_layers, qk_norm="rms_norm",
+    ).eval()
+
+
+def sd3_inputs(batch: int = 2, size: int = 16, text: int = 7, timestep: float = 900.0, seed: int = 1):
+    """Keyword inputs of one SD3 transformer forward (latents [B, 4, size, size]), seeded."""
+    g = torch.Generator().manual_seed(seed)
+    return dict(
+        hidden_states=torch.randn(batch, 4, size, size, generator=g),
+        encoder_hidden_states=torch.randn(batch, text, 32, generator=g),
+        pooled_projections=torch.randn(batch, 16, generator=g), timestep=torch.full((batch,), timestep),
+    )

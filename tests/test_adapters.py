@@ -2,7 +2,7 @@
 
 import pytest
 
-from families import HUNYUAN, WAN
+from families import FLUX, HUNYUAN, SD3, WAN
 from testers import AdapterTester
 
 pytestmark = pytest.mark.cpu
@@ -39,3 +39,33 @@ class TestHunyuanNeighborhood(AdapterTester):
     family, method = HUNYUAN, "neighborhood"
     sparse = dict(dense_steps=0, kernel_size=(3, 3, 5), dilation=(1, 2, 1))
     full = dict(dense_steps=0, kernel_size=(4, 16, 16))
+
+
+class TestFluxClear(AdapterTester):
+    family, method = FLUX, "clear"
+    sparse = dict(radius=3)
+    full = dict(radius=10)  # reaches every pair of the 8 x 8 grid
+
+
+class TestFluxClearPooled(AdapterTester):
+    family, method = FLUX, "clear"
+    sparse = dict(radius=2, down_factor=2, reorder=False)
+    full = dict(radius=10)
+
+
+class TestFluxNeighborhood(AdapterTester):
+    family, method = FLUX, "neighborhood"
+    sparse = dict(dense_steps=0, kernel_size=(1, 3, 5), stride=(1, 1, 2))
+    full = dict(dense_steps=0, kernel_size=8)
+
+
+class TestSD3Clear(AdapterTester):
+    family, method = SD3, "clear"
+    sparse = dict(radius=3)
+    full = dict(radius=10)
+
+
+class TestSD3Neighborhood(AdapterTester):
+    family, method = SD3, "neighborhood"
+    sparse = dict(dense_steps=0, kernel_size=3)
+    full = dict(dense_steps=0, kernel_size=8)

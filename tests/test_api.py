@@ -22,11 +22,13 @@ def _wan_inputs(frames=3, size=8):
 
 
 def test_listings_say_which_method_fits_which_family():
-    assert set(diffattn.methods()) == {"radial", "neighborhood"}
-    assert diffattn.methods()["neighborhood"] == ("wan2.1", "wan2.2", "hunyuan_video")
+    assert set(diffattn.methods()) == {"radial", "neighborhood", "clear"}
+    assert diffattn.methods()["neighborhood"] == ("wan2.1", "wan2.2", "hunyuan_video", "flux", "sd3")
+    assert diffattn.methods()["clear"] == ("flux", "sd3")
     models = diffattn.supported_models()
     assert models["WanTransformer3DModel"] == {"families": ("wan2.1", "wan2.2"), "methods": ["neighborhood", "radial"]}
     assert "HunyuanVideoTransformer3DModel" in models
+    assert models["FluxTransformer2DModel"]["methods"] == models["SD3Transformer2DModel"]["methods"] == ["clear", "neighborhood"]
     assert diffattn.patch_size(tiny_wan_transformer()) == (1, 2, 2)
     assert diffattn.patch_size(tiny_hunyuan_transformer()) == (1, 1, 1)
 
@@ -47,7 +49,7 @@ def test_pipeline_without_a_supported_model():
 
 
 def test_unknown_method_lists_methods():
-    with pytest.raises(ValueError, match="available methods: \\['neighborhood', 'radial'\\]"):
+    with pytest.raises(ValueError, match="available methods: \\['clear', 'neighborhood', 'radial'\\]"):
         diffattn.apply(tiny_wan_transformer(), "sparse-magic")
 
 
@@ -212,3 +214,43 @@ def test_everything_meets_its_written_protocol():
     for kind, rule in RULES.items():
         assert isinstance(rule(0, 8, 2, 2, 2), ElementRule) and rule.kind == kind
     assert len({rule.kernel_id for rule in RULES.values()}) == len(RULES)  # one Triton branch each
+
+
+def test_video_method_on_an_image_model_names_the_methods_that_fit():
+    from diffattn_testbed.tiny import tiny_flux_transformer
+
+    with pytest.raises(NotImplementedError, match=r"does not fit model family 'flux'.*\['clear', 'neighborhood'\]"):
+        diffattn.apply(tiny_flux_transformer(), "radial")
+
+
+def test_clear_bad_inputs_name_the_fix():
+    from diffattn_testbed.tiny import flux_inputs, tiny_flux_transformer
+
+    model = tiny_flux_transformer()
+    for options, match in ((dict(radius=0), "radius must be an int >= 1"), (dict(down_factor=0), "down_factor"),
+                           (dict(tile=(2, 4, 4)), r"tile must be \(1, ty, tx\)"), (dict(kernel_size=3), "is an option of")):
+        with pytest.raises(ValueError, match=match):
+            diffattn.apply(model, "clear", **options)
+    with diffattn.apply(model, "clear", radius=11):  # the 8 x 8 grid needs at most 10
+        with pytest.raises(ValueError, match="larger than the grid"):
+            model(**flux_inputs())
+    with pytest.raises(NotImplementedError, match="does not support"):
+        diffattn.apply(torch.nn.Linear(2, 2), "clear")
+
+
+def test_flux_kontext_style_ids_run_dense_with_a_note():
+    from diffattn_testbed.tiny import flux_inputs, tiny_flux_transformer
+
+    model = tiny_flux_transformer()
+    inputs = flux_inputs()
+    ref = flux_inputs(rows=4, cols=4, seed=2)  # a reference image appended with frame id 1
+    ref_ids = ref["img_ids"].clone()
+    ref_ids[:, 0] = 1
+    inputs["hidden_states"] = torch.cat([inputs["hidden_states"], ref["hidden_states"]], dim=1)
+    inputs["img_ids"] = torch.cat([inputs["img_ids"], ref_ids])
+    with torch.no_grad():
+        stock = model(**inputs).sample
+        with diffattn.apply(model, "clear", radius=2) as handle:
+            out = model(**inputs).sample
+    assert torch.equal(out, stock)
+    assert any("Kontext" in n for n in handle.summary()["notes"]) and handle.summary()["method_calls"] == 0

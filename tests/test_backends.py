@@ -28,6 +28,7 @@ class TestBackends(BackendTester):
         b = TokenLayout(2, 8, 9, 4, "after")
         sb = nbm.spec(b, (1, 3, 3), 1, (1, 2, 3))
         c = TokenLayout(1, 10, 11, 6, "after")
+        ct = clear.plane_tiling(c, 32)
         blocks, blocks_tok = _random_blocks()
         d = TokenLayout(3, 5, 9, 5, "after")
         sd = nbm.spec(d, (3, 3, 5), (1, 2, 1))
@@ -49,6 +50,8 @@ class TestBackends(BackendTester):
             ("neighborhood causal + stride, text after", nbm.block_sparsity(a, sa, block_m=32, block_n=16), nbm.token_mask(a, sa)),
             ("neighborhood dilated", nbm.block_sparsity(b, sb, block_m=16, block_n=16), nbm.token_mask(b, sb)),
             ("circle, text after", clear.block_sparsity(c, 4, block_m=32, block_n=16), clear.token_mask(c, 4)),
+            ("circle in tile order with pooled tokens, text after", clear.block_sparsity(c, 4, 2, tiling=ct),
+             clear.kernel_mask(c, 4, 2, ct)),
             ("neighborhood in tile order, padded grid, text after", nbm.tiled_block_sparsity(d, sd, tiling), nbm.tiled_token_mask(d, sd, tiling)),
         ]
 

@@ -32,3 +32,16 @@ class TestNeighborhoodMethod(MethodTester):
         (TokenLayout(5, 6, 6, 5, "after"), dict(kernel_size=3, dilation=(1, 2, 1), block_m=32, block_n=16)),
     ]
     full_cases = [(TokenLayout(3, 5, 7, 4, "after"), dict(kernel_size=(3, 5, 7)))]
+
+
+class TestClearMethod(MethodTester):
+    method, family = "clear", "flux"
+    cases = [
+        (TokenLayout(1, 12, 13, 5, "before"), dict(radius=4)),                       # FLUX: text first, tile order
+        (TokenLayout(1, 12, 13, 5, "before"), dict(radius=4, reorder=False, block_m=32, block_n=16)),
+        (TokenLayout(1, 11, 9, 6, "after"), dict(radius=3)),                         # SD3: text after, padded keys
+        (TokenLayout(1, 10, 14, 4, "before"), dict(radius=5, down_factor=3)),         # pooled branch, tile order
+        (TokenLayout(1, 10, 14, 4, "before"), dict(radius=5, down_factor=4, reorder=False, block_m=16, block_n=16)),
+        (TokenLayout(1, 9, 16), dict(radius=2, tile=(1, 4, 8))),                     # no text, forced tile
+    ]
+    full_cases = [(TokenLayout(1, 6, 7, 3, "before"), dict(radius=8))]

@@ -60,6 +60,31 @@ def test_circle_description(layout, radius):
     _check_description(tok, clear.block_sparsity(layout, radius, block_m=32, block_n=16), exact_full=True)
 
 
+@pytest.mark.parametrize("layout,radius", CIRCLES)
+@pytest.mark.parametrize("down", [1, 3])
+@pytest.mark.parametrize("tiled", [False, True])
+def test_circle_description_in_both_orders_with_pooled_tokens(layout, radius, down, tiled):
+    tiling = clear.plane_tiling(layout, 32) if tiled else None
+    tok = clear.kernel_mask(layout, radius, down, tiling)
+    desc = clear.block_sparsity(layout, radius, down, tiling=tiling, block_m=32, block_n=16)
+    _check_description(tok, desc, exact_full=not tiled)  # tile order: padded query rows may block "full"
+    if not tiled:  # model order: the kernel sequence is the reference's queries plus pooled rows
+        assert torch.equal(tok[: layout.seq_len], clear.token_mask(layout, radius, down))
+
+
+def test_pooled_tokens_average_cells_and_serve_image_queries_only():
+    layout = TokenLayout(1, 5, 7, 3, "before")
+    x = torch.randn(1, 1, layout.seq_len, 2)
+    pooled = clear.pool(x, layout, 2)  # cells of 2 x 2, cut to 1 x 2, 2 x 1, 1 x 1 at the border
+    img = x[0, 0, 3:].reshape(5, 7, 2)
+    assert pooled.shape == (1, 1, 3 * 4, 2)
+    torch.testing.assert_close(pooled[0, 0, 0], img[:2, :2].mean((0, 1)))
+    torch.testing.assert_close(pooled[0, 0, 3], img[:2, 6:].mean((0, 1)))
+    torch.testing.assert_close(pooled[0, 0, 11], img[4, 6])
+    tok = clear.token_mask(layout, 2, 2)
+    assert not tok[:3, layout.seq_len:].any() and tok[3:, layout.seq_len:].all()
+
+
 def test_natten_window_rules():
     # research/neighborhood.md §2.2 worked example: L=10, k=s=4 -> 0-3 | 4-7 | 8-9 see 6-9
     layout = TokenLayout(1, 1, 10)
@@ -101,9 +126,11 @@ def test_neighborhood_bad_parameters(kwargs, match):
         nbm.spec(TokenLayout(1, 8, 8), **kwargs)
 
 
-def test_circle_bad_radius():
+def test_circle_bad_radius_and_tile():
     with pytest.raises(ValueError, match="radius"):
         clear.block_sparsity(TokenLayout(1, 4, 4), 0)
+    with pytest.raises(ValueError, match="one frame deep"):
+        clear.plane_tiling(TokenLayout(2, 8, 8), 32, (2, 4, 4))
 
 
 def test_visualiser(capsys):

@@ -37,6 +37,7 @@ class RunState:
     """Where the current pipeline call is. Written by the layout hook before every forward."""
 
     layout: TokenLayout | None = None
+    no_layout: str | None = None  # why the current forward has no usable layout (its attention runs dense)
     step: int = 0
     num_steps: int | None = None
     last_timestep: float | None = None
@@ -186,12 +187,16 @@ class Handle:
         self.remove()
 
     # -- per-run state ----------------------------------------------------------------------------
-    def begin_forward(self, layout: TokenLayout, timestep: torch.Tensor | float | None) -> None:
-        """Record layout and step before a model forward; check the layout before any attention."""
+    def begin_forward(self, layout: TokenLayout | str, timestep: torch.Tensor | float | None) -> None:
+        """Record layout and step before a model forward; check the layout before any attention.
+        ``layout`` may be a string: why this forward has no layout a method can use."""
         state = self.state
-        if layout != state.layout:
-            self.method.check_layout(layout)
-        state.layout = layout
+        if isinstance(layout, str):
+            state.layout, state.no_layout = None, layout
+        else:
+            if layout != state.layout:
+                self.method.check_layout(layout)
+            state.layout, state.no_layout = layout, None
         has_scheduler_index = self.scheduler is not None and hasattr(self.scheduler, "step_index")
         if has_scheduler_index:
             # step_index is None until the first scheduler.step() of a call, then counts steps.

@@ -52,8 +52,10 @@ class Adapter(Protocol):
     FAMILIES:        family names it can report (method defaults are keyed by these).
     family(model, pipe): the family of this model (e.g. "wan2.1" or "wan2.2").
     targets(model):  ``{processor key: layer index}`` of the attention modules methods replace.
-    grid(model, hidden_states): the ``TokenLayout`` of the latent tokens of one forward (U-Nets: of
-                     the input resolution; their processors derive each level's layout per call).
+    grid(model, hidden_states, inputs): the ``TokenLayout`` of the tokens of one forward (U-Nets: of
+                     the input resolution; their processors derive each level's layout per call);
+                     ``inputs`` are the forward's named arguments. A string instead says why the
+                     forward has no layout a method can use (its attention then runs dense).
     patch_size(model): ``(t, y, x)`` latent cells per token, for callers that size inputs.
     Processor:       the diffusers processor reproducing the stock one with the core attention
                      handed to the method.
@@ -66,7 +68,7 @@ class Adapter(Protocol):
 
     def targets(self, model) -> dict[str, int]: ...
 
-    def grid(self, model, hidden_states: torch.Tensor) -> TokenLayout: ...
+    def grid(self, model, hidden_states: torch.Tensor, inputs=None) -> TokenLayout | str: ...
 
     def patch_size(self, model) -> tuple[int, int, int]: ...
 

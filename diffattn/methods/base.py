@@ -78,6 +78,15 @@ class BlockSparseMethod:
         ``extra`` padding tokens sit before the text (valid-key counts shift by it)."""
         return None
 
+    def extra_tokens(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout):
+        """None, or (q_x, k_x, v_x) ``[B, H, P, D]`` computed from the model-order q/k/v and
+        appended after the kernel sequence (CLEAR's pooled keys); their output rows are dropped."""
+        return None
+
+    def reference_keys(self, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout):
+        """Keys and values the token-level reference attends to (``reference_mask``'s columns)."""
+        return k, v
+
     def description(self, ctx: AttnContext, device) -> BlockSparsity:
         key = self.describe_key(ctx.layout) + (str(device),)
         return ctx.cache(key, lambda: self.describe(ctx.layout, device))
@@ -97,14 +106,23 @@ class BlockSparseMethod:
         sparsity = self.description(ctx, q.device)
         key = self.describe_key(layout) + (str(q.device),)
         order = ctx.cache(("order",) + key, lambda: self.token_order(layout, q.device))
+        extra = self.extra_tokens(q, k, v, layout)
         kv_len = ctx.kv_len
+        if extra is not None and kv_len is not None:
+            raise NotImplementedError(
+                f"{self.name}: padded text keys (an attention mask) with tokens appended after the text; "
+                "run without the mask or without the appended tokens (down_factor=1)"
+            )
         if order is not None:
-            gather, scatter, extra = order
+            gather, scatter, extra_pad = order
             if kv_len is not None and layout.text_position == "before":
                 raise NotImplementedError(f"{self.name}: padded text before the video with reordered tokens; pass reorder=False")
             q, k, v = (t.index_select(-2, gather) for t in (q, k, v))  # [B, H, S', D] in kernel order
             if kv_len is not None:
-                kv_len = kv_len + extra
+                kv_len = kv_len + extra_pad
+        rows = q.shape[-2]
+        if extra is not None:
+            q, k, v = (torch.cat([t, x.to(t.dtype)], dim=-2) for t, x in zip((q, k, v), extra))  # [B, H, S' + P, D]
         backend, reasons = select.choose(self.backend, q, sparsity)
         note = None
         if reasons:
@@ -113,6 +131,8 @@ class BlockSparseMethod:
         ctx.record(ctx.site, mode="method", layout=layout, backend=backend.name, density=sparsity.density, note=note)
         out = backend.run(q, k, v, sparsity, kv_len=kv_len, cache=ctx.cache, key=key,
                           text_key_start=self.text_key_start(layout) if kv_len is not None else None)
+        if extra is not None:
+            out = out[..., :rows, :]
         return out if order is None else out.index_select(-2, order[1])  # [B, H, S, D] in model order
 
     def __repr__(self) -> str:

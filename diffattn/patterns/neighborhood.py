@@ -25,6 +25,7 @@ from diffattn.core.layout import TokenLayout
 from diffattn.patterns.blocks import BlockSparsity, from_block_mask
 from diffattn.rules.neighborhood import NeighborhoodRule, TiledNeighborhoodRule, allowed as _allowed, window
 from diffattn.patterns.segments import segments, tile_classes
+from diffattn.patterns.tiles import Tiling, choose_tiling, tile_order, tiled_layout  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True)
@@ -129,81 +130,8 @@ def block_sparsity(
     )
 
 
-# -- tile reordering (NATTEN / GNA "token permutation") -----------------------------------------
-#
-# Row-major tokens put a 3-D window's keys into many short runs, so almost every listed block is
-# partial and pays the element rule. Reordered into 3-D tiles whose volume is the block size, a
-# block *is* a box of the grid: windows then cover whole boxes and most listed blocks are full.
-# The grid is padded up to whole tiles; padding keys are masked by the rule, padding queries are
-# dropped when the order is undone. Text tokens go after the tiles.
-
-TILE_CANDIDATES = {  # tile volume -> shapes (tf, ty, tx) tried, the first wins ties
-    128: ((2, 8, 8), (1, 8, 16), (4, 4, 8), (1, 16, 8), (2, 4, 16), (4, 8, 4), (8, 4, 4), (1, 4, 32), (2, 16, 4)),
-    64: ((1, 8, 8), (2, 4, 8), (4, 4, 4), (1, 4, 16), (2, 8, 4)),
-    32: ((1, 4, 8), (2, 4, 4), (1, 8, 4), (2, 2, 8)),  # small grids and tests
-}
-
-
-@dataclass(frozen=True)
-class Tiling:
-    """3-D tiles of ``tile = (tf, ty, tx)`` tokens over a grid ``(F, Y, X)``."""
-
-    grid: tuple[int, int, int]
-    tile: tuple[int, int, int]
-
-    @property
-    def tiles(self) -> tuple[int, int, int]:
-        return tuple(-(-g // t) for g, t in zip(self.grid, self.tile))
-
-    @property
-    def volume(self) -> int:
-        return math.prod(self.tile)
-
-    @property
-    def padded_tokens(self) -> int:
-        return math.prod(self.tiles) * self.volume
-
-    def __repr__(self) -> str:
-        return f"Tiling(grid={self.grid}, tile={self.tile}, padding={self.padded_tokens / math.prod(self.grid) - 1:.1%})"
-
-
-def choose_tiling(layout: TokenLayout, volume: int = 128, tile=None) -> Tiling:
-    """The tiling of ``layout``'s grid with the least padding (``tile`` forces one shape)."""
-    grid = (layout.frames, layout.rows, layout.cols)
-    if tile is not None:
-        return Tiling(grid, tuple(tile))
-    if volume not in TILE_CANDIDATES:
-        raise ValueError(f"neighborhood: tile volume must be one of {sorted(TILE_CANDIDATES)}, got {volume}")
-    options = [Tiling(grid, t) for t in TILE_CANDIDATES[volume]]
-    return min(options, key=lambda o: o.padded_tokens)  # min keeps the first of equal ones
-
-
-def tiled_layout(layout: TokenLayout, tiling: Tiling) -> TokenLayout:
-    """The layout the kernels see: the padded tiled video first, then the text."""
-    return TokenLayout(1, 1, tiling.padded_tokens, layout.text_tokens, "after" if layout.text_tokens else "none")
-
-
-def tile_order(layout: TokenLayout, tiling: Tiling, device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(gather [S'], valid [S'], scatter [S]) as int64 / bool on ``device``.
-
-    ``x_tiled = x.index_select(-2, gather)`` puts a sequence into tile order (padding positions
-    read token 0, masked as keys, dropped as queries); ``x = x_tiled.index_select(-2, scatter)``
-    undoes it. ``valid`` marks the positions that hold a real token.
-    """
-    dev = torch.device(device) if device is not None else torch.device("cpu")
-    rule = _tiled_rule(layout, Neighborhood((1, 1, 1)), tiling)
-    pos = torch.arange(tiling.padded_tokens, device=dev)
-    _, f, y, x = rule.coords(pos)
-    valid = (f < layout.frames) & (y < layout.rows) & (x < layout.cols)
-    original = layout.video_start + (f * layout.rows + y) * layout.cols + x
-    text = torch.arange(layout.text_tokens, device=dev)
-    text_start = layout.video_tokens if layout.text_position == "after" else 0
-    gather = torch.cat([torch.where(valid, original, torch.zeros_like(original)), text + text_start])
-    valid = torch.cat([valid, torch.ones(layout.text_tokens, dtype=torch.bool, device=dev)])
-    scatter = torch.empty(layout.seq_len, dtype=torch.int64, device=dev)
-    scatter[gather[valid]] = torch.arange(gather.numel(), device=dev)[valid]
-    return gather, valid, scatter
-
+# -- tile order (patterns.tiles): blocks are boxes of the grid, so windows cover whole boxes and
+# most listed blocks are full.
 
 def _tiled_rule(layout: TokenLayout, nb: Neighborhood, tiling: Tiling) -> TiledNeighborhoodRule:
     return TiledNeighborhoodRule(
@@ -226,16 +154,9 @@ def tiled_block_sparsity(layout: TokenLayout, nb: Neighborhood, tiling: Tiling, 
     whether some / every query of one box sees some / every key of another is exact from the box
     ends (``_range_window``). A key box that holds padding is never full.
     """
-    dev = torch.device(device) if device is not None else torch.device("cpu")
     block = tiling.volume
-    n_tiles = math.prod(tiling.tiles)
-    t = torch.arange(n_tiles, device=dev)
-    idx = (t // (tiling.tiles[1] * tiling.tiles[2]), (t // tiling.tiles[2]) % tiling.tiles[1], t % tiling.tiles[2])
-    lo = [i * s for i, s in zip(idx, tiling.tile)]
-    hi = [torch.clamp(l + s - 1, max=g - 1) for l, s, g in zip(lo, tiling.tile, tiling.grid)]
-    clipped = torch.zeros(n_tiles, dtype=torch.bool, device=dev)
-    for l, s, g in zip(lo, tiling.tile, tiling.grid):
-        clipped |= l + s > g
+    lo, hi, clipped = tiling.boxes(device)
+    n_tiles, dev = clipped.numel(), clipped.device
     any_pass = torch.ones(n_tiles, n_tiles, dtype=torch.bool, device=dev)
     all_pass = ~clipped[None, :].expand(n_tiles, n_tiles).clone()
     for dim in range(3):

@@ -10,10 +10,10 @@ Adding a rule: one file here (dataclass + twin), one branch in ``kernels/triton/
 entry in ``RULES``; the BackendTester then checks every backend against the fp32 reference.
 """
 
-from .circle import CircleRule
+from .circle import CircleRule, TiledCircleRule
 from .grid import GridRule
 from .neighborhood import NeighborhoodRule, TiledNeighborhoodRule, window
 
-RULES = {rule.kind: rule for rule in (NeighborhoodRule, TiledNeighborhoodRule, CircleRule)}  # static table
+RULES = {rule.kind: rule for rule in (NeighborhoodRule, TiledNeighborhoodRule, CircleRule, TiledCircleRule)}  # static table
 
-__all__ = ["RULES", "CircleRule", "GridRule", "NeighborhoodRule", "TiledNeighborhoodRule", "window"]
+__all__ = ["RULES", "CircleRule", "GridRule", "NeighborhoodRule", "TiledCircleRule", "TiledNeighborhoodRule", "window"]

@@ -37,3 +37,16 @@ class GridRule:
         vq, fq, yq, xq = self.coords(q_idx)
         vk, fk, yk, xk = self.coords(kv_idx)
         return video_rule((fq, yq, xq), (fk, yk, xk)) | ~vq | ~vk
+
+
+def tiled_coords(rel: torch.Tensor, tile: tuple[int, int, int], tiles: tuple[int, int, int]):
+    """(f, y, x) of positions ``rel`` of a tiled video region: tiles of ``tile = (tf, ty, tx)``
+    tokens, tile after tile (frame-major, then row, then column of tiles; tokens inside a tile
+    likewise); ``tiles`` is the tile count per dimension. Coordinates past the grid are padding."""
+    tf, ty, tx = tile
+    volume = tf * ty * tx
+    index, inner = rel // volume, rel % volume
+    f = (index // (tiles[1] * tiles[2])) * tf + inner // (ty * tx)
+    y = ((index // tiles[2]) % tiles[1]) * ty + (inner // tx) % ty
+    x = (index % tiles[2]) * tx + inner % tx
+    return f, y, x

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .grid import GridRule
+from .grid import GridRule, tiled_coords
 
 
 def window(coord: torch.Tensor, length: int, k: int, s: int, d: int, causal: bool):
@@ -96,15 +96,7 @@ class TiledNeighborhoodRule(NeighborhoodRule):
     def coords(self, idx: torch.Tensor):
         rel = idx - self.video_start
         video = (rel >= 0) & (rel < self.video_tokens)
-        rel = rel.clamp(0, self.video_tokens - 1)
-        tf, ty, tx = self.tile
-        volume = tf * ty * tx
-        tile, inner = rel // volume, rel % volume
-        per_frame_tiles = self.tiles[1] * self.tiles[2]
-        f = (tile // per_frame_tiles) * tf + inner // (ty * tx)
-        y = ((tile // self.tiles[2]) % self.tiles[1]) * ty + (inner // tx) % ty
-        x = (tile % self.tiles[2]) * tx + inner % tx
-        return video, f, y, x
+        return (video, *tiled_coords(rel.clamp(0, self.video_tokens - 1), self.tile, self.tiles))
 
     def mask(self, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
         ok = super().mask(q_idx, kv_idx)

@@ -43,14 +43,14 @@ def _circle(fq, fk, yq, yk, xq, xk, pred_ptr):
 
 
 @triton.jit
-def _tiled_coords(r, nf, ny, nx, pred_ptr):
-    # TiledNeighborhoodRule.pack(): [17:20] tile (tf, ty, tx), [20] tiles along Y, [21] along X;
-    # returns (f, y, x) and whether the token is grid padding
-    tf = tl.load(pred_ptr + 17)
-    ty = tl.load(pred_ptr + 18)
-    tx = tl.load(pred_ptr + 19)
-    n_ty = tl.load(pred_ptr + 20)
-    n_tx = tl.load(pred_ptr + 21)
+def _tiled_coords(r, nf, ny, nx, tile_ptr):
+    # a tiled rule's pack() tail at tile_ptr: [0:3] tile (tf, ty, tx), [3] tiles along Y, [4] along
+    # X (diffattn/rules/grid.py `tiled_coords`); returns (f, y, x) and whether the token is padding
+    tf = tl.load(tile_ptr + 0)
+    ty = tl.load(tile_ptr + 1)
+    tx = tl.load(tile_ptr + 2)
+    n_ty = tl.load(tile_ptr + 3)
+    n_tx = tl.load(tile_ptr + 4)
     volume = tf * ty * tx
     tile = r // volume
     inner = r % volume
@@ -63,7 +63,7 @@ def _tiled_coords(r, nf, ny, nx, pred_ptr):
 @triton.jit
 def _predicate(qi, ki, pred_ptr, PREDICATE: tl.constexpr):
     """Element rule of partial blocks, by kernel_id (1: neighborhood, 2: circle, 3: neighborhood on
-    tiled tokens); qi, ki broadcast.
+    tiled tokens, 4: circle on tiled tokens); qi, ki broadcast.
 
     pred_ptr [0:5] is the grid (GridRule.pack_grid): video start, video tokens, F, Y, X.
     """
@@ -74,24 +74,34 @@ def _predicate(qi, ki, pred_ptr, PREDICATE: tl.constexpr):
     nx = tl.load(pred_ptr + 4)
     rq = qi - v0
     rk = ki - v0
+    video_q = (rq >= 0) & (rq < n)
     text_k = (rk < 0) | (rk >= n)
-    text = (rq < 0) | (rq >= n) | text_k  # text tokens are global
+    text = ~video_q | text_k  # text tokens are global
     rq = tl.minimum(tl.maximum(rq, 0), n - 1)
     rk = tl.minimum(tl.maximum(rk, 0), n - 1)
-    if PREDICATE == 3:
-        fq, yq, xq, pad_q = _tiled_coords(rq, nf, ny, nx, pred_ptr)
-        fk, yk, xk, pad_k = _tiled_coords(rk, nf, ny, nx, pred_ptr)
-        ok = _neighborhood(fq, fk, yq, yk, xq, xk, nf, ny, nx, pred_ptr)
-        return (ok | text) & ~(pad_k & ~text_k)
-    per_frame = ny * nx
-    fq = rq // per_frame
-    fk = rk // per_frame
-    yq = (rq % per_frame) // nx
-    yk = (rk % per_frame) // nx
-    xq = rq % nx
-    xk = rk % nx
-    if PREDICATE == 1:
+    if PREDICATE == 3 or PREDICATE == 4:
+        tail = 17 if PREDICATE == 3 else 7  # where the rule's tile parameters start
+        fq, yq, xq, pad_q = _tiled_coords(rq, nf, ny, nx, pred_ptr + tail)
+        fk, yk, xk, pad_k = _tiled_coords(rk, nf, ny, nx, pred_ptr + tail)
+    else:
+        per_frame = ny * nx
+        fq = rq // per_frame
+        fk = rk // per_frame
+        yq = (rq % per_frame) // nx
+        yk = (rk % per_frame) // nx
+        xq = rq % nx
+        xk = rk % nx
+    if PREDICATE == 1 or PREDICATE == 3:
         ok = _neighborhood(fq, fk, yq, yk, xq, xk, nf, ny, nx, pred_ptr)
     else:
         ok = _circle(fq, fk, yq, yk, xq, xk, pred_ptr)
-    return ok | text
+    ok = ok | text
+    if PREDICATE == 3 or PREDICATE == 4:
+        ok = ok & ~(pad_k & ~text_k)  # padding keys of the tiles
+    if PREDICATE == 2 or PREDICATE == 4:
+        # CircleRule.pack() [6]: first pooled token (-1: none); pooled keys serve image queries only
+        ps = tl.load(pred_ptr + 6)
+        pooled_q = (ps >= 0) & (qi >= ps)
+        pooled_k = (ps >= 0) & (ki >= ps)
+        ok = tl.where(pooled_k, video_q | pooled_q, ok & ~pooled_q)
+    return ok
