@@ -4,6 +4,7 @@
     diffattn generate --prompt "a red circle moving right" --method radial --out clip.mp4 --seed 3
     diffattn generate --method neighborhood --kernel-size 3 7 7 --stride 1 2 2
     diffattn generate --method neighborhood --help                # that method's options
+    diffattn train clear --radius 4 --attn-every 1 --steps 200 --out runs/clear    # distil CLEAR (testbed FLUX)
     diffattn generate --model /path/to/Wan2.1-T2V-1.3B-Diffusers --device cuda \\
         --height 480 --width 832 --frames 81 --steps 50 --out wan.mp4
 
@@ -262,8 +263,37 @@ def generate(cfg: GenerateConfig) -> dict:
     return report
 
 
+def train(argv) -> "Path":
+    """``diffattn train clear [options]``: the CLEAR distillation trainer (``diffattn.lora.clear_distill``).
+
+    ``--pipeline testbed`` (the default) distils the testbed FLUX pipeline on its own captions, at its
+    trained 128 x 128."""
+    from diffattn.lora import clear_distill
+    from diffattn.lora.common import config_from_argv
+
+    if not argv or argv[0] != "clear":
+        raise SystemExit("diffattn train: the trainer to run comes first; so far: `diffattn train clear` (--help lists its options)")
+    cfg = config_from_argv(clear_distill.DistillConfig, argv[1:], clear_distill.__doc__)
+    pipe = prompts = None
+    if cfg.pipeline == "testbed":
+        pipelines, shapes = _testbed("pipelines"), _testbed("shapes")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" and device == "cuda" else torch.float32
+        pipe = pipelines.load_pipeline("image-dit", device=device, dtype=dtype)
+        d = pipelines.DEFAULTS["image-dit"]
+        cfg = dataclasses.replace(cfg, height=cfg.height or d["height"], width=cfg.width or d["width"],
+                                  max_sequence_length=cfg.max_sequence_length or d["max_sequence_length"])
+        if not cfg.prompts:
+            prompts = [shapes.sample(cfg.seed * 100_003 + i, image=True).caption for i in range(cfg.num_samples)]
+    return clear_distill.train(cfg, pipe=pipe, prompts=prompts)
+
+
 def main(argv=None) -> int:
-    cfg = _parse(sys.argv[1:] if argv is None else argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "train":
+        train(argv[1:])
+        return 0
+    cfg = _parse(argv)
     generate(cfg)
     return 0
 

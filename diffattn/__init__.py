@@ -13,7 +13,8 @@ or, model-level:
 
 Method options (``decay=``, ``kernel_size=``, ``dense_steps=``, ...) go to the method's config;
 ``backend=`` ("auto", "triton", "flex", "sdpa"), block sizes and ``family=`` (override the detected
-family) are keyword-only knobs. ``apply`` returns a ``Handle``, also usable as a context manager.
+family) are keyword-only knobs; ``lora=PATH`` also loads trained weights (a distilled CLEAR student
+from ``diffattn train clear``), whose options it takes, and ``remove`` unloads them. ``apply`` returns a ``Handle``, also usable as a context manager.
 
 ``apply`` runs an install plan: targets (every model of the pipeline an adapter knows:
 ``transformer``, ``transformer_2``, ``unet``, ...) -> steps (processor swaps, the layout hook, the
@@ -29,6 +30,7 @@ import torch
 from diffattn.core.handle import HANDLE_ATTR, ForwardHook, Handle, Marker, ProcessorSwap
 from diffattn.core.layout import TokenLayout
 from diffattn.core.registry import lookup
+from diffattn.core.weights import trained_steps
 from diffattn.methods import METHODS
 from diffattn.pipelines import ADAPTERS, FAMILIES
 from diffattn.pipelines.base import layout_hook
@@ -135,8 +137,16 @@ def _install(target, method: str, options: dict, set_processors: bool) -> tuple[
         existing.remove()  # a processors() dict that was never set: drop its hook and marker
     name0, model0 = components[0]
     family = options.pop("family", None) or _adapter_of(model0).family(model0, pipe)
-    handle = Handle(method, _build_method(method, family, options, pipe), family, scheduler=getattr(pipe, "scheduler", None))
     steps, dicts = [], {}
+    lora = options.pop("lora", None)
+    if lora is not None:
+        if not set_processors:
+            raise ValueError("diffattn.processors does not load trained weights; use diffattn.apply(target, method, lora=PATH)")
+        if len(components) > 1:
+            raise ValueError(f"diffattn: lora= loads onto one model, but {type(target).__name__} has {[n for n, _ in components]}; "
+                             "apply to the model the weights were trained for")
+        options, steps = trained_steps(model0, lora, method, options)
+    handle = Handle(method, _build_method(method, family, options, pipe), family, scheduler=getattr(pipe, "scheduler", None))
     for name, model in components:
         adapter = _adapter_of(model)
         original = model.attn_processors  # key -> processor object, restored by remove()

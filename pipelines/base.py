@@ -81,19 +81,23 @@ class DiffattnProcessor:
         [B, S, heads, D]. ``kv_len``: a callable giving the [B] valid-key counts (only evaluated on
         method calls). ``method_ok`` False forces the stock path (``dense_note`` says why)."""
         ctx = self.context(layout)
-        if method_ok and self.handle.method.active(ctx):
+        handle = self.handle
+        if method_ok and not handle.bypassed and handle.method.active(ctx):
             self.check_parallel()
             if kv_len is not None:
                 ctx = dataclasses.replace(ctx, kv_len=kv_len())
-            out = self.handle.method(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), ctx)  # [B, H, S, D]
-            return out.transpose(1, 2)
-        if dense_note is not None:
-            self.handle.note_once(dense_note)
-        self.handle.record(self.site, mode="dense", layout=layout, note=dense_note)
-        return dispatch_attention_fn(
-            query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
-            backend=self._attention_backend, parallel_config=self._parallel_config,
-        )
+            out = handle.method(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), ctx)  # [B, H, S, D]
+            out = out.transpose(1, 2)
+        else:
+            if dense_note is not None:
+                handle.note_once(dense_note)
+            handle.record(self.site, mode="dense", layout=layout, note=dense_note)
+            out = dispatch_attention_fn(
+                query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
+                backend=self._attention_backend, parallel_config=self._parallel_config,
+            )
+        handle.keep(self.site, out)
+        return out
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(method={self.handle.method_name!r}, layer={self.layer})"

@@ -11,6 +11,7 @@ State that lives here and nowhere else:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable
@@ -136,6 +137,9 @@ class Handle:
         self._notes: set[str] = set()
         self._sites: dict[str, _Site] = {}
         self.removed = False
+        self.bypassed = False  # every call runs the stock dense attention (a teacher forward)
+        self.captured: dict[str, Any] | None = None  # site -> core attention output, while capturing
+        self._capture_sites: frozenset[str] = frozenset()
 
     # -- installation (used by the API layer) --------------------------------------------------
     def install(self, steps: list[Any]) -> None:
@@ -185,6 +189,37 @@ class Handle:
 
     def __exit__(self, *exc) -> None:
         self.remove()
+
+    # -- training helpers ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def bypass(self):
+        """Inside the block every attention call runs the stock dense path (the model as if
+        diffattn were not applied: a distillation teacher on the same weights)."""
+        previous, self.bypassed = self.bypassed, True
+        try:
+            yield self
+        finally:
+            self.bypassed = previous
+
+    @contextlib.contextmanager
+    def capture(self, sites):
+        """Inside the block, the core attention output ``[B, S, heads, D]`` (before any
+        out-projection) of every call at ``sites`` is kept in the yielded dict (the last call per
+        site). Sites are the report's names (``handle.report()[i]["site"]``)."""
+        unknown = sorted(set(sites) - set(self._sites))
+        if unknown:
+            raise ValueError(f"diffattn: capture of unknown sites {unknown}; known sites: {sorted(self._sites)}")
+        out: dict[str, Any] = {}
+        previous = (self.captured, self._capture_sites)
+        self.captured, self._capture_sites = out, frozenset(sites)
+        try:
+            yield out
+        finally:
+            self.captured, self._capture_sites = previous
+
+    def keep(self, site: str, output) -> None:
+        if self.captured is not None and site in self._capture_sites:
+            self.captured[site] = output
 
     # -- per-run state ----------------------------------------------------------------------------
     def begin_forward(self, layout: TokenLayout | str, timestep: torch.Tensor | float | None) -> None:

@@ -1,0 +1,130 @@
+"""Trained weights for a method (a distilled CLEAR student): the file format and the reversible
+install step ``apply(..., lora=PATH)`` uses.
+
+A trained folder holds
+- ``pytorch_lora_weights.safetensors``: a diffusers LoRA (``load_lora_weights`` / the model's
+  ``load_lora_adapter`` read it), or ``full_weights.safetensors``: the fine-tuned linears'
+  tensors under their ``transformer.<module>`` names;
+- ``diffattn.json``: the method, its options (radius, down_factor) and the base model's
+  fingerprint (class and config), so a student is never loaded onto another base or run with
+  other options.
+Only safetensors are read.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+META_NAME = "diffattn.json"
+LORA_NAME = "pytorch_lora_weights.safetensors"
+FULL_NAME = "full_weights.safetensors"
+ADAPTER_NAME = "diffattn"
+_FINGERPRINT_SKIP = ("_", "sample_size", "pos_embed_max_size")  # keys that do not change the weights' shapes
+
+
+def fingerprint(model: torch.nn.Module) -> dict:
+    """The base model's class and the config entries that fix its weights' shapes."""
+    config = {k: v for k, v in dict(model.config).items() if not k.startswith(_FINGERPRINT_SKIP)}
+    return {"class": type(model).__name__, "config": json.loads(json.dumps(config, default=list))}
+
+
+def write_meta(folder: str | Path, *, method: str, options: dict, model: torch.nn.Module, kind: str, extra: dict | None = None) -> Path:
+    path = Path(folder) / META_NAME
+    meta = {"method": method, "options": options, "base": fingerprint(model), "kind": kind, **(extra or {})}
+    path.write_text(json.dumps(meta, indent=1))
+    return path
+
+
+def read_meta(path: str | Path) -> tuple[Path, dict]:
+    """(folder, meta) of a trained folder (or of a file inside it)."""
+    folder = Path(path)
+    if folder.is_file():
+        folder = folder.parent
+    meta_path = folder / META_NAME
+    if not meta_path.is_file():
+        raise ValueError(
+            f"diffattn: {path} is not a diffattn training output (no {META_NAME}); pass the folder "
+            "`diffattn train clear --out` wrote"
+        )
+    meta = json.loads(meta_path.read_text())
+    weights = folder / (LORA_NAME if meta.get("kind") == "lora" else FULL_NAME)
+    if not weights.is_file():
+        raise ValueError(f"diffattn: {folder} has {META_NAME} but no {weights.name}; the training run did not finish")
+    return folder, meta
+
+
+def check_compatible(meta: dict, method: str, model: torch.nn.Module, options: dict) -> dict:
+    """The options to apply with (the trained ones, unless the user passed the same values);
+    raises naming the fix for another method, base model or option value."""
+    if meta["method"] != method:
+        raise ValueError(f"diffattn: these weights were trained for method {meta['method']!r}; apply {meta['method']!r} with them")
+    base = fingerprint(model)
+    if base != meta["base"]:
+        diff = sorted(k for k in set(base["config"]) | set(meta["base"]["config"])
+                      if base["config"].get(k) != meta["base"]["config"].get(k))
+        raise ValueError(
+            f"diffattn: these weights were trained on another base model ({meta['base']['class']}, differing in "
+            f"{diff or ['class']}); load them onto the model they were trained on, or train for this one"
+        )
+    merged = dict(options)
+    for name, value in meta["options"].items():
+        if name in merged and merged[name] != value:
+            raise ValueError(
+                f"diffattn: these weights were trained with {name}={value!r}, not {name}={merged[name]!r}; "
+                f"pass {name}={value!r} (or leave it out), or train for {name}={merged[name]!r}"
+            )
+        merged[name] = value
+    return merged
+
+
+@dataclass
+class TrainedWeightsLoad:
+    """Install step: load trained weights into ``model``; undo restores the model exactly (the
+    LoRA adapter is deleted; fine-tuned tensors get their original values back)."""
+
+    model: torch.nn.Module
+    folder: Path
+    kind: str
+    _saved: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def do(self) -> None:
+        from safetensors.torch import load_file
+
+        if self.kind == "lora":
+            if ADAPTER_NAME in (getattr(self.model, "peft_config", None) or {}):
+                raise RuntimeError(f"diffattn: the model already has a LoRA adapter named {ADAPTER_NAME!r}; delete it first")
+            self.model.load_lora_adapter(str(self.folder / LORA_NAME), prefix="transformer", adapter_name=ADAPTER_NAME)
+            return
+        tensors = load_file(str(self.folder / FULL_NAME))
+        params = dict(self.model.named_parameters())
+        missing = [k for k in tensors if k.removeprefix("transformer.") not in params]
+        if missing:
+            raise ValueError(f"diffattn: fine-tuned tensors {missing[:3]} do not exist in this model; load them onto their base model")
+        with torch.no_grad():
+            for key, value in tensors.items():
+                p = params[key.removeprefix("transformer.")]
+                self._saved[key] = p.detach().clone()
+                p.copy_(value.to(p.dtype))
+
+    def undo(self) -> None:
+        if self.kind == "lora":
+            if ADAPTER_NAME in (getattr(self.model, "peft_config", None) or {}):
+                self.model.delete_adapters(ADAPTER_NAME)
+            return
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for key, value in self._saved.items():
+                params[key.removeprefix("transformer.")].copy_(value)
+        self._saved.clear()
+
+
+def trained_steps(model: torch.nn.Module, path: Any, method: str, options: dict) -> tuple[dict, list]:
+    """(options merged with the trained ones, [the install step]) for ``apply(..., lora=path)``."""
+    folder, meta = read_meta(path)
+    merged = check_compatible(meta, method, model, options)
+    return merged, [TrainedWeightsLoad(model, folder, meta["kind"])]

@@ -1,0 +1,514 @@
+"""CLEAR distillation: a student with CLEAR attention learns from the same weights run dense.
+
+    diffattn train clear --pipeline PATH --radius 16 --out student/        # FLUX.1 or SD3 folder
+    accelerate launch -m diffattn.lora.clear_distill --pipeline PATH ...   # the same, N processes
+    pipe = FluxPipeline.from_pretrained(PATH); diffattn.apply(pipe, "clear", lora="student/")
+
+The recipe of research/clear.md §3 (Huage001/CLEAR ``distill.py``), with LoRA by default:
+1. **Data the teacher generates itself** (§3.4: better than real data): ``num_samples`` latents
+   from the dense pipeline on the prompts, cached under ``out/data`` in shards (safetensors).
+2. **Loss** L = L_fm + 0.5 L_pred + 0.5 L_attn: flow matching against (noise - x0), the teacher's
+   prediction, and the mean squared error of the raw attention outputs (before the out-projection)
+   of a layer subset: the single-stream layers whose index (the adapter's numbering) is a multiple
+   of ``attn_every`` (FLUX.1-dev: single blocks 1, 5, ..., 37, CLEAR's 10 layers). Outputs are
+   captured per processor through the handle (``handle.capture``).
+3. **Trainable**: LoRA (rank ``rank``, alpha = rank) on the image-stream ``to_q/to_k/to_v/to_out.0``
+   (SD3.5's ``attn2`` too); ``full=True`` fine-tunes those linears instead, as CLEAR does. The teacher
+   is the same model with the adapter disabled and attention bypassed to dense (LoRA), or a frozen
+   copy (full).
+4. bf16 mixed precision (accelerate), gradient checkpointing, AdamW; sparse attention forward and
+   backward on diffattn's kernels. Noise levels: u ~ U(0, 1) with the scheduler's shift.
+
+Resuming: every ``checkpoint_every`` steps the trainable tensors, the optimizer state (safetensors +
+JSON) and the step are written atomically to ``out/checkpoints``; everything random (batch, noise,
+sigma) is drawn from generators seeded by (seed, step, process), so the data position and RNG
+follow from the step. Running the same command again resumes from the newest checkpoint (at most
+``checkpoint_every`` steps are lost) and gives the same result as an uninterrupted run. A changed
+option (other than ``steps``, ``max_minutes``, ``checkpoint_every``) raises.
+
+Output: ``out/pytorch_lora_weights.safetensors`` (diffusers ``load_lora_weights``) or
+``out/full_weights.safetensors``, with ``out/diffattn.json`` (radius, down_factor, base model).
+Logs: a tqdm bar (loss, ETA), TensorBoard under ``out/logs`` (when ``tensorboard`` is installed:
+``pip install diffattn[train]``) and ``out/log.jsonl``.
+
+Testbed run (one H200, under 15 minutes; benchmarks/RESULTS.md has the result):
+
+    diffattn train clear --pipeline testbed --radius 4 --attn-every 1 --num-samples 512 \\
+        --steps 1500 --batch-size 16 --lr 2e-4 --out runs/clear-testbed
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import shutil
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import diffattn
+from diffattn.core.weights import FULL_NAME, LORA_NAME, write_meta
+
+from .common import config_from_argv, warmup_lr
+
+FAMILY_TARGETS = {  # image-stream projections the student trains (module name suffixes)
+    "flux": ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0"),
+    "sd3": ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"),
+}
+RESUMABLE = ("steps", "max_minutes", "checkpoint_every")  # options a resumed run may change
+SHARD = 16  # teacher samples per data shard
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    pipeline: str = "testbed"      # a FLUX.1 / SD3 diffusers folder (or hub id), or "testbed" (the CLI's)
+    out: str = "clear-student"
+    radius: int = 16
+    down_factor: int = 1
+    full: bool = False             # full fine-tune of the projections instead of LoRA
+    rank: int = 32
+    steps: int = 1000
+    batch_size: int = 1            # per process
+    lr: float = 1e-4
+    warmup: int = 50
+    weight_decay: float = 1e-4
+    pred_weight: float = 0.5
+    attn_weight: float = 0.5
+    attn_every: int = 4
+    num_samples: int = 64          # teacher-generated training samples
+    prompts: str = ""              # a text file, one prompt per line ("" with the testbed: its captions)
+    height: int = 0                # 0: the pipeline's default
+    width: int = 0
+    gen_steps: int = 0             # teacher sampling steps (0: the pipeline's default)
+    max_sequence_length: int = 0   # text tokens (0: the pipeline's default); longer prompts are refused
+    shift: float = 3.0             # the flow-matching shift of the noise levels
+    checkpoint_every: int = 100
+    seed: int = 0
+    mixed_precision: str = "bf16"  # "bf16", "fp16" or "no" (CPU runs use "no")
+    gradient_checkpointing: bool = True
+    max_minutes: float = 0.0       # 0: no deadline; else stop (and save) after this long
+    backend: str = "auto"
+
+    def __post_init__(self):
+        for name in ("rank", "steps", "batch_size", "num_samples", "checkpoint_every", "attn_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"clear_distill: {name} must be >= 1, got {getattr(self, name)}")
+        if self.mixed_precision not in ("bf16", "fp16", "no"):
+            raise ValueError(f"clear_distill: mixed_precision must be bf16, fp16 or no, got {self.mixed_precision!r}")
+
+
+# ----------------------------------------------------------------------------------- model calls
+
+
+def _family(pipe) -> str:
+    name = type(pipe.transformer).__name__
+    if name == "FluxTransformer2DModel":
+        return "flux"
+    if name == "SD3Transformer2DModel":
+        return "sd3"
+    raise ValueError(f"clear_distill: CLEAR distils FLUX.1 and SD3 pipelines (joint text-image attention); got {name}")
+
+
+def _t5(pipe):
+    return getattr(pipe, "tokenizer_3", None) or getattr(pipe, "tokenizer_2", None) or pipe.tokenizer
+
+
+def _check_prompts(pipe, prompts: list[str], limit: int) -> None:
+    tokenizer = _t5(pipe)
+    for text in prompts:
+        count = len(tokenizer(text).input_ids)
+        if count > limit:
+            raise ValueError(
+                f"clear_distill: the prompt {text[:60]!r} has {count} tokens but the text encoder reads {limit} "
+                "(max_sequence_length); shorten it or pass --max-sequence-length (nothing is truncated)"
+            )
+
+
+def _encode(pipe, family: str, prompt: str, limit: int):
+    """(text embeddings [1, T, C], pooled [1, P]) of one prompt."""
+    with torch.no_grad():
+        if family == "flux":
+            embeds, pooled, _ = pipe.encode_prompt(prompt=prompt, prompt_2=None, max_sequence_length=limit)
+        else:
+            embeds, _, pooled, _ = pipe.encode_prompt(prompt=prompt, prompt_2=None, prompt_3=None,
+                                                      do_classifier_free_guidance=False, max_sequence_length=limit)
+    return embeds, pooled
+
+
+def _forward(model, family: str, x, sigma, embeds, pooled, grid, guidance_embeds: bool = False):
+    """The transformer's velocity for latents ``x`` at noise levels ``sigma`` [B] (``model`` may be
+    wrapped by accelerate: its config is not read here)."""
+    if family == "flux":
+        rows, cols = grid
+        ids = torch.zeros(rows, cols, 3, device=x.device)
+        ids[..., 1] = torch.arange(rows, device=x.device)[:, None]
+        ids[..., 2] = torch.arange(cols, device=x.device)[None, :]
+        guidance = torch.full_like(sigma, 3.5) if guidance_embeds else None
+        return model(hidden_states=x, timestep=sigma, guidance=guidance, pooled_projections=pooled,
+                     encoder_hidden_states=embeds, txt_ids=torch.zeros(embeds.shape[1], 3, device=x.device),
+                     img_ids=ids.reshape(-1, 3), return_dict=False)[0]
+    return model(hidden_states=x, timestep=sigma * 1000, encoder_hidden_states=embeds,
+                 pooled_projections=pooled, return_dict=False)[0]
+
+
+# ------------------------------------------------------------------------------------------- data
+
+
+def _generate(pipe, family: str, cfg: DistillConfig, prompts: list[str], limit: int, folder: Path, accelerator, log):
+    """Teacher samples in shards of ``SHARD`` (the main process writes; kept across restarts)."""
+    from safetensors.torch import load_file, save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    shards = -(-cfg.num_samples // SHARD)
+    call = {k: v for k, v in (("height", cfg.height), ("width", cfg.width), ("num_inference_steps", cfg.gen_steps)) if v}
+    if accelerator.is_main_process:
+        for shard in range(shards):
+            path = folder / f"shard_{shard:05d}.safetensors"
+            if path.is_file():
+                continue
+            rows = {"latents": [], "embeds": [], "pooled": []}
+            for i in range(shard * SHARD, min((shard + 1) * SHARD, cfg.num_samples)):
+                prompt = prompts[i % len(prompts)]
+                g = torch.Generator(pipe.device).manual_seed(cfg.seed * 1_000_003 + i)
+                with torch.no_grad():
+                    latents = pipe(prompt=prompt, generator=g, output_type="latent", max_sequence_length=limit, **call).images
+                embeds, pooled = _encode(pipe, family, prompt, limit)
+                for k, v in (("latents", latents), ("embeds", embeds), ("pooled", pooled)):
+                    rows[k].append(v.float().cpu())
+            tmp = path.with_suffix(".tmp")
+            save_file({k: torch.cat(v) for k, v in rows.items()}, str(tmp))
+            os.replace(tmp, path)
+            log(f"teacher samples: shard {shard + 1}/{shards}")
+    accelerator.wait_for_everyone()
+    parts = [load_file(str(folder / f"shard_{s:05d}.safetensors")) for s in range(shards)]
+    data = {k: torch.cat([p[k] for p in parts])[: cfg.num_samples] for k in ("latents", "embeds", "pooled")}
+    return data
+
+
+def _batch(data: dict, cfg: DistillConfig, step: int, rank: int, world: int, device):
+    """The batch of (step, process): a seeded permutation per epoch, so the position follows the step."""
+    n = data["latents"].shape[0]
+    per_step = cfg.batch_size * world
+    start = step * per_step
+    idx = []
+    for j in range(start + rank * cfg.batch_size, start + (rank + 1) * cfg.batch_size):
+        epoch, pos = divmod(j, n)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
+        idx.append(int(order[pos]))
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * world + rank)
+    x0 = data["latents"][idx]
+    noise = torch.randn(x0.shape, generator=g)
+    u = torch.rand(len(idx), generator=g)
+    sigma = cfg.shift * u / (1 + (cfg.shift - 1) * u)
+    return tuple(t.to(device) for t in (x0, noise, sigma, data["embeds"][idx], data["pooled"][idx]))
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+
+
+def _save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, keep: int = 2) -> None:
+    """Trainable tensors, optimizer state and step, written to a temporary folder and renamed."""
+    from safetensors.torch import save_file
+
+    root = folder / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    tmp, final = root / f".step_{step:07d}", root / f"step_{step:07d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    trainable = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    save_file(trainable, str(tmp / "trainable.safetensors"))
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, entry in state["state"].items():
+        for name, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"{idx}.{name}"] = value.detach().contiguous().cpu()
+            else:
+                scalars[f"{idx}.{name}"] = value
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    meta = {"step": step, "param_groups": state["param_groups"], "scalars": scalars, "scheduler": scheduler.state_dict()}
+    (tmp / "state.json").write_text(json.dumps(meta, default=str))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in sorted(root.glob("step_*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_checkpoint(folder: Path, model, optimizer, scheduler) -> int:
+    """Restore the newest checkpoint; returns the step to continue from (0 without one)."""
+    from safetensors.torch import load_file
+
+    found = sorted((folder / "checkpoints").glob("step_*")) if (folder / "checkpoints").is_dir() else []
+    if not found:
+        return 0
+    last = found[-1]
+    trainable = load_file(str(last / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in trainable.items():
+            params[name].copy_(value)
+    meta = json.loads((last / "state.json").read_text())
+    tensors = load_file(str(last / "optimizer.safetensors"))
+    state: dict = {}
+    for key, value in list(tensors.items()) + list(meta["scalars"].items()):
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    scheduler.load_state_dict(meta["scheduler"])
+    return int(meta["step"])
+
+
+def _check_resume(folder: Path, cfg: DistillConfig) -> None:
+    path = folder / "config.json"
+    current = asdict(cfg)
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        changed = sorted(k for k in current if k not in RESUMABLE and saved.get(k) != current[k])
+        if changed:
+            raise ValueError(
+                f"clear_distill: {folder} holds a run with other options ({', '.join(f'{k}: {saved.get(k)!r} -> {current[k]!r}' for k in changed)}); "
+                "rerun with the same options to resume, or pass a new --out"
+            )
+    folder.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(current, indent=1))
+
+
+# ------------------------------------------------------------------------------------------ train
+
+
+def attention_sites(handle, model, attn_every: int) -> list[str]:
+    """The single-stream sites (FLUX) or all sites (SD3) whose layer is a multiple of ``attn_every``."""
+    rows = handle.report()
+    single = [r for r in rows if "single_transformer_blocks" in r["site"]]
+    pool = single or rows
+    return [r["site"] for r in pool if r["layer"] % attn_every == 0]
+
+
+def train(cfg: DistillConfig, *, pipe=None, prompts: list[str] | None = None, _stop_after: int | None = None) -> Path:
+    """Run (or resume) a distillation; returns the output folder. ``pipe``: an already loaded
+    pipeline (else ``cfg.pipeline`` is loaded; a passed one is left as it was found);
+    ``prompts``: the prompts (else ``cfg.prompts``, a file)."""
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    out = Path(cfg.out)
+    log_with = "tensorboard" if _has_tensorboard() else None
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with=log_with, project_dir=str(out / "logs"))
+    log = (lambda msg: print(f"[clear_distill] {msg}", flush=True)) if accelerator.is_main_process else (lambda msg: None)
+    if log_with is None:
+        log("tensorboard is not installed (pip install diffattn[train]); logging to log.jsonl only")
+    if accelerator.is_main_process:
+        _check_resume(out, cfg)
+    accelerator.wait_for_everyone()
+
+    if pipe is None:
+        from diffusers import DiffusionPipeline
+
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
+        pipe = DiffusionPipeline.from_pretrained(cfg.pipeline, torch_dtype=dtype)
+    pipe.to(accelerator.device)
+    pipe.set_progress_bar_config(disable=True)
+    family = _family(pipe)
+    if prompts is None:
+        if not cfg.prompts:
+            raise ValueError("clear_distill: pass --prompts FILE (one prompt per line) for the teacher's samples")
+        prompts = [line.strip() for line in Path(cfg.prompts).read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError("clear_distill: no prompts (the prompts file is empty)")
+    limit = cfg.max_sequence_length or (512 if family == "flux" else 256)
+    _check_prompts(pipe, prompts, limit)
+
+    model = pipe.transformer
+    guided = bool(getattr(model.config, "guidance_embeds", False))
+    data = _generate(pipe, family, cfg, prompts, limit, out / "data", accelerator, log)
+    grid = None
+    if family == "flux":  # packed latents [N, S, C]: the token grid of the generation size
+        scale = pipe.vae_scale_factor * 2
+        default = pipe.default_sample_size * pipe.vae_scale_factor
+        grid = ((cfg.height or default) // scale, (cfg.width or default) // scale)
+        if grid[0] * grid[1] != data["latents"].shape[1]:
+            raise ValueError(f"clear_distill: the teacher samples have {data['latents'].shape[1]} tokens, not the "
+                             f"{grid[0]} x {grid[1]} grid of --height/--width; pass the size the pipeline generates at")
+    for p in pipe.components.values():
+        if isinstance(p, torch.nn.Module):
+            p.requires_grad_(False)
+    teacher = copy.deepcopy(model) if cfg.full else None
+    names = FAMILY_TARGETS[family]
+    if cfg.full:
+        for name, module in model.named_modules():
+            if name.endswith(names):
+                module.requires_grad_(True)
+    else:
+        from peft import LoraConfig
+
+        with torch.random.fork_rng(devices=[]):  # the adapter's initialisation follows --seed only
+            torch.manual_seed(cfg.seed)
+            model.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.rank, init_lora_weights="gaussian", target_modules=list(names)))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.data = p.data.float()
+    if cfg.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    model.train()
+
+    options = dict(radius=cfg.radius, down_factor=cfg.down_factor, backend=cfg.backend)
+    handle = diffattn.apply(model, "clear", **options)
+    teacher_handle = diffattn.apply(teacher, "clear", **options) if teacher is not None else handle
+    sites = attention_sites(handle, model, cfg.attn_every)
+    teacher_sites = attention_sites(teacher_handle, teacher if teacher is not None else model, cfg.attn_every)
+    if cfg.attn_weight > 0 and not sites:
+        raise ValueError(f"clear_distill: no layer has an index that is a multiple of attn_every={cfg.attn_every}; "
+                         "pass a smaller --attn-every (1: every layer) or --attn-weight 0")
+    log(f"{family}: {sum(p.numel() for p in trainable) / 1e6:.2f} M trainable ({'full' if cfg.full else f'LoRA r={cfg.rank}'}), "
+        f"attention loss on {len(sites)} layers, {data['latents'].shape[0]} teacher samples")
+
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_lr(s, 1.0, cfg.warmup))
+    start = _load_checkpoint(out, model, optimizer, scheduler)
+    if start:
+        log(f"resuming at step {start}")
+    wrapped, optimizer = accelerator.prepare(model, optimizer)
+    if log_with is not None:
+        accelerator.init_trackers("clear_distill", config={k: v for k, v in asdict(cfg).items() if isinstance(v, (int, float, str, bool))})
+    bar = tqdm(total=cfg.steps, initial=start, disable=not accelerator.is_main_process, desc="clear distill")
+    deadline = None if not cfg.max_minutes else _now() + 60 * cfg.max_minutes
+    journal = open(out / "log.jsonl", "a") if accelerator.is_main_process else None
+    step = start
+    try:
+        while step < cfg.steps:
+            x0, noise, sigma, embeds, pooled = _batch(data, cfg, step, accelerator.process_index, accelerator.num_processes, accelerator.device)
+            s = sigma.view(-1, *([1] * (x0.dim() - 1)))
+            xt = (1 - s) * x0 + s * noise
+            with accelerator.autocast():
+                with torch.no_grad(), _teacher_mode(model, teacher is None), teacher_handle.bypass(), teacher_handle.capture(teacher_sites) as t_attn:
+                    v_teacher = _forward(teacher if teacher is not None else model, family, xt, sigma, embeds, pooled, grid, guided)
+                with handle.capture(sites) as s_attn:
+                    v_student = _forward(wrapped, family, xt, sigma, embeds, pooled, grid, guided)
+                fm = F.mse_loss(v_student.float(), (noise - x0).float())
+                pred = F.mse_loss(v_student.float(), v_teacher.float())
+                attn = sum(F.mse_loss(s_attn[a].float(), t_attn[b].float()) for a, b in zip(sites, teacher_sites)) / max(len(sites), 1)
+                loss = fm + cfg.pred_weight * pred + cfg.attn_weight * attn
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(trainable, 1.0)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            terms = torch.stack([loss.detach(), fm.detach(), pred.detach(), torch.as_tensor(attn, device=loss.device).detach()]).float().tolist()
+            values = dict(zip(("loss", "fm", "pred", "attn"), terms), lr=scheduler.get_last_lr()[0])
+            bar.update(1)
+            bar.set_postfix(loss=f"{values['loss']:.4f}")
+            if journal is not None:
+                journal.write(json.dumps({"step": step, **values}) + "\n")
+                journal.flush()
+            if log_with is not None:
+                accelerator.log(values, step=step)
+            stop = deadline is not None and _now() > deadline
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop:
+                accelerator.wait_for_everyone()
+                if accelerator.is_main_process:
+                    _save_checkpoint(out, step, accelerator.unwrap_model(wrapped), optimizer, scheduler)
+            if _stop_after is not None and step >= _stop_after:
+                raise _Killed(step)
+            if stop:
+                log(f"--max-minutes reached at step {step}; the same command resumes")
+                break
+    finally:
+        bar.close()
+        if journal is not None:
+            journal.close()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _export(out, pipe, accelerator.unwrap_model(wrapped), cfg, family)
+    accelerator.end_training()
+    _restore(model, teacher, handle, teacher_handle, cfg)
+    return out
+
+
+def _restore(model, teacher, handle, teacher_handle, cfg: DistillConfig) -> None:
+    """Leave the caller's pipeline as it was: processors, the training adapter (or the fine-tuned
+    weights, from the teacher's copy), gradient checkpointing, eval mode, frozen parameters."""
+    handle.remove()
+    if teacher is not None:
+        teacher_handle.remove()
+        with torch.no_grad():
+            originals = dict(teacher.named_parameters())
+            for name, p in model.named_parameters():
+                if p.requires_grad:
+                    p.data = originals[name].data.to(p.dtype)
+    else:
+        model.delete_adapters("default")
+    if cfg.gradient_checkpointing:
+        model.disable_gradient_checkpointing()
+    model.requires_grad_(False)
+    model.eval()
+
+
+class _Killed(RuntimeError):
+    """Raised by ``train(..., _stop_after=N)``: the tests' stand-in for killing the process."""
+
+
+def _now() -> float:
+    import time
+
+    return time.monotonic()
+
+
+def _has_tensorboard() -> bool:
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _teacher_mode(model, lora: bool):
+    """The LoRA student's weights as the teacher: adapters off inside the block."""
+    if not lora:
+        yield
+        return
+    model.disable_adapters()
+    try:
+        yield
+    finally:
+        model.enable_adapters()
+
+
+def _export(out: Path, pipe, model, cfg: DistillConfig, family: str) -> None:
+    from safetensors.torch import save_file
+
+    if cfg.full:
+        names = FAMILY_TARGETS[family]
+        tensors = {f"transformer.{n}": p.detach().to(torch.bfloat16 if cfg.mixed_precision == "bf16" else p.dtype).contiguous().cpu()
+                   for n, p in model.named_parameters() if n.rsplit(".", 1)[0].endswith(names)}
+        save_file(tensors, str(out / FULL_NAME))
+        kind = "full"
+    else:
+        from peft.utils import get_peft_model_state_dict
+
+        type(pipe).save_lora_weights(out, transformer_lora_layers=get_peft_model_state_dict(model), weight_name=LORA_NAME)
+        kind = "lora"
+    write_meta(out, method="clear", options={"radius": cfg.radius, "down_factor": cfg.down_factor}, model=model,
+               kind=kind, extra={"base_path": cfg.pipeline, "steps": cfg.steps})
+
+
+def main(argv=None) -> None:
+    """``python -m diffattn.lora.clear_distill --pipeline PATH ...`` (also under ``accelerate launch``)."""
+    cfg = config_from_argv(DistillConfig, sys.argv[1:] if argv is None else argv, __doc__)
+    if cfg.pipeline == "testbed":
+        raise ValueError("clear_distill: --pipeline testbed is resolved by the CLI (diffattn train clear); "
+                         "pass the testbed folder (testbed/weights/image-dit) and --prompts here")
+    train(cfg)
+
+
+__all__ = ["DistillConfig", "attention_sites", "main", "train"]
+
+if __name__ == "__main__":
+    main()
