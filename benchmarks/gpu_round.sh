@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device session's checks and timings (H200): GPU tests, the attention benchmark with radial
 # and neighborhood patterns, the Wan2.1-14B forward end to end, and quality on the testbed video
-# pipeline. Run from the repo root on the GPU machine with diffattn and diffattn_testbed importable;
+# pipeline (part "images": FLUX.1-dev forwards, CLEAR distillation and quality on the testbed FLUX).
+# Run from the repo root on the GPU machine with diffattn and diffattn_testbed importable;
 # writes logs and JSON to ${OUT:-/tmp/out}.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -23,4 +24,18 @@ fi
 if [[ $part == all || $part == quality ]]; then
   python3 benchmarks/quality.py --kinds video --prompts 64 --json "$OUT/quality_video.json" \
     --methods "radial,neighborhood,neighborhood:kernel_size=(3,5,5),neighborhood:kernel_size=(5,9,9)" 2>&1 | tail -12 | tee "$OUT/quality.log"
+fi
+if [[ $part == images || $part == flux ]]; then
+  python3 benchmarks/flux_e2e.py --repeats 2 2>&1 | tee "$OUT/flux_e2e.log"
+fi
+if [[ $part == images || $part == distill ]]; then
+  python3 -P -m diffattn.app.cli train clear --pipeline testbed --radius 4 --attn-every 1 --num-samples 512 \
+    --steps 2000 --batch-size 16 --lr 2e-4 --checkpoint-every 500 --max-minutes ${DISTILL_MINUTES:-5} \
+    --out "$OUT/clear-testbed" 2>&1 | grep -v "it/s" | tail -20 | tee "$OUT/distill.log"
+  tail -3 "$OUT/clear-testbed/log.jsonl" | tee -a "$OUT/distill.log"
+  rm -rf "$OUT/clear-testbed/data" "$OUT/clear-testbed/checkpoints"
+fi
+if [[ $part == images || $part == quality-image ]]; then
+  python3 benchmarks/quality.py --kinds image-dit --prompts 64 --sizes 128,256,512 --json "$OUT/quality_image.json" \
+    --methods "clear,clear:lora='$OUT/clear-testbed',neighborhood" 2>&1 | tail -16 | tee "$OUT/quality_image.log"
 fi

@@ -5,6 +5,7 @@
     python benchmarks/quality.py --weights /path/to/retrained     # folders video/, image-dit/, image-unet/
     python benchmarks/quality.py --methods dense --prompts 128    # dense only (a second set of prompts)
     python benchmarks/quality.py --kinds video --methods "radial,neighborhood,neighborhood:kernel_size=(3,7,7)"
+    python benchmarks/quality.py --kinds image-dit --sizes 128,256,512 --methods "clear,clear:lora='runs/clear'"
 
 For each testbed pipeline (``diffattn_testbed.load_pipeline``) and each method (dense first, then
 every method in ``diffattn.methods()``, or the comma-separated ``--methods``, where an entry may
@@ -47,16 +48,17 @@ class QualityConfig:
     max_objects: int = 2
     json: str = ""
     methods: str = ""       # comma-separated methods after dense (default: every method in diffattn.methods())
+    sizes: str = ""         # image kinds: comma-separated square sizes (default: the trained size); dense runs at each
 
 
-def _generate(pipe, kind: str, prompts: list[str], seeds: list[int], batch: int, device: str):
+def _generate(pipe, kind: str, prompts: list[str], seeds: list[int], batch: int, device: str, **call):
     out, seconds = [], 0.0
     for i in range(0, len(prompts), batch):
         gens = [torch.Generator("cpu").manual_seed(s) for s in seeds[i : i + batch]]
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         start = time.perf_counter()
-        result = pipe(prompt=prompts[i : i + batch], generator=gens, output_type="np")
+        result = pipe(prompt=prompts[i : i + batch], generator=gens, output_type="np", **call)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         seconds += time.perf_counter() - start
@@ -93,10 +95,21 @@ def evaluate(kind: str, cfg: QualityConfig) -> list[dict]:
     judge = load_judge("video" if kind == "video" else "image", device=cfg.device)
     prompts = [sample(EVAL_SEED + i, image=kind != "video", max_objects=cfg.max_objects).caption for i in range(cfg.prompts)]
     seeds = list(range(cfg.prompts))
-    _generate(pipe, kind, prompts[: min(2, len(prompts))], seeds[:2], cfg.batch, cfg.device)  # warm-up
+    sizes = [int(v) for v in cfg.sizes.split(",") if v] if cfg.sizes and kind != "video" else [None]
+    rows = []
+    for size in sizes:
+        call = {} if size is None else dict(height=size, width=size)
+        rows += _evaluate_size(pipe, kind, judge, prompts, seeds, cfg, call, size)
+    return rows
+
+
+def _evaluate_size(pipe, kind, judge, prompts, seeds, cfg: QualityConfig, call: dict, size) -> list[dict]:
+    _generate(pipe, kind, prompts[: min(2, len(prompts))], seeds[:2], cfg.batch, cfg.device, **call)  # warm-up
     rows, dense = [], None
     for method in ["dense", *_methods(cfg)]:
         row = {"kind": kind, "method": method, "pipeline": type(pipe).__mro__[2].__name__, "prompts": cfg.prompts}
+        if size is not None:
+            row["size"] = size
         handle = None
         if method != "dense":
             name, options = parse_method(method)
@@ -106,9 +119,9 @@ def evaluate(kind: str, cfg: QualityConfig) -> list[dict]:
                 rows.append({**row, "note": f"n/a: {exc}"})
                 continue
             if cfg.device.startswith("cuda"):  # compile / autotune outside the timed run
-                _generate(pipe, kind, prompts[:2], seeds[:2], cfg.batch, cfg.device)
+                _generate(pipe, kind, prompts[:2], seeds[:2], cfg.batch, cfg.device, **call)
         try:
-            samples, sec = _generate(pipe, kind, prompts, seeds, cfg.batch, cfg.device)
+            samples, sec = _generate(pipe, kind, prompts, seeds, cfg.batch, cfg.device, **call)
             if handle is not None:
                 summary = handle.summary()
                 if summary["density"] is not None:
@@ -132,7 +145,7 @@ def evaluate(kind: str, cfg: QualityConfig) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    cols = ["kind", "method", "judge_color", "judge_shape", "judge_motion", "psnr_db", "ssim", "density", "s_per_sample", "note"]
+    cols = ["kind", "size", "method", "judge_color", "judge_shape", "judge_motion", "psnr_db", "ssim", "density", "s_per_sample", "note"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         lines.append("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")

@@ -130,8 +130,8 @@ def _check_prompts(pipe, prompts: list[str], limit: int) -> None:
             )
 
 
-def _encode(pipe, family: str, prompt: str, limit: int):
-    """(text embeddings [1, T, C], pooled [1, P]) of one prompt."""
+def _encode(pipe, family: str, prompt: list[str], limit: int):
+    """(text embeddings [N, T, C], pooled [N, P]) of prompts."""
     with torch.no_grad():
         if family == "flux":
             embeds, pooled, _ = pipe.encode_prompt(prompt=prompt, prompt_2=None, max_sequence_length=limit)
@@ -172,15 +172,13 @@ def _generate(pipe, family: str, cfg: DistillConfig, prompts: list[str], limit: 
             path = folder / f"shard_{shard:05d}.safetensors"
             if path.is_file():
                 continue
-            rows = {"latents": [], "embeds": [], "pooled": []}
-            for i in range(shard * SHARD, min((shard + 1) * SHARD, cfg.num_samples)):
-                prompt = prompts[i % len(prompts)]
-                g = torch.Generator(pipe.device).manual_seed(cfg.seed * 1_000_003 + i)
-                with torch.no_grad():
-                    latents = pipe(prompt=prompt, generator=g, output_type="latent", max_sequence_length=limit, **call).images
-                embeds, pooled = _encode(pipe, family, prompt, limit)
-                for k, v in (("latents", latents), ("embeds", embeds), ("pooled", pooled)):
-                    rows[k].append(v.float().cpu())
+            ids = list(range(shard * SHARD, min((shard + 1) * SHARD, cfg.num_samples)))
+            texts = [prompts[i % len(prompts)] for i in ids]
+            gens = [torch.Generator(pipe.device).manual_seed(cfg.seed * 1_000_003 + i) for i in ids]
+            with torch.no_grad():  # one batched teacher call per shard
+                latents = pipe(prompt=texts, generator=gens, output_type="latent", max_sequence_length=limit, **call).images
+            embeds, pooled = _encode(pipe, family, texts, limit)
+            rows = {"latents": [latents.float().cpu()], "embeds": [embeds.float().cpu()], "pooled": [pooled.float().cpu()]}
             tmp = path.with_suffix(".tmp")
             save_file({k: torch.cat(v) for k, v in rows.items()}, str(tmp))
             os.replace(tmp, path)

@@ -55,7 +55,12 @@ DEFAULTS = {
 # ``diffattn_defaults`` (its frames are 16 x 16 tokens: 128-token blocks would make radial near dense;
 # a quarter of the 25 steps run dense, as 12 of 50 in the papers). Neighborhood keeps the Wan preset
 # rescaled to the 8 x 16 x 16 grid: window (5, 8, 5), stride (4, 3, 2).
-METHOD_OPTIONS = {"video": {"radial": dict(block_size=64, dense_steps=6), "neighborhood": dict(dense_steps=6)}}
+METHOD_OPTIONS = {
+    "video": {"radial": dict(block_size=64, dense_steps=6), "neighborhood": dict(dense_steps=6)},
+    # 16 x 16 image tokens at 128^2: CLEAR's r = 16 on FLUX-dev's 64 x 64 grid is a quarter of the
+    # grid; r = 4 is the same share here (and stays 4 tokens at 2x and 4x the size, as CLEAR does)
+    "image-dit": {"clear": dict(radius=4)},
+}
 TRAIN_COMMAND = {
     "video": "python -m diffattn_testbed.train_video --out testbed/weights/video",
     "image-dit": "python -m diffattn_testbed.train_image --kind image-dit --vae IMAGE_VAE --out testbed/weights/image-dit",

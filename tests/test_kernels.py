@@ -184,7 +184,7 @@ def test_triton_matches_reference_gpu(b, h, s, d, block, heads_in_mask, kv_pad, 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["bits", "rule"])
-@pytest.mark.parametrize("kind", ["neighborhood3d", "neighborhood2d_gna", "circle"])
+@pytest.mark.parametrize("kind", ["neighborhood3d", "neighborhood2d_gna", "circle", "circle_tiled_pooled"])
 def test_triton_predicates_gpu(kind, mode):
     from diffattn.core.layout import TokenLayout
     from diffattn.patterns import clear
@@ -198,6 +198,11 @@ def test_triton_predicates_gpu(kind, mode):
         layout = TokenLayout(1, 64, 64)
         spec = nbm.spec(layout, 16, 8)
         desc, tok = nbm.block_sparsity(layout, spec, device="cuda"), nbm.token_mask(layout, spec)
+    elif kind == "circle_tiled_pooled":  # CLEAR r=8 in tile order with the pooled branch (d=4), unaligned grid
+        layout = TokenLayout(1, 50, 70, 77, "before")
+        tiling = clear.plane_tiling(layout)
+        desc, tok = clear.block_sparsity(layout, 8, 4, tiling=tiling, device="cuda"), clear.kernel_mask(layout, 8, 4, tiling)
+        layout = TokenLayout(1, 1, tok.shape[0])  # the kernel sequence: tiles, text, pooled tokens
     else:  # CLEAR r=16 with text first
         layout = TokenLayout(1, 64, 64, 512, "before")
         desc, tok = clear.block_sparsity(layout, 16, device="cuda"), clear.token_mask(layout, 16)
