@@ -47,7 +47,12 @@ def test_shell_command(index, tmp_path):
         argv = shlex.split(part)
         if argv[0] in ("pip", "pytest"):
             continue  # the set-up and test commands: .ci/run runs exactly these
-        if argv[0] == "diffattn":
+        if argv[:3] == ["diffattn", "train", "clear"]:
+            from diffattn.lora.clear_distill import DistillConfig
+            from diffattn.lora.common import config_from_argv
+
+            config_from_argv(DistillConfig, argv[3:], "")  # every flag exists and parses
+        elif argv[0] == "diffattn":
             cfg = cli._parse(argv[1:])  # every flag exists and parses
             assert cfg.method in ("radial", "neighborhood")
         elif argv[:2] == ["python", "-m"]:
