@@ -112,7 +112,7 @@ def _family(pipe) -> str:
         return "flux"
     if name == "SD3Transformer2DModel":
         return "sd3"
-    raise ValueError(f"clear_distill: CLEAR distils FLUX.1 and SD3 pipelines (joint text-image attention); got {name}")
+    raise ValueError(f"clear_distill: CLEAR distillation supports FLUX.1 and SD3 pipelines (FLUX.2 students are not supported yet); got {name}")
 
 
 def _t5(pipe):

@@ -134,3 +134,30 @@ def sd3_inputs(batch: int = 2, size: int = 16, text: int = 7, timestep: float = 
         encoder_hidden_states=torch.randn(batch, text, 32, generator=g),
         pooled_projections=torch.randn(batch, 16, generator=g), timestep=torch.full((batch,), timestep),
     )
+
+
+def tiny_flux2_transformer(seed: int = 0, *, double_layers: int = 1, single_layers: int = 1):
+    """A ``Flux2Transformer2DModel`` (double blocks and fused parallel single blocks, 4-axis RoPE)."""
+    from diffusers import Flux2Transformer2DModel
+
+    torch.manual_seed(seed)
+    return Flux2Transformer2DModel(
+        patch_size=1, in_channels=8, num_layers=double_layers, num_single_layers=single_layers, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4),
+        guidance_embeds=True,
+    ).eval()
+
+
+def flux2_inputs(batch: int = 2, rows: int = 8, cols: int = 8, text: int = 6, timestep: float = 0.9, seed: int = 1):
+    """Keyword inputs of one FLUX.2 transformer forward ((t, h, w, l) ids as Flux2Pipeline builds them)."""
+    g = torch.Generator().manual_seed(seed)
+    img_ids = torch.zeros(rows, cols, 4)
+    img_ids[..., 1] = torch.arange(rows)[:, None]
+    img_ids[..., 2] = torch.arange(cols)[None, :]
+    txt_ids = torch.zeros(text, 4)
+    txt_ids[:, 3] = torch.arange(text)
+    return dict(
+        hidden_states=torch.randn(batch, rows * cols, 8, generator=g),
+        encoder_hidden_states=torch.randn(batch, text, 32, generator=g), timestep=torch.full((batch,), timestep),
+        guidance=torch.full((batch,), 3.5), img_ids=img_ids.reshape(-1, 4), txt_ids=txt_ids,
+    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from diffattn_testbed.tiny import (
-    flux_inputs, sd3_inputs, tiny_flux_transformer, tiny_hunyuan_transformer, tiny_sd3_transformer, tiny_wan_pipeline,
+    flux2_inputs, flux_inputs, sd3_inputs, tiny_flux2_transformer, tiny_flux_transformer, tiny_hunyuan_transformer, tiny_sd3_transformer, tiny_wan_pipeline,
 )
 from testers import Family
 
@@ -57,4 +57,10 @@ SD3 = Family(
     name="sd3", build=tiny_sd3_transformer,
     call=lambda model, **kw: model(**sd3_inputs(**kw)).sample, models=lambda model: [model],
     shape=dict(size=16), other_shape=dict(size=12, text=5), small=dict(size=10, text=3),
+)
+
+FLUX2 = Family(
+    name="flux2", build=lambda: tiny_flux2_transformer(double_layers=1, single_layers=2),
+    call=lambda model, **kw: model(**flux2_inputs(**kw)).sample, models=lambda model: [model],
+    shape=dict(rows=8, cols=8), other_shape=dict(rows=6, cols=9, text=4), small=dict(rows=5, cols=6, text=3),
 )

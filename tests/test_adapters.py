@@ -2,7 +2,7 @@
 
 import pytest
 
-from families import FLUX, HUNYUAN, SD3, WAN
+from families import FLUX, FLUX2, HUNYUAN, SD3, WAN
 from testers import AdapterTester
 
 pytestmark = pytest.mark.cpu
@@ -68,4 +68,16 @@ class TestSD3Clear(AdapterTester):
 class TestSD3Neighborhood(AdapterTester):
     family, method = SD3, "neighborhood"
     sparse = dict(dense_steps=0, kernel_size=3)
+    full = dict(dense_steps=0, kernel_size=8)
+
+
+class TestFlux2Clear(AdapterTester):
+    family, method = FLUX2, "clear"
+    sparse = dict(radius=3)
+    full = dict(radius=10)
+
+
+class TestFlux2Neighborhood(AdapterTester):
+    family, method = FLUX2, "neighborhood"
+    sparse = dict(dense_steps=0, kernel_size=(1, 5, 3))
     full = dict(dense_steps=0, kernel_size=8)

@@ -23,12 +23,13 @@ def _wan_inputs(frames=3, size=8):
 
 def test_listings_say_which_method_fits_which_family():
     assert set(diffattn.methods()) == {"radial", "neighborhood", "clear"}
-    assert diffattn.methods()["neighborhood"] == ("wan2.1", "wan2.2", "hunyuan_video", "flux", "sd3")
-    assert diffattn.methods()["clear"] == ("flux", "sd3")
+    assert diffattn.methods()["neighborhood"] == ("wan2.1", "wan2.2", "hunyuan_video", "flux", "flux2", "sd3")
+    assert diffattn.methods()["clear"] == ("flux", "flux2", "sd3")
     models = diffattn.supported_models()
     assert models["WanTransformer3DModel"] == {"families": ("wan2.1", "wan2.2"), "methods": ["neighborhood", "radial"]}
     assert "HunyuanVideoTransformer3DModel" in models
-    assert models["FluxTransformer2DModel"]["methods"] == models["SD3Transformer2DModel"]["methods"] == ["clear", "neighborhood"]
+    for name in ("FluxTransformer2DModel", "Flux2Transformer2DModel", "SD3Transformer2DModel"):
+        assert models[name]["methods"] == ["clear", "neighborhood"], name
     assert diffattn.patch_size(tiny_wan_transformer()) == (1, 2, 2)
     assert diffattn.patch_size(tiny_hunyuan_transformer()) == (1, 1, 1)
 
@@ -254,3 +255,21 @@ def test_flux_kontext_style_ids_run_dense_with_a_note():
             out = model(**inputs).sample
     assert torch.equal(out, stock)
     assert any("Kontext" in n for n in handle.summary()["notes"]) and handle.summary()["method_calls"] == 0
+
+
+def test_flux2_reference_images_run_dense_with_a_note():
+    from diffattn_testbed.tiny import flux2_inputs, tiny_flux2_transformer
+
+    model = tiny_flux2_transformer()
+    inputs = flux2_inputs()
+    ref = flux2_inputs(rows=4, cols=4, seed=2)  # a reference image: its ids carry t = 10
+    ref_ids = ref["img_ids"].clone()
+    ref_ids[:, 0] = 10
+    inputs["hidden_states"] = torch.cat([inputs["hidden_states"], ref["hidden_states"]], dim=1)
+    inputs["img_ids"] = torch.cat([inputs["img_ids"], ref_ids])
+    with torch.no_grad():
+        stock = model(**inputs).sample
+        with diffattn.apply(model, "neighborhood", kernel_size=3, dense_steps=0) as handle:
+            out = model(**inputs).sample
+    assert torch.equal(out, stock)
+    assert any("reference images" in n for n in handle.summary()["notes"]) and handle.summary()["method_calls"] == 0

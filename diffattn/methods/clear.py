@@ -34,7 +34,7 @@ from diffattn.methods.base import BlockSparseMethod
 from diffattn.patterns import clear as pattern
 from diffattn.patterns.blocks import BlockSparsity
 
-IMAGE_FAMILIES = ("flux", "sd3")
+IMAGE_FAMILIES = ("flux", "flux2", "sd3")
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,9 @@ stride = round(s * extent / base), clamped to [1, window]):
 - Wan2.1 / Wan2.2: the same relative extent and stride on Wan's 720p grid (21, 45, 80): window
   (13, 23, 24), stride (11, 8, 8). No published Wan preset exists; this carries the one published
   training-free video setting over by grid fraction.
-- FLUX / SD3 (images, 2-D): window (80, 80), stride (16, 16) on FLUX's 4K grid (256, 256), the
-  GNA paper's FLUX setting (research §3.2, about 90 % sparse), rescaled to each grid (SD3 shares
-  it: the same 16-px tokens).
+- FLUX.1 / FLUX.2 / SD3 (images, 2-D): window (80, 80), stride (16, 16) on FLUX's 4K grid (256, 256), the
+  GNA paper's FLUX setting (research §3.2, about 90 % sparse), rescaled to each grid (FLUX.2 and
+  SD3 share it: the same 16-px tokens).
 The first ``dense_steps`` steps run dense (STA and radial keep early steps dense; 12 of 50, as
 radial) and on Wan the first layer (Cosmos keeps one dense layer in its 14B model); on images the
 first 6 steps (about a quarter of FLUX-dev's default 28).
@@ -45,6 +45,7 @@ PRESETS = {
     "wan2.1": ((21, 45, 80), (13, 23, 24), (11, 8, 8)),
     "wan2.2": ((21, 45, 80), (13, 23, 24), (11, 8, 8)),
     "flux": ((1, 256, 256), (1, 80, 80), (1, 16, 16)),
+    "flux2": ((1, 256, 256), (1, 80, 80), (1, 16, 16)),
     "sd3": ((1, 256, 256), (1, 80, 80), (1, 16, 16)),
 }
 
@@ -123,9 +124,10 @@ class NeighborhoodAttention(BlockSparseMethod):
 
     name = "neighborhood"
     Config = NeighborhoodConfig
-    FAMILIES = ("wan2.1", "wan2.2", "hunyuan_video", "flux", "sd3")
+    FAMILIES = ("wan2.1", "wan2.2", "hunyuan_video", "flux", "flux2", "sd3")
     FAMILY_DEFAULTS = {
         "flux": dict(dense_steps=6, dense_layers=0),
+        "flux2": dict(dense_steps=6, dense_layers=0),
         "sd3": dict(dense_steps=6, dense_layers=0),
         "wan2.1": dict(dense_steps=12, dense_layers=1),
         "wan2.2": dict(dense_steps=11, dense_layers=1),
