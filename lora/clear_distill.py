@@ -161,28 +161,28 @@ def _forward(model, family: str, x, sigma, embeds, pooled, grid, guidance_embeds
 
 
 def _generate(pipe, family: str, cfg: DistillConfig, prompts: list[str], limit: int, folder: Path, accelerator, log):
-    """Teacher samples in shards of ``SHARD`` (the main process writes; kept across restarts)."""
+    """Teacher samples in shards of ``SHARD`` (each process writes its own; kept across restarts)."""
     from safetensors.torch import load_file, save_file
 
     folder.mkdir(parents=True, exist_ok=True)
     shards = -(-cfg.num_samples // SHARD)
     call = {k: v for k, v in (("height", cfg.height), ("width", cfg.width), ("num_inference_steps", cfg.gen_steps)) if v}
-    if accelerator.is_main_process:
-        for shard in range(shards):
-            path = folder / f"shard_{shard:05d}.safetensors"
-            if path.is_file():
-                continue
-            ids = list(range(shard * SHARD, min((shard + 1) * SHARD, cfg.num_samples)))
-            texts = [prompts[i % len(prompts)] for i in ids]
-            gens = [torch.Generator(pipe.device).manual_seed(cfg.seed * 1_000_003 + i) for i in ids]
-            with torch.no_grad():  # one batched teacher call per shard
-                latents = pipe(prompt=texts, generator=gens, output_type="latent", max_sequence_length=limit, **call).images
-            embeds, pooled = _encode(pipe, family, texts, limit)
-            rows = {"latents": [latents.float().cpu()], "embeds": [embeds.float().cpu()], "pooled": [pooled.float().cpu()]}
-            tmp = path.with_suffix(".tmp")
-            save_file({k: torch.cat(v) for k, v in rows.items()}, str(tmp))
-            os.replace(tmp, path)
-            log(f"teacher samples: shard {shard + 1}/{shards}")
+    # every process generates its own shards (shard % processes == rank), then all wait
+    for shard in range(accelerator.process_index, shards, accelerator.num_processes):
+        path = folder / f"shard_{shard:05d}.safetensors"
+        if path.is_file():
+            continue
+        ids = list(range(shard * SHARD, min((shard + 1) * SHARD, cfg.num_samples)))
+        texts = [prompts[i % len(prompts)] for i in ids]
+        gens = [torch.Generator(pipe.device).manual_seed(cfg.seed * 1_000_003 + i) for i in ids]
+        with torch.no_grad():  # one batched teacher call per shard
+            latents = pipe(prompt=texts, generator=gens, output_type="latent", max_sequence_length=limit, **call).images
+        embeds, pooled = _encode(pipe, family, texts, limit)
+        rows = {"latents": [latents.float().cpu()], "embeds": [embeds.float().cpu()], "pooled": [pooled.float().cpu()]}
+        tmp = path.with_suffix(".tmp")
+        save_file({k: torch.cat(v) for k, v in rows.items()}, str(tmp))
+        os.replace(tmp, path)
+        log(f"teacher samples: shard {shard + 1}/{shards} (process {accelerator.process_index})")
     accelerator.wait_for_everyone()
     parts = [load_file(str(folder / f"shard_{s:05d}.safetensors")) for s in range(shards)]
     data = {k: torch.cat([p[k] for p in parts])[: cfg.num_samples] for k in ("latents", "embeds", "pooled")}
@@ -262,7 +262,7 @@ def _load_checkpoint(folder: Path, model, optimizer, scheduler) -> int:
     return int(meta["step"])
 
 
-def _check_resume(folder: Path, cfg: DistillConfig) -> None:
+def _check_resume(folder: Path, cfg: DistillConfig, write: bool = True) -> None:
     path = folder / "config.json"
     current = asdict(cfg)
     if path.is_file():
@@ -273,8 +273,9 @@ def _check_resume(folder: Path, cfg: DistillConfig) -> None:
                 f"clear_distill: {folder} holds a run with other options ({', '.join(f'{k}: {saved.get(k)!r} -> {current[k]!r}' for k in changed)}); "
                 "rerun with the same options to resume, or pass a new --out"
             )
-    folder.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(current, indent=1))
+    if write:
+        folder.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(current, indent=1))
 
 
 # ------------------------------------------------------------------------------------------ train
@@ -298,11 +299,10 @@ def train(cfg: DistillConfig, *, pipe=None, prompts: list[str] | None = None, _s
     out = Path(cfg.out)
     log_with = "tensorboard" if _has_tensorboard() else None
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with=log_with, project_dir=str(out / "logs"))
-    log = (lambda msg: print(f"[clear_distill] {msg}", flush=True)) if accelerator.is_main_process else (lambda msg: None)
+    log = lambda msg: print(f"[clear_distill] {msg}", flush=True) if accelerator.is_main_process else None  # noqa: E731
     if log_with is None:
         log("tensorboard is not installed (pip install diffattn[train]); logging to log.jsonl only")
-    if accelerator.is_main_process:
-        _check_resume(out, cfg)
+    _check_resume(out, cfg, write=accelerator.is_main_process)  # every process raises alike
     accelerator.wait_for_everyone()
 
     if pipe is None:
@@ -333,6 +333,11 @@ def train(cfg: DistillConfig, *, pipe=None, prompts: list[str] | None = None, _s
         if grid[0] * grid[1] != data["latents"].shape[1]:
             raise ValueError(f"clear_distill: the teacher samples have {data['latents'].shape[1]} tokens, not the "
                              f"{grid[0]} x {grid[1]} grid of --height/--width; pass the size the pipeline generates at")
+    if getattr(model, "peft_config", None):
+        raise ValueError(
+            f"clear_distill: the transformer has LoRA adapters loaded ({sorted(model.peft_config)}); fuse them into the "
+            "weights (pipe.fuse_lora(); pipe.unload_lora_weights()) or unload them before distilling"
+        )
     for p in pipe.components.values():
         if isinstance(p, torch.nn.Module):
             p.requires_grad_(False)
@@ -349,6 +354,7 @@ def train(cfg: DistillConfig, *, pipe=None, prompts: list[str] | None = None, _s
             torch.manual_seed(cfg.seed)
             model.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.rank, init_lora_weights="gaussian", target_modules=list(names)))
     trainable = [p for p in model.parameters() if p.requires_grad]
+    dtypes = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}  # restored afterwards
     for p in trainable:
         p.data = p.data.float()
     if cfg.gradient_checkpointing:
@@ -407,7 +413,10 @@ def train(cfg: DistillConfig, *, pipe=None, prompts: list[str] | None = None, _s
                 journal.flush()
             if log_with is not None:
                 accelerator.log(values, step=step)
-            stop = deadline is not None and _now() > deadline
+            stop = False
+            if deadline is not None:  # every process stops at the same step (the first past its deadline)
+                flag = torch.tensor([float(_now() > deadline)], device=accelerator.device)
+                stop = bool(accelerator.reduce(flag, reduction="sum").item() > 0)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop:
                 accelerator.wait_for_everyone()
                 if accelerator.is_main_process:
@@ -422,14 +431,17 @@ def train(cfg: DistillConfig, *, pipe=None, prompts: list[str] | None = None, _s
         if journal is not None:
             journal.close()
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+    if accelerator.is_main_process and step >= cfg.steps:
         _export(out, pipe, accelerator.unwrap_model(wrapped), cfg, family)
+    elif step < cfg.steps:
+        log(f"stopped at step {step} of {cfg.steps}: no student exported yet; the same command resumes")
     accelerator.end_training()
-    _restore(model, teacher, handle, teacher_handle, cfg)
+    accelerator.unwrap_model(wrapped, keep_fp32_wrapper=False)  # drops accelerate's autocast wrapper from the model
+    _restore(model, teacher, handle, teacher_handle, cfg, dtypes)
     return out
 
 
-def _restore(model, teacher, handle, teacher_handle, cfg: DistillConfig) -> None:
+def _restore(model, teacher, handle, teacher_handle, cfg: DistillConfig, dtypes: dict) -> None:
     """Leave the caller's pipeline as it was: processors, the training adapter (or the fine-tuned
     weights, from the teacher's copy), gradient checkpointing, eval mode, frozen parameters."""
     handle.remove()
@@ -439,9 +451,9 @@ def _restore(model, teacher, handle, teacher_handle, cfg: DistillConfig) -> None
             originals = dict(teacher.named_parameters())
             for name, p in model.named_parameters():
                 if p.requires_grad:
-                    p.data = originals[name].data.to(p.dtype)
+                    p.data = originals[name].data.to(dtypes[name])
     else:
-        model.delete_adapters("default")
+        model.unload_lora()  # the peft layers go; the base modules are back (no other adapter was loaded)
     if cfg.gradient_checkpointing:
         model.disable_gradient_checkpointing()
     model.requires_grad_(False)

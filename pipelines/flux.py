@@ -65,11 +65,15 @@ def grid(model, hidden_states: torch.Tensor, inputs=None) -> TokenLayout | str:
     return TokenLayout(1, rows, cols, text.shape[1], "before" if text.shape[1] else "none")
 
 
-class Processor(DiffattnProcessor):
-    def __init__(self, handle, layer: int, stock=None, site: str = ""):
-        super().__init__(handle, layer, stock, site)
-        # FluxIPAdapterAttnProcessor holds the IP branch's weights; keep it to run that branch
-        self.ip = stock if stock is not None and hasattr(stock, "to_k_ip") else None
+def Processor(handle, layer: int, stock=None, site: str = ""):  # noqa: N802 - the adapter protocol's name
+    """The processor for one site; ``IPProcessor`` where the stock one carries IP-adapter weights."""
+    if stock is not None and hasattr(stock, "to_k_ip"):
+        return IPProcessor(handle, layer, stock, site)
+    return JointProcessor(handle, layer, stock, site)
+
+
+class JointProcessor(DiffattnProcessor):
+    ip = None
 
     def __call__(
         self,
@@ -141,7 +145,7 @@ class Processor(DiffattnProcessor):
 
     def _ip_branch(self, attn, ip_query, ip_hidden_states, batch_size):
         """The IP-adapter term of ``FluxIPAdapterAttnProcessor`` (dense; image queries vs IP tokens)."""
-        ip = self.ip
+        ip = self
         out = torch.zeros(batch_size, ip_query.shape[1], attn.heads * attn.head_dim, device=ip_query.device, dtype=ip_query.dtype)
         for states, scale, to_k_ip, to_v_ip in zip(ip_hidden_states or [], ip.scale, ip.to_k_ip, ip.to_v_ip):
             ip_key = to_k_ip(states).view(batch_size, -1, attn.heads, attn.head_dim)
@@ -152,3 +156,18 @@ class Processor(DiffattnProcessor):
             )
             out += scale * term.reshape(batch_size, -1, attn.heads * attn.head_dim).to(ip_query.dtype)
         return out
+
+
+class IPProcessor(JointProcessor, torch.nn.Module):
+    """Where diffusers' ``FluxIPAdapterAttnProcessor`` was: its IP weights (``to_k_ip``, ``to_v_ip``,
+    ``scale``) stay in the module tree under the same names, so ``.to()``, offloading and
+    ``state_dict`` see them as before."""
+
+    def __init__(self, handle, layer: int, stock, site: str = ""):
+        torch.nn.Module.__init__(self)
+        JointProcessor.__init__(self, handle, layer, stock, site)
+        self.to_k_ip, self.to_v_ip, self.scale = stock.to_k_ip, stock.to_v_ip, stock.scale
+        self.ip = True
+
+    def __repr__(self) -> str:
+        return JointProcessor.__repr__(self)

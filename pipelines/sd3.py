@@ -89,10 +89,8 @@ class Processor(DiffattnProcessor):
         note = None
         if layout.video_tokens != image_tokens:
             note = f"diffattn sd3: {image_tokens} image tokens but the forward's grid is {grid_layout!r}; running dense"
-        if attention_mask is not None:
-            note = "diffattn sd3: an explicit attention_mask was passed; running dense"
-        hidden_states = self.attend(query, key, value, layout, attention_mask=attention_mask,
-                                    method_ok=note is None, dense_note=note)
+        # JointAttnProcessor2_0 ignores attention_mask; so does this processor
+        hidden_states = self.attend(query, key, value, layout, method_ok=note is None, dense_note=note)
         hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
 
         if encoder_hidden_states is not None:

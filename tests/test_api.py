@@ -273,3 +273,30 @@ def test_flux2_reference_images_run_dense_with_a_note():
             out = model(**inputs).sample
     assert torch.equal(out, stock)
     assert any("reference images" in n for n in handle.summary()["notes"]) and handle.summary()["method_calls"] == 0
+
+
+def test_flux_ip_adapter_branch_runs_and_its_weights_stay_in_the_model():
+    from diffusers.models.transformers.transformer_flux import FluxIPAdapterAttnProcessor
+
+    from diffattn_testbed.tiny import flux_inputs, tiny_flux_transformer
+
+    model = tiny_flux_transformer()
+    torch.manual_seed(3)
+    procs = {k: (FluxIPAdapterAttnProcessor(32, 12, num_tokens=(4,), scale=0.7) if k.startswith("transformer_blocks") else p)
+             for k, p in model.attn_processors.items()}
+    model.set_attn_processor(procs)
+    keys = set(model.state_dict())
+    inputs = flux_inputs()
+    inputs["joint_attention_kwargs"] = {"ip_hidden_states": [torch.randn(2, 4, 12)]}
+    with torch.no_grad():
+        stock = model(**inputs).sample
+        with diffattn.apply(model, "clear", radius=10) as handle:  # covers the 8 x 8 grid: equals dense
+            assert set(model.state_dict()) == keys
+            model.to(torch.float64)  # the IP weights move with the model
+            inputs64 = {k: (v.double() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in inputs.items()}
+            inputs64["joint_attention_kwargs"] = {"ip_hidden_states": [inputs["joint_attention_kwargs"]["ip_hidden_states"][0].double()]}
+            out = model(**inputs64).sample
+            assert handle.summary()["method_calls"] > 0
+        model.to(torch.float32)
+    torch.testing.assert_close(out.float(), stock, atol=1e-4, rtol=1e-4)
+    assert type(model.attn_processors["transformer_blocks.0.attn.processor"]) is FluxIPAdapterAttnProcessor

@@ -58,6 +58,18 @@ def test_resume_after_a_kill_gives_the_uninterrupted_result(trained, tmp_path):
         _train(dataclasses.replace(cfg, radius=2))
 
 
+@pytest.mark.parametrize("full", [False, True])
+def test_training_leaves_the_callers_pipeline_as_it_was(tmp_path, full):
+    pipe = load_pipeline("image-dit")
+    keys = {k: v.dtype for k, v in pipe.transformer.state_dict().items()}
+    before = _call(pipe)
+    clear_distill.train(_cfg(tmp_path, full=full, steps=2), pipe=pipe, prompts=PROMPTS)
+    assert {k: v.dtype for k, v in pipe.transformer.state_dict().items()} == keys
+    assert not pipe.transformer.training and not any(p.requires_grad for p in pipe.transformer.parameters())
+    assert torch.equal(_call(pipe), before)
+    assert (tmp_path / ("full_weights.safetensors" if full else "pytorch_lora_weights.safetensors")).is_file()
+
+
 def test_student_loads_through_diffattn_and_diffusers(trained):
     pipe = load_pipeline("image-dit")
     stock = _call(pipe)
@@ -72,6 +84,8 @@ def test_student_loads_through_diffattn_and_diffusers(trained):
     with diffattn.apply(pipe, "clear", radius=3):
         via_diffusers = _call(pipe)
     torch.testing.assert_close(via_diffusers, student, atol=1e-5, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="has LoRA adapters loaded"):  # the student is trained on the bare base
+        diffattn.apply(pipe, "clear", lora=trained)
 
 
 def test_trained_weights_refuse_another_radius_or_base(trained):
@@ -85,6 +99,15 @@ def test_trained_weights_refuse_another_radius_or_base(trained):
     with pytest.raises(ValueError, match="not a diffattn training output"):
         diffattn.apply(pipe, "clear", lora=trained / "data")
     assert not any(type(p).__module__.startswith("diffattn") for p in pipe.transformer.attn_processors.values())
+
+
+def test_a_run_stopped_by_its_deadline_exports_nothing_and_resumes(tmp_path):
+    cfg = _cfg(tmp_path, max_minutes=1e-6)  # past the deadline after the first step
+    _train(cfg)
+    assert not (tmp_path / "pytorch_lora_weights.safetensors").exists()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_0000001"]
+    _train(dataclasses.replace(cfg, max_minutes=0.0))  # a resumable option: the run finishes
+    assert json.loads((tmp_path / "diffattn.json").read_text())["steps"] == 4
 
 
 def test_bad_trainer_inputs_name_the_fix(tmp_path):

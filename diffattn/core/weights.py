@@ -96,8 +96,13 @@ class TrainedWeightsLoad:
         from safetensors.torch import load_file
 
         if self.kind == "lora":
-            if ADAPTER_NAME in (getattr(self.model, "peft_config", None) or {}):
-                raise RuntimeError(f"diffattn: the model already has a LoRA adapter named {ADAPTER_NAME!r}; delete it first")
+            loaded = sorted(getattr(self.model, "peft_config", None) or {})
+            if loaded:
+                raise RuntimeError(
+                    f"diffattn: the model has LoRA adapters loaded ({loaded}); a CLEAR student is trained on the bare "
+                    "base model: fuse them (pipe.fuse_lora(); pipe.unload_lora_weights()) or unload them first, or load "
+                    "the student yourself with load_lora_weights and apply without lora="
+                )
             self.model.load_lora_adapter(str(self.folder / LORA_NAME), prefix="transformer", adapter_name=ADAPTER_NAME)
             return
         tensors = load_file(str(self.folder / FULL_NAME))
@@ -114,7 +119,7 @@ class TrainedWeightsLoad:
     def undo(self) -> None:
         if self.kind == "lora":
             if ADAPTER_NAME in (getattr(self.model, "peft_config", None) or {}):
-                self.model.delete_adapters(ADAPTER_NAME)
+                self.model.unload_lora()  # the student was the only adapter: the base modules come back
             return
         params = dict(self.model.named_parameters())
         with torch.no_grad():
