@@ -161,3 +161,33 @@ def flux2_inputs(batch: int = 2, rows: int = 8, cols: int = 8, text: int = 6, ti
         encoder_hidden_states=torch.randn(batch, text, 32, generator=g), timestep=torch.full((batch,), timestep),
         guidance=torch.full((batch,), 3.5), img_ids=img_ids.reshape(-1, 4), txt_ids=txt_ids,
     )
+
+
+def tiny_cogvideox_transformer(seed: int = 0, *, layers: int = 2, patch_size_t: int | None = None):
+    """A ``CogVideoXTransformer3DModel`` with RoPE (the 5B / 1.5 style); ``patch_size_t=2`` is 1.5's."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    torch.manual_seed(seed)
+    return CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=8, text_embed_dim=32,
+        num_layers=layers, sample_width=16, sample_height=16, sample_frames=9, patch_size=2, patch_size_t=patch_size_t,
+        max_text_seq_length=8, use_rotary_positional_embeddings=True,
+    ).eval()
+
+
+def cogvideox_inputs(batch: int = 2, frames: int = 3, size: int = 16, text: int = 6, timestep: int = 900, seed: int = 1,
+                     patch_size_t: int | None = None):
+    """Keyword inputs of one CogVideoX transformer forward ([B, F, C, H, W] latents, 3-D RoPE as the pipeline builds it)."""
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+
+    g = torch.Generator().manual_seed(seed)
+    p_t = patch_size_t or 1
+    rope = get_3d_rotary_pos_embed(
+        embed_dim=16, crops_coords=((0, 0), (size // 2, size // 2)), grid_size=(size // 2, size // 2),
+        temporal_size=-(-frames // p_t), device="cpu",
+    )
+    return dict(
+        hidden_states=torch.randn(batch, frames, 4, size, size, generator=g),
+        encoder_hidden_states=torch.randn(batch, text, 32, generator=g), timestep=torch.full((batch,), timestep),
+        image_rotary_emb=rope,
+    )

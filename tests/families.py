@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from diffattn_testbed.tiny import (
-    flux2_inputs, flux_inputs, sd3_inputs, tiny_flux2_transformer, tiny_flux_transformer, tiny_hunyuan_transformer, tiny_sd3_transformer, tiny_wan_pipeline,
+    cogvideox_inputs, flux2_inputs, flux_inputs, tiny_cogvideox_transformer, sd3_inputs, tiny_flux2_transformer, tiny_flux_transformer, tiny_hunyuan_transformer, tiny_sd3_transformer, tiny_wan_pipeline,
 )
 from testers import Family
 
@@ -63,4 +63,10 @@ FLUX2 = Family(
     name="flux2", build=lambda: tiny_flux2_transformer(double_layers=1, single_layers=2),
     call=lambda model, **kw: model(**flux2_inputs(**kw)).sample, models=lambda model: [model],
     shape=dict(rows=8, cols=8), other_shape=dict(rows=6, cols=9, text=4), small=dict(rows=5, cols=6, text=3),
+)
+
+COGVIDEOX = Family(
+    name="cogvideox", build=tiny_cogvideox_transformer,
+    call=lambda model, **kw: model(**cogvideox_inputs(**kw)).sample, models=lambda model: [model],
+    shape=dict(frames=4, size=16), other_shape=dict(frames=3, size=12, text=4), small=dict(frames=3, size=10, text=3),
 )

@@ -2,7 +2,7 @@
 
 import pytest
 
-from families import FLUX, FLUX2, HUNYUAN, SD3, WAN
+from families import COGVIDEOX, FLUX, FLUX2, HUNYUAN, SD3, WAN
 from testers import AdapterTester
 
 pytestmark = pytest.mark.cpu
@@ -81,3 +81,16 @@ class TestFlux2Neighborhood(AdapterTester):
     family, method = FLUX2, "neighborhood"
     sparse = dict(dense_steps=0, kernel_size=(1, 5, 3))
     full = dict(dense_steps=0, kernel_size=8)
+
+
+class TestCogVideoXRadial(AdapterTester):  # text before the video: radial runs it in [video; text] order
+    family, method = COGVIDEOX, "radial"
+    sparse = dict(dense_steps=0, block_size=16, decay=0.3)
+    full = dict(dense_steps=0, block_size=64, decay=1000.0)
+    full_shape = dict(frames=4, size=32)  # 16 x 16 tokens per frame: every distance passes radial's gate
+
+
+class TestCogVideoXNeighborhood(AdapterTester):
+    family, method = COGVIDEOX, "neighborhood"
+    sparse = dict(dense_steps=0, kernel_size=(3, 3, 5))
+    full = dict(dense_steps=0, kernel_size=(4, 8, 8))

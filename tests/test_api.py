@@ -23,7 +23,8 @@ def _wan_inputs(frames=3, size=8):
 
 def test_listings_say_which_method_fits_which_family():
     assert set(diffattn.methods()) == {"radial", "neighborhood", "clear"}
-    assert diffattn.methods()["neighborhood"] == ("wan2.1", "wan2.2", "hunyuan_video", "flux", "flux2", "sd3")
+    assert diffattn.methods()["neighborhood"] == ("wan2.1", "wan2.2", "hunyuan_video", "cogvideox", "flux", "flux2", "sd3")
+    assert diffattn.methods()["radial"] == ("wan2.1", "wan2.2", "hunyuan_video", "cogvideox")
     assert diffattn.methods()["clear"] == ("flux", "flux2", "sd3")
     models = diffattn.supported_models()
     assert models["WanTransformer3DModel"] == {"families": ("wan2.1", "wan2.2"), "methods": ["neighborhood", "radial"]}
@@ -300,3 +301,19 @@ def test_flux_ip_adapter_branch_runs_and_its_weights_stay_in_the_model():
         model.to(torch.float32)
     torch.testing.assert_close(out.float(), stock, atol=1e-4, rtol=1e-4)
     assert type(model.attn_processors["transformer_blocks.0.attn.processor"]) is FluxIPAdapterAttnProcessor
+
+
+def test_cogvideox_15_temporal_patch_halves_the_frames():
+    from diffattn_testbed.tiny import cogvideox_inputs, tiny_cogvideox_transformer
+
+    model = tiny_cogvideox_transformer(patch_size_t=2)
+    inputs = cogvideox_inputs(frames=4, patch_size_t=2)
+    with torch.no_grad():
+        stock = model(**inputs).sample
+        with diffattn.apply(model, "neighborhood", kernel_size=(2, 3, 3), dense_steps=0) as handle:
+            out = model(**inputs).sample
+            with handle.bypass():
+                assert torch.equal(model(**inputs).sample, stock)  # the teacher path is the stock model
+    layout = handle.summary()["layout"]
+    assert (layout.frames, layout.rows, layout.cols) == (2, 8, 8)
+    assert (out - stock).abs().max() > 1e-4

@@ -15,6 +15,7 @@ class TestRadialMethod(MethodTester):
         (TokenLayout(6, 16, 16, 12, "after"), dict(block_size=64, decay=0.3, sink=False)),
         (TokenLayout(5, 7, 9), dict(block_size=16, decay=0.4)),            # frames cut blocks, tail
         (TokenLayout(3, 5, 6, 7, "after"), dict(block_size=16, decay=1.0)),  # unaligned text
+        (TokenLayout(4, 6, 6, 9, "before"), dict(block_size=16, decay=0.4)),  # CogVideoX: text first
     ]
     full_cases = [(TokenLayout(4, 16, 16), dict(block_size=64, decay=1000.0))]
 

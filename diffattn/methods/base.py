@@ -116,7 +116,10 @@ class BlockSparseMethod:
         if order is not None:
             gather, scatter, extra_pad = order
             if kv_len is not None and layout.text_position == "before":
-                raise NotImplementedError(f"{self.name}: padded text before the video with reordered tokens; pass reorder=False")
+                raise NotImplementedError(
+                    f"{self.name}: padded text keys before the video with a token permutation (text keys are valid "
+                    "as a prefix only when the text follows the video); run without the text mask or with reorder=False"
+                )
             q, k, v = (t.index_select(-2, gather) for t in (q, k, v))  # [B, H, S', D] in kernel order
             if kv_len is not None:
                 kv_len = kv_len + extra_pad

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from diffattn.core.checks import check_bool, check_number
 from diffattn.core.layout import TokenLayout
 from diffattn.core.schedule import ScheduleOptions
@@ -56,23 +58,35 @@ class Radial(BlockSparseMethod):
 
     name = "radial"
     Config = RadialConfig
-    FAMILIES = ("wan2.1", "wan2.2", "hunyuan_video")  # video DiTs with frame-major tokens
+    FAMILIES = ("wan2.1", "wan2.2", "hunyuan_video", "cogvideox")  # video DiTs with frame-major tokens
     # research/radial.md §2.1: the reference scripts' settings per family
     FAMILY_DEFAULTS = {
         "wan2.1": dict(dense_steps=12, dense_layers=1, decay=0.2, block_size=128, sink=True),
         "wan2.2": dict(dense_steps=11, dense_layers=1, decay=0.8, block_size=64, sink=True),
         "hunyuan_video": dict(dense_steps=12, dense_layers=0, decay=0.95, block_size=128, sink=False),
+        # no reference setting: CogVideoX is, like HunyuanVideo, a joint MM-DiT with full 3-D attention
+        # and no frame-0 conditioning (T2V), so it takes HunyuanVideo's (12 of 50 steps dense)
+        "cogvideox": dict(dense_steps=12, dense_layers=0, decay=0.95, block_size=128, sink=False),
     }
 
-    def check_layout(self, layout: TokenLayout) -> None:
-        if layout.text_position == "before":
-            raise NotImplementedError(
-                "radial: text tokens before the video are not supported (HunyuanVideo-style [video; text] "
-                f"or video-only layouts are); got {layout!r}"
-            )
+    @staticmethod
+    def _text_after(layout: TokenLayout) -> TokenLayout:
+        """The layout the mask is built on: radial's text rows and columns follow the video."""
+        if layout.text_position != "before":
+            return layout
+        return TokenLayout(layout.frames, layout.rows, layout.cols, layout.text_tokens, "after")
+
+    def token_order(self, layout: TokenLayout, device):
+        """Text before the video (CogVideoX) runs as [video; text]: the mask's order."""
+        if layout.text_position != "before":
+            return None
+        t, s = layout.text_tokens, layout.seq_len
+        gather = torch.cat([torch.arange(t, s, device=device), torch.arange(t, device=device)])
+        scatter = torch.cat([torch.arange(s - t, s, device=device), torch.arange(s - t, device=device)])
+        return gather, scatter, 0
 
     def describe(self, layout: TokenLayout, device) -> BlockSparsity:
-        self.check_layout(layout)
+        layout = self._text_after(layout)
         c = self.config
         mask = radial_pattern.block_mask(
             layout.frames, layout.tokens_per_frame, block_size=c.block_size, decay=c.decay,
@@ -87,4 +101,9 @@ class Radial(BlockSparseMethod):
         c = self.config
         mask = radial_pattern.block_mask(layout.frames, layout.tokens_per_frame, block_size=c.block_size,
                                          decay=c.decay, sink=c.sink, text_tokens=layout.text_tokens)
-        return expand_block_mask(mask, layout.seq_len, layout.seq_len, c.block_size, c.block_size)
+        tok = expand_block_mask(mask, layout.seq_len, layout.seq_len, c.block_size, c.block_size)
+        order = self.token_order(layout, "cpu")
+        if order is None:
+            return tok
+        pos = order[1]  # model token -> its position in the mask's order
+        return tok[pos][:, pos]
