@@ -191,3 +191,38 @@ def cogvideox_inputs(batch: int = 2, frames: int = 3, size: int = 16, text: int 
         encoder_hidden_states=torch.randn(batch, text, 32, generator=g), timestep=torch.full((batch,), timestep),
         image_rotary_emb=rope,
     )
+
+
+def tiny_ltx_transformer(seed: int = 0, *, layers: int = 2):
+    """An ``LTXVideoTransformer3DModel`` (packed tokens, grid passed as num_frames / height / width)."""
+    from diffusers import LTXVideoTransformer3DModel
+
+    torch.manual_seed(seed)
+    return LTXVideoTransformer3DModel(
+        in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=16,
+        cross_attention_dim=32, num_layers=layers, caption_channels=32,
+    ).eval()
+
+
+def ltx_inputs(batch: int = 2, frames: int = 4, size: int = 8, text: int = 6, timestep: int = 900, seed: int = 1):
+    """Keyword inputs of one LTX transformer forward (packed [B, F*H*W, C] latents, padded text masked)."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(batch, text)
+    mask[-1, text - 2:] = 0
+    return dict(
+        hidden_states=torch.randn(batch, frames * size * size, 8, generator=g),
+        encoder_hidden_states=torch.randn(batch, text, 32, generator=g), timestep=torch.full((batch,), timestep),
+        encoder_attention_mask=mask, num_frames=frames, height=size, width=size,
+    )
+
+
+def tiny_skyreels_v2_transformer(seed: int = 0, *, layers: int = 2):
+    """A ``SkyReelsV2Transformer3DModel`` (Wan2.1-based)."""
+    from diffusers import SkyReelsV2Transformer3DModel
+
+    torch.manual_seed(seed)
+    return SkyReelsV2Transformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=16, out_channels=16,
+        text_dim=32, freq_dim=256, ffn_dim=64, num_layers=layers, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", rope_max_seq_len=64,
+    ).eval()

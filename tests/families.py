@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from diffattn_testbed.tiny import (
-    cogvideox_inputs, flux2_inputs, flux_inputs, tiny_cogvideox_transformer, sd3_inputs, tiny_flux2_transformer, tiny_flux_transformer, tiny_hunyuan_transformer, tiny_sd3_transformer, tiny_wan_pipeline,
+    cogvideox_inputs, flux2_inputs, flux_inputs, ltx_inputs, tiny_cogvideox_transformer, tiny_ltx_transformer,
+    tiny_skyreels_v2_transformer, sd3_inputs, tiny_flux2_transformer, tiny_flux_transformer, tiny_hunyuan_transformer, tiny_sd3_transformer, tiny_wan_pipeline,
 )
 from testers import Family
 
@@ -69,4 +70,25 @@ COGVIDEOX = Family(
     name="cogvideox", build=tiny_cogvideox_transformer,
     call=lambda model, **kw: model(**cogvideox_inputs(**kw)).sample, models=lambda model: [model],
     shape=dict(frames=4, size=16), other_shape=dict(frames=3, size=12, text=4), small=dict(frames=3, size=10, text=3),
+)
+
+LTX = Family(
+    name="ltx", build=tiny_ltx_transformer,
+    call=lambda model, **kw: model(**ltx_inputs(**kw)).sample, models=lambda model: [model],
+    shape=dict(frames=4, size=8), other_shape=dict(frames=3, size=6, text=4), small=dict(frames=3, size=5, text=3),
+    ours=lambda key: ".attn1." in key,
+)
+
+
+def skyreels_inputs(frames=4, size=16, timestep=900.0):
+    g = torch.Generator().manual_seed(1)
+    return dict(hidden_states=torch.randn(2, 16, frames, size, size, generator=g), timestep=torch.full((2,), timestep),
+                encoder_hidden_states=torch.randn(2, 5, 32, generator=g))
+
+
+SKYREELS_V2 = Family(
+    name="skyreels_v2", build=tiny_skyreels_v2_transformer,
+    call=lambda model, **kw: model(**skyreels_inputs(**kw)).sample, models=lambda model: [model],
+    shape=dict(frames=4, size=16), other_shape=dict(frames=3, size=12), small=dict(frames=3, size=10),
+    ours=lambda key: ".attn1." in key,
 )

@@ -23,8 +23,9 @@ def _wan_inputs(frames=3, size=8):
 
 def test_listings_say_which_method_fits_which_family():
     assert set(diffattn.methods()) == {"radial", "neighborhood", "clear"}
-    assert diffattn.methods()["neighborhood"] == ("wan2.1", "wan2.2", "hunyuan_video", "cogvideox", "flux", "flux2", "sd3")
-    assert diffattn.methods()["radial"] == ("wan2.1", "wan2.2", "hunyuan_video", "cogvideox")
+    assert diffattn.methods()["neighborhood"] == (
+        "wan2.1", "wan2.2", "skyreels_v2", "hunyuan_video", "cogvideox", "ltx", "flux", "flux2", "sd3")
+    assert diffattn.methods()["radial"] == ("wan2.1", "wan2.2", "skyreels_v2", "hunyuan_video", "cogvideox", "ltx")
     assert diffattn.methods()["clear"] == ("flux", "flux2", "sd3")
     models = diffattn.supported_models()
     assert models["WanTransformer3DModel"] == {"families": ("wan2.1", "wan2.2"), "methods": ["neighborhood", "radial"]}
@@ -317,3 +318,33 @@ def test_cogvideox_15_temporal_patch_halves_the_frames():
     layout = handle.summary()["layout"]
     assert (layout.frames, layout.rows, layout.cols) == (2, 8, 8)
     assert (out - stock).abs().max() > 1e-4
+
+
+def test_wan22_ti2v_5b_config_is_wan22_and_runs_radial():
+    from diffattn_testbed.tiny import tiny_wan_transformer
+
+    model = tiny_wan_transformer(in_channels=48)  # Wan2.2-TI2V-5B: 48 latent channels
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(1, 48, 3, 16, 16, generator=g), timestep=torch.tensor([500]),
+                  encoder_hidden_states=torch.randn(1, 4, 32, generator=g))
+    with torch.no_grad():
+        stock = model(**inputs).sample
+        with diffattn.apply(model, "radial", dense_steps=0, dense_layers=0, block_size=16) as handle:
+            out = model(**inputs).sample
+    assert handle.family == "wan2.2" and handle.method.config.decay == 0.8  # Wan2.2's defaults
+    assert (out - stock).abs().max() > 1e-5
+
+
+def test_an_unknown_processor_class_is_refused_with_the_mirrored_one():
+    from diffattn_testbed.tiny import tiny_ltx_transformer
+
+    model = tiny_ltx_transformer()
+
+    class FutureProcessor:  # a processor class a later diffusers might ship
+        def __call__(self, attn, hidden_states, **kwargs):
+            return hidden_states
+
+    model.transformer_blocks[0].attn1.set_processor(FutureProcessor())
+    with pytest.raises(NotImplementedError, match="mirrors LTXVideoAttnProcessor of diffusers 0.42.1"):
+        diffattn.apply(model, "radial")
+    assert not any(type(p).__module__.startswith("diffattn") for p in model.attn_processors.values())

@@ -18,6 +18,7 @@ stride = round(s * extent / base), clamped to [1, window]):
 - Wan2.1 / Wan2.2: the same relative extent and stride on Wan's 720p grid (21, 45, 80): window
   (13, 23, 24), stride (11, 8, 8). No published Wan preset exists; this carries the one published
   training-free video setting over by grid fraction.
+- SkyReels-V2 (a Wan2.1 fine-tune) and LTX-Video: Wan's preset by grid fraction.
 - CogVideoX: HunyuanVideo's preset by grid fraction (both joint MM-DiTs with full 3-D attention).
 - FLUX.1 / FLUX.2 / SD3 (images, 2-D): window (80, 80), stride (16, 16) on FLUX's 4K grid (256, 256), the
   GNA paper's FLUX setting (research §3.2, about 90 % sparse), rescaled to each grid (FLUX.2 and
@@ -46,6 +47,8 @@ PRESETS = {
     "wan2.1": ((21, 45, 80), (13, 23, 24), (11, 8, 8)),
     "wan2.2": ((21, 45, 80), (13, 23, 24), (11, 8, 8)),
     "cogvideox": ((30, 48, 80), (18, 24, 24), (16, 8, 8)),  # HunyuanVideo's GNA setting by grid fraction
+    "skyreels_v2": ((21, 45, 80), (13, 23, 24), (11, 8, 8)),  # Wan2.1's
+    "ltx": ((21, 45, 80), (13, 23, 24), (11, 8, 8)),  # Wan's by grid fraction
     "flux": ((1, 256, 256), (1, 80, 80), (1, 16, 16)),
     "flux2": ((1, 256, 256), (1, 80, 80), (1, 16, 16)),
     "sd3": ((1, 256, 256), (1, 80, 80), (1, 16, 16)),
@@ -126,9 +129,11 @@ class NeighborhoodAttention(BlockSparseMethod):
 
     name = "neighborhood"
     Config = NeighborhoodConfig
-    FAMILIES = ("wan2.1", "wan2.2", "hunyuan_video", "cogvideox", "flux", "flux2", "sd3")
+    FAMILIES = ("wan2.1", "wan2.2", "skyreels_v2", "hunyuan_video", "cogvideox", "ltx", "flux", "flux2", "sd3")
     FAMILY_DEFAULTS = {
         "cogvideox": dict(dense_steps=12, dense_layers=0),
+        "skyreels_v2": dict(dense_steps=12, dense_layers=1),
+        "ltx": dict(dense_steps=12, dense_layers=1),
         "flux": dict(dense_steps=6, dense_layers=0),
         "flux2": dict(dense_steps=6, dense_layers=0),
         "sd3": dict(dense_steps=6, dense_layers=0),

@@ -58,7 +58,7 @@ class Radial(BlockSparseMethod):
 
     name = "radial"
     Config = RadialConfig
-    FAMILIES = ("wan2.1", "wan2.2", "hunyuan_video", "cogvideox")  # video DiTs with frame-major tokens
+    FAMILIES = ("wan2.1", "wan2.2", "skyreels_v2", "hunyuan_video", "cogvideox", "ltx")  # video DiTs with frame-major tokens
     # research/radial.md §2.1: the reference scripts' settings per family
     FAMILY_DEFAULTS = {
         "wan2.1": dict(dense_steps=12, dense_layers=1, decay=0.2, block_size=128, sink=True),
@@ -67,6 +67,11 @@ class Radial(BlockSparseMethod):
         # no reference setting: CogVideoX is, like HunyuanVideo, a joint MM-DiT with full 3-D attention
         # and no frame-0 conditioning (T2V), so it takes HunyuanVideo's (12 of 50 steps dense)
         "cogvideox": dict(dense_steps=12, dense_layers=0, decay=0.95, block_size=128, sink=False),
+        # SkyReels-V2 is a Wan2.1 fine-tune: Wan2.1's setting
+        "skyreels_v2": dict(dense_steps=12, dense_layers=1, decay=0.2, block_size=128, sink=True),
+        # no reference setting: LTX is Wan-like (self-attention + text cross-attention) with small frames
+        # (352 tokens at 512 x 704), so it takes Wan2.2's small-frame setting (block 64, decay 0.8)
+        "ltx": dict(dense_steps=12, dense_layers=1, decay=0.8, block_size=64, sink=True),
     }
 
     @staticmethod
