@@ -27,7 +27,7 @@ import dataclasses
 
 import torch
 
-from diffattn.core.handle import HANDLE_ATTR, ForwardHook, Handle, Marker, ProcessorSwap
+from diffattn.core.handle import HANDLE_ATTR, ForwardHook, Handle, Marker, ProcessorSwap, attn_processors, set_attn_processors
 from diffattn.core.layout import TokenLayout
 from diffattn.core.registry import lookup
 from diffattn.core.weights import trained_steps
@@ -37,8 +37,8 @@ from diffattn.pipelines.base import layout_hook
 
 __version__ = "0.1.0"
 __all__ = [
-    "Handle", "TokenLayout", "apply", "config_class", "families", "methods", "patch_size", "processors",
-    "remove", "supported_models",
+    "Handle", "TokenLayout", "apply", "attn_processors", "config_class", "families", "methods", "patch_size",
+    "processors", "remove", "set_attn_processors", "supported_models",
 ]
 
 COMPONENT_NAMES = ("transformer", "transformer_2", "unet")  # also looked up when a pipeline has no .components
@@ -149,7 +149,7 @@ def _install(target, method: str, options: dict, set_processors: bool) -> tuple[
     handle = Handle(method, _build_method(method, family, options, pipe), family, scheduler=getattr(pipe, "scheduler", None))
     for name, model in components:
         adapter = _adapter_of(model)
-        original = model.attn_processors  # key -> processor object, restored by remove()
+        original = attn_processors(model)  # key -> processor object, restored by remove()
         new = dict(original)
         for key, layer in adapter.targets(model).items():
             site = f"{name}.{key}" if name else key
@@ -178,7 +178,8 @@ def apply(target, method: str, **options) -> Handle:
 
 
 def processors(model: torch.nn.Module, method: str, **options) -> dict:
-    """The full processor dict for ``model.set_attn_processor(...)``.
+    """The full processor dict for ``model.set_attn_processor(...)`` (``diffattn.set_attn_processors(model,
+    ...)`` for models without that API, e.g. Mochi).
 
     Entries the method does not apply to (Wan's cross-attention, HunyuanVideo's text refiner) keep
     their current processor objects. The layout hook is registered on ``model`` as part of the same

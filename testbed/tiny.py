@@ -226,3 +226,26 @@ def tiny_skyreels_v2_transformer(seed: int = 0, *, layers: int = 2):
         text_dim=32, freq_dim=256, ffn_dim=64, num_layers=layers, cross_attn_norm=True,
         qk_norm="rms_norm_across_heads", rope_max_seq_len=64,
     ).eval()
+
+
+def tiny_mochi_transformer(seed: int = 0, *, layers: int = 2):
+    """A ``MochiTransformer3DModel`` (asymmetric joint attention; the last block's text stream is pre-only)."""
+    from diffusers import MochiTransformer3DModel
+
+    torch.manual_seed(seed)
+    return MochiTransformer3DModel(
+        patch_size=2, num_attention_heads=2, attention_head_dim=16, num_layers=layers, pooled_projection_dim=16,
+        in_channels=4, text_embed_dim=32, time_embed_dim=4, max_sequence_length=16,
+    ).eval()
+
+
+def mochi_inputs(batch: int = 2, frames: int = 3, size: int = 16, text: int = 6, pad: int = 2, timestep: int = 900, seed: int = 1):
+    """Keyword inputs of one Mochi transformer forward; the second sample's last ``pad`` text tokens are padding."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(batch, text, dtype=torch.bool)
+    mask[-1, text - pad:] = False
+    return dict(
+        hidden_states=torch.randn(batch, 4, frames, size, size, generator=g),
+        encoder_hidden_states=torch.randn(batch, text, 32, generator=g), timestep=torch.full((batch,), timestep),
+        encoder_attention_mask=mask,
+    )

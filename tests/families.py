@@ -6,7 +6,7 @@ import torch
 
 from diffattn_testbed.tiny import (
     cogvideox_inputs, flux2_inputs, flux_inputs, ltx_inputs, tiny_cogvideox_transformer, tiny_ltx_transformer,
-    tiny_skyreels_v2_transformer, sd3_inputs, tiny_flux2_transformer, tiny_flux_transformer, tiny_hunyuan_transformer, tiny_sd3_transformer, tiny_wan_pipeline,
+    mochi_inputs, tiny_mochi_transformer, tiny_skyreels_v2_transformer, sd3_inputs, tiny_flux2_transformer, tiny_flux_transformer, tiny_hunyuan_transformer, tiny_sd3_transformer, tiny_wan_pipeline,
 )
 from testers import Family
 
@@ -91,4 +91,10 @@ SKYREELS_V2 = Family(
     call=lambda model, **kw: model(**skyreels_inputs(**kw)).sample, models=lambda model: [model],
     shape=dict(frames=4, size=16), other_shape=dict(frames=3, size=12), small=dict(frames=3, size=10),
     ours=lambda key: ".attn1." in key,
+)
+
+MOCHI = Family(
+    name="mochi", build=tiny_mochi_transformer,
+    call=lambda model, **kw: model(**mochi_inputs(**kw)).sample, models=lambda model: [model],
+    shape=dict(frames=4, size=16), other_shape=dict(frames=3, size=12, text=5), small=dict(frames=3, size=10, text=4),
 )

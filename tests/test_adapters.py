@@ -2,7 +2,7 @@
 
 import pytest
 
-from families import COGVIDEOX, FLUX, FLUX2, HUNYUAN, LTX, SD3, SKYREELS_V2, WAN
+from families import COGVIDEOX, FLUX, FLUX2, HUNYUAN, LTX, MOCHI, SD3, SKYREELS_V2, WAN
 from testers import AdapterTester
 
 pytestmark = pytest.mark.cpu
@@ -120,3 +120,16 @@ class TestSkyReelsV2Neighborhood(AdapterTester):
     family, method = SKYREELS_V2, "neighborhood"
     sparse = dict(dense_steps=0, dense_layers=0, kernel_size=(3, 5, 5))
     full = dict(dense_steps=0, dense_layers=0, kernel_size=(4, 8, 8))
+
+
+class TestMochiRadial(AdapterTester):
+    family, method = MOCHI, "radial"
+    sparse = dict(dense_steps=0, block_size=16, decay=0.3)
+    full = dict(dense_steps=0, block_size=64, decay=1000.0)
+    full_shape = dict(frames=4, size=32)
+
+
+class TestMochiNeighborhood(AdapterTester):
+    family, method = MOCHI, "neighborhood"
+    sparse = dict(dense_steps=0, kernel_size=(3, 3, 5))
+    full = dict(dense_steps=0, kernel_size=(4, 8, 8))

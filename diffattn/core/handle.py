@@ -56,6 +56,32 @@ class RunState:
         self.last_timestep = timestep
 
 
+# -- the processor slot --------------------------------------------------------------------------
+
+def attn_processors(model: torch.nn.Module) -> dict[str, Any]:
+    """``{key: processor}`` of every attention module: diffusers' ``model.attn_processors``, or, for
+    models without that API (Mochi in diffusers 0.42), every submodule's ``processor`` attribute
+    under the same ``<module>.processor`` keys."""
+    if hasattr(model, "attn_processors"):
+        return model.attn_processors
+    return {f"{name}.processor": m.processor for name, m in model.named_modules() if name and hasattr(m, "processor")}
+
+
+def set_attn_processors(model: torch.nn.Module, processors: dict[str, Any]) -> None:
+    """``model.set_attn_processor(processors)``, or per module where the model lacks that API."""
+    if hasattr(model, "set_attn_processor"):
+        model.set_attn_processor(dict(processors))
+        return
+    current = attn_processors(model)
+    if set(processors) != set(current):
+        raise ValueError(
+            f"diffattn: a processor dict must name every attention module of {type(model).__name__}; "
+            f"missing {sorted(set(current) - set(processors))[:3]}, unknown {sorted(set(processors) - set(current))[:3]}"
+        )
+    for key, processor in processors.items():
+        setattr(model.get_submodule(key.removesuffix(".processor")), "processor", processor)
+
+
 # -- install steps: each one reversible ---------------------------------------------------------
 
 @dataclass
@@ -70,10 +96,10 @@ class ProcessorSwap:
 
     def do(self) -> None:
         if self.set_now:
-            self.model.set_attn_processor(dict(self.new))
+            set_attn_processors(self.model, self.new)
 
     def undo(self) -> None:
-        self.model.set_attn_processor(dict(self.original))
+        set_attn_processors(self.model, self.original)
 
 
 @dataclass
@@ -172,7 +198,7 @@ class Handle:
     def live_on(self, model: torch.nn.Module) -> bool:
         """Whether any of this handle's processors is installed on ``model`` (a ``processors()``
         dict that was never set leaves the handle attached but not live)."""
-        return any(self.owns(p) for p in model.attn_processors.values())
+        return any(self.owns(p) for p in attn_processors(model).values())
 
     def remove(self) -> None:
         """Undo every install step in reverse; drop caches. Safe to call twice."""
