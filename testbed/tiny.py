@@ -249,3 +249,31 @@ def mochi_inputs(batch: int = 2, frames: int = 3, size: int = 16, text: int = 6,
         encoder_hidden_states=torch.randn(batch, text, 32, generator=g), timestep=torch.full((batch,), timestep),
         encoder_attention_mask=mask,
     )
+
+
+def tiny_hunyuan_video15_transformer(seed: int = 0, *, layers: int = 2):
+    """A ``HunyuanVideo15Transformer3DModel`` (T2V; Qwen, ByT5 and image text streams merged valid-first)."""
+    from diffusers import HunyuanVideo15Transformer3DModel
+
+    torch.manual_seed(seed)
+    return HunyuanVideo15Transformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=layers,
+        num_refiner_layers=1, patch_size=1, patch_size_t=1, text_embed_dim=16, text_embed_2_dim=8, image_embed_dim=8,
+        rope_axes_dim=(4, 6, 6), task_type="t2v",
+    ).eval()
+
+
+def hunyuan_video15_inputs(batch: int = 2, frames: int = 3, size: int = 8, text: int = 6, pad: int = 2,
+                           timestep: float = 900.0, seed: int = 1):
+    """Keyword inputs of one HunyuanVideo-1.5 forward (T2V: zero image embeds); the second sample pads text."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(batch, text)
+    mask[-1, text - pad:] = 0
+    mask_2 = torch.ones(batch, 3)
+    mask_2[-1, 2:] = 0
+    return dict(
+        hidden_states=torch.randn(batch, 4, frames, size, size, generator=g), timestep=torch.full((batch,), timestep),
+        encoder_hidden_states=torch.randn(batch, text, 16, generator=g), encoder_attention_mask=mask,
+        encoder_hidden_states_2=torch.randn(batch, 3, 8, generator=g), encoder_attention_mask_2=mask_2,
+        image_embeds=torch.zeros(batch, 2, 8),
+    )

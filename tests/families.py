@@ -6,7 +6,7 @@ import torch
 
 from diffattn_testbed.tiny import (
     cogvideox_inputs, flux2_inputs, flux_inputs, ltx_inputs, tiny_cogvideox_transformer, tiny_ltx_transformer,
-    mochi_inputs, tiny_mochi_transformer, tiny_skyreels_v2_transformer, sd3_inputs, tiny_flux2_transformer, tiny_flux_transformer, tiny_hunyuan_transformer, tiny_sd3_transformer, tiny_wan_pipeline,
+    hunyuan_video15_inputs, mochi_inputs, tiny_hunyuan_video15_transformer, tiny_mochi_transformer, tiny_skyreels_v2_transformer, sd3_inputs, tiny_flux2_transformer, tiny_flux_transformer, tiny_hunyuan_transformer, tiny_sd3_transformer, tiny_wan_pipeline,
 )
 from testers import Family
 
@@ -97,4 +97,11 @@ MOCHI = Family(
     name="mochi", build=tiny_mochi_transformer,
     call=lambda model, **kw: model(**mochi_inputs(**kw)).sample, models=lambda model: [model],
     shape=dict(frames=4, size=16), other_shape=dict(frames=3, size=12, text=5), small=dict(frames=3, size=10, text=4),
+)
+
+HUNYUAN15 = Family(
+    name="hunyuan_video15", build=tiny_hunyuan_video15_transformer,
+    call=lambda model, **kw: model(**hunyuan_video15_inputs(**kw)).sample, models=lambda model: [model],
+    shape=dict(frames=4, size=8), other_shape=dict(frames=3, size=6, text=5), small=dict(frames=3, size=5, text=4),
+    ours=lambda key: key.startswith("transformer_blocks."),
 )

@@ -2,7 +2,7 @@
 
 import pytest
 
-from families import COGVIDEOX, FLUX, FLUX2, HUNYUAN, LTX, MOCHI, SD3, SKYREELS_V2, WAN
+from families import COGVIDEOX, FLUX, FLUX2, HUNYUAN, HUNYUAN15, LTX, MOCHI, SD3, SKYREELS_V2, WAN
 from testers import AdapterTester
 
 pytestmark = pytest.mark.cpu
@@ -131,5 +131,18 @@ class TestMochiRadial(AdapterTester):
 
 class TestMochiNeighborhood(AdapterTester):
     family, method = MOCHI, "neighborhood"
+    sparse = dict(dense_steps=0, kernel_size=(3, 3, 5))
+    full = dict(dense_steps=0, kernel_size=(4, 8, 8))
+
+
+class TestHunyuanVideo15Radial(AdapterTester):
+    family, method = HUNYUAN15, "radial"
+    sparse = dict(dense_steps=0, block_size=16, decay=0.3)
+    full = dict(dense_steps=0, block_size=64, decay=1000.0)
+    full_shape = dict(frames=4, size=16)
+
+
+class TestHunyuanVideo15Neighborhood(AdapterTester):
+    family, method = HUNYUAN15, "neighborhood"
     sparse = dict(dense_steps=0, kernel_size=(3, 3, 5))
     full = dict(dense_steps=0, kernel_size=(4, 8, 8))

@@ -24,8 +24,8 @@ def _wan_inputs(frames=3, size=8):
 def test_listings_say_which_method_fits_which_family():
     assert set(diffattn.methods()) == {"radial", "neighborhood", "clear"}
     assert diffattn.methods()["neighborhood"] == (
-        "wan2.1", "wan2.2", "skyreels_v2", "hunyuan_video", "mochi", "cogvideox", "ltx", "flux", "flux2", "sd3")
-    assert diffattn.methods()["radial"] == ("wan2.1", "wan2.2", "skyreels_v2", "hunyuan_video", "mochi", "cogvideox", "ltx")
+        "wan2.1", "wan2.2", "skyreels_v2", "hunyuan_video", "hunyuan_video15", "mochi", "cogvideox", "ltx", "flux", "flux2", "sd3")
+    assert diffattn.methods()["radial"] == ("wan2.1", "wan2.2", "skyreels_v2", "hunyuan_video", "hunyuan_video15", "mochi", "cogvideox", "ltx")
     assert diffattn.methods()["clear"] == ("flux", "flux2", "sd3")
     models = diffattn.supported_models()
     assert models["WanTransformer3DModel"] == {"families": ("wan2.1", "wan2.2"), "methods": ["neighborhood", "radial"]}

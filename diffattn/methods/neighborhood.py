@@ -19,7 +19,7 @@ stride = round(s * extent / base), clamped to [1, window]):
   (13, 23, 24), stride (11, 8, 8). No published Wan preset exists; this carries the one published
   training-free video setting over by grid fraction.
 - SkyReels-V2 (a Wan2.1 fine-tune) and LTX-Video: Wan's preset by grid fraction.
-- Mochi and CogVideoX: HunyuanVideo's preset by grid fraction (both joint MM-DiTs with full 3-D attention).
+- HunyuanVideo-1.5, Mochi and CogVideoX: HunyuanVideo's preset by grid fraction (both joint MM-DiTs with full 3-D attention).
 - FLUX.1 / FLUX.2 / SD3 (images, 2-D): window (80, 80), stride (16, 16) on FLUX's 4K grid (256, 256), the
   GNA paper's FLUX setting (research §3.2, about 90 % sparse), rescaled to each grid (FLUX.2 and
   SD3 share it: the same 16-px tokens).
@@ -46,6 +46,7 @@ PRESETS = {
     "hunyuan_video": ((30, 48, 80), (18, 24, 24), (16, 8, 8)),
     "wan2.1": ((21, 45, 80), (13, 23, 24), (11, 8, 8)),
     "wan2.2": ((21, 45, 80), (13, 23, 24), (11, 8, 8)),
+    "hunyuan_video15": ((30, 48, 80), (18, 24, 24), (16, 8, 8)),  # HunyuanVideo's, by grid fraction
     "mochi": ((30, 48, 80), (18, 24, 24), (16, 8, 8)),  # HunyuanVideo's GNA setting by grid fraction
     "cogvideox": ((30, 48, 80), (18, 24, 24), (16, 8, 8)),  # HunyuanVideo's GNA setting by grid fraction
     "skyreels_v2": ((21, 45, 80), (13, 23, 24), (11, 8, 8)),  # Wan2.1's
@@ -130,8 +131,9 @@ class NeighborhoodAttention(BlockSparseMethod):
 
     name = "neighborhood"
     Config = NeighborhoodConfig
-    FAMILIES = ("wan2.1", "wan2.2", "skyreels_v2", "hunyuan_video", "mochi", "cogvideox", "ltx", "flux", "flux2", "sd3")
+    FAMILIES = ("wan2.1", "wan2.2", "skyreels_v2", "hunyuan_video", "hunyuan_video15", "mochi", "cogvideox", "ltx", "flux", "flux2", "sd3")
     FAMILY_DEFAULTS = {
+        "hunyuan_video15": dict(dense_steps=12, dense_layers=0),
         "mochi": dict(dense_steps=12, dense_layers=0),
         "cogvideox": dict(dense_steps=12, dense_layers=0),
         "skyreels_v2": dict(dense_steps=12, dense_layers=1),

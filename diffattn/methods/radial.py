@@ -58,12 +58,14 @@ class Radial(BlockSparseMethod):
 
     name = "radial"
     Config = RadialConfig
-    FAMILIES = ("wan2.1", "wan2.2", "skyreels_v2", "hunyuan_video", "mochi", "cogvideox", "ltx")  # video DiTs with frame-major tokens
+    FAMILIES = ("wan2.1", "wan2.2", "skyreels_v2", "hunyuan_video", "hunyuan_video15", "mochi", "cogvideox", "ltx")  # video DiTs with frame-major tokens
     # research/radial.md §2.1: the reference scripts' settings per family
     FAMILY_DEFAULTS = {
         "wan2.1": dict(dense_steps=12, dense_layers=1, decay=0.2, block_size=128, sink=True),
         "wan2.2": dict(dense_steps=11, dense_layers=1, decay=0.8, block_size=64, sink=True),
         "hunyuan_video": dict(dense_steps=12, dense_layers=0, decay=0.95, block_size=128, sink=False),
+        # HunyuanVideo-1.5 keeps HunyuanVideo's joint [video; text] design: its setting
+        "hunyuan_video15": dict(dense_steps=12, dense_layers=0, decay=0.95, block_size=128, sink=False),
         # the reference's Mochi stub: "warmup 12, layers 0"; Mochi is a joint MM-DiT like HunyuanVideo
         # (no frame-0 conditioning), so decay, block and sink are HunyuanVideo's
         "mochi": dict(dense_steps=12, dense_layers=0, decay=0.95, block_size=128, sink=False),
