@@ -75,6 +75,17 @@ class DiffattnProcessor:
                 "sparse steps yet; call transformer.enable_parallelism only without diffattn, or remove diffattn"
             )
 
+    def runs_method(self, layout: TokenLayout, note: str | None = None) -> bool:
+        """Whether this call runs the method; False (recorded as a dense call, with ``note`` saying
+        why when given) for processors that then call their stock processor object themselves."""
+        handle = self.handle
+        if note is None and not handle.bypassed and handle.method.active(self.context(layout)):
+            return True
+        if note is not None:
+            handle.note_once(note)
+        handle.record(self.site, mode="dense", layout=layout, note=note)
+        return False
+
     def attend(self, query, key, value, layout: TokenLayout, *, attention_mask=None, kv_len=None,
                method_ok: bool = True, dense_note: str | None = None) -> torch.Tensor:
         """Core attention of one call. query/key/value in diffusers' [B, S, heads, D]; returns
@@ -101,6 +112,47 @@ class DiffattnProcessor:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(method={self.handle.method_name!r}, layer={self.layer})"
+
+
+def double_single_targets(model) -> dict[str, int]:
+    """``{processor key: layer}`` of MM-DiTs with double-stream ``transformer_blocks`` (layers
+    0..N-1) then single-stream ``single_transformer_blocks`` (layers N..): HunyuanVideo, FLUX.1/2."""
+    double = {f"transformer_blocks.{i}.attn.processor": i for i in range(len(model.transformer_blocks))}
+    offset = len(model.transformer_blocks)
+    single = {
+        f"single_transformer_blocks.{i}.attn.processor": offset + i
+        for i in range(len(model.single_transformer_blocks))
+    }
+    return {**double, **single}
+
+
+def grid_from_ids(img_ids: torch.Tensor, seq: int) -> tuple[int, int] | None:
+    """(rows, cols) of FLUX-style position ids ``[S, A]`` (or ``[B, S, A]``) whose columns 1 and 2
+    are (y, x) and every other column is 0, when they form one row-major grid of ``seq`` tokens;
+    None otherwise (reference images, custom ids). One host read."""
+    ids = img_ids[0] if img_ids.ndim == 3 else img_ids
+    lo, hi = torch.stack([ids.amin(0), ids.amax(0)]).to(torch.int64).tolist()
+    rows, cols = hi[1] + 1, hi[2] + 1
+    others_zero = all(v == 0 for i, v in enumerate(lo + hi) if i % len(lo) not in (1, 2))
+    if not others_zero or lo[1] != 0 or lo[2] != 0 or rows * cols != seq or ids.shape[0] != seq:
+        return None
+    return rows, cols
+
+
+def prefix_counts(attention_mask: torch.Tensor, text: int) -> torch.Tensor | None:
+    """[B] valid text tokens of a text key mask whose last ``text`` entries are the text, when the
+    valid ones are a prefix (padding last); None when they are not. One host read."""
+    valid = attention_mask.reshape(attention_mask.shape[0], -1).bool()[:, attention_mask.shape[-1] - text:]  # [B, T]
+    counts = valid.sum(-1)
+    is_prefix = bool((valid == (torch.arange(text, device=valid.device)[None] < counts[:, None])).all())
+    return counts if is_prefix else None
+
+
+def zero_padded_text(out: torch.Tensor, video_tokens: int, counts: torch.Tensor) -> torch.Tensor:
+    """``out`` [B, S, heads, D] with the rows of padded text ([video; text] order) set to 0."""
+    rows = torch.arange(out.shape[1], device=out.device)
+    keep = (rows[None, :] < (video_tokens + counts)[:, None])[:, :, None, None]
+    return torch.where(keep, out, torch.zeros_like(out))
 
 
 def layout_hook(handle: Handle, grid):

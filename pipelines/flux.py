@@ -25,7 +25,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 
 from diffattn.core.layout import TokenLayout
 
-from .base import DiffattnProcessor
+from .base import DiffattnProcessor, double_single_targets, grid_from_ids
 
 MODEL_CLASSES = ("FluxTransformer2DModel",)
 FAMILIES = ("flux",)
@@ -36,13 +36,7 @@ def family(model, pipe=None) -> str:
 
 
 def targets(model) -> dict[str, int]:
-    double = {f"transformer_blocks.{i}.attn.processor": i for i in range(len(model.transformer_blocks))}
-    offset = len(model.transformer_blocks)
-    single = {
-        f"single_transformer_blocks.{i}.attn.processor": offset + i
-        for i in range(len(model.single_transformer_blocks))
-    }
-    return {**double, **single}
+    return double_single_targets(model)
 
 
 def patch_size(model) -> tuple[int, int, int]:
@@ -55,13 +49,11 @@ def grid(model, hidden_states: torch.Tensor, inputs=None) -> TokenLayout | str:
     img_ids, text = inputs.get("img_ids"), inputs.get("encoder_hidden_states")
     if img_ids is None or text is None:
         raise ValueError("diffattn flux: the transformer must be called with img_ids and encoder_hidden_states (as FluxPipeline does)")
-    ids = img_ids[0] if img_ids.ndim == 3 else img_ids  # [S, 3]: (0, y, x)
-    seq = hidden_states.shape[1]  # [B, S, C] packed latents
-    (f_lo, y_lo, x_lo), (f_hi, y_hi, x_hi) = torch.stack([ids.amin(0), ids.amax(0)]).to(torch.int64).tolist()
-    rows, cols = y_hi + 1, x_hi + 1
-    if (f_lo, y_lo, x_lo) != (0, 0, 0) or f_hi != 0 or rows * cols != seq or ids.shape[0] != seq:
+    found = grid_from_ids(img_ids, hidden_states.shape[1])  # ids (0, y, x); tokens [B, S, C]
+    if found is None:
         return ("diffattn flux: img_ids do not form one image grid (Kontext reference tokens or custom ids); "
                 "running dense")
+    rows, cols = found
     return TokenLayout(1, rows, cols, text.shape[1], "before" if text.shape[1] else "none")
 
 

@@ -24,7 +24,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 
 from diffattn.core.layout import TokenLayout
 
-from .base import DiffattnProcessor
+from .base import DiffattnProcessor, double_single_targets, grid_from_ids
 
 MODEL_CLASSES = ("Flux2Transformer2DModel",)
 FAMILIES = ("flux2",)
@@ -36,13 +36,7 @@ def family(model, pipe=None) -> str:
 
 
 def targets(model) -> dict[str, int]:
-    double = {f"transformer_blocks.{i}.attn.processor": i for i in range(len(model.transformer_blocks))}
-    offset = len(model.transformer_blocks)
-    single = {
-        f"single_transformer_blocks.{i}.attn.processor": offset + i
-        for i in range(len(model.single_transformer_blocks))
-    }
-    return {**double, **single}
+    return double_single_targets(model)
 
 
 def patch_size(model) -> tuple[int, int, int]:
@@ -57,12 +51,10 @@ def grid(model, hidden_states: torch.Tensor, inputs=None) -> TokenLayout | str:
         raise ValueError("diffattn flux2: the transformer must be called with img_ids and encoder_hidden_states (as Flux2Pipeline does)")
     if inputs.get("kv_cache_mode") is not None:
         return "diffattn flux2: KV-cache mode (reference tokens); running dense"
-    ids = img_ids[0] if img_ids.ndim == 3 else img_ids  # [S, 4]: (t, h, w, l)
-    seq = hidden_states.shape[1]  # [B, S, C] packed latents
-    lo, hi = torch.stack([ids.amin(0), ids.amax(0)]).to(torch.int64).tolist()
-    rows, cols = hi[1] + 1, hi[2] + 1
-    if lo != [0, 0, 0, 0] or hi[0] != 0 or hi[3] != 0 or rows * cols != seq or ids.shape[0] != seq:
+    found = grid_from_ids(img_ids, hidden_states.shape[1])  # ids (t, h, w, l); tokens [B, S, C]
+    if found is None:
         return "diffattn flux2: img_ids do not form one image grid (reference images or custom ids); running dense"
+    rows, cols = found
     return TokenLayout(1, rows, cols, text.shape[1], "before" if text.shape[1] else "none")
 
 

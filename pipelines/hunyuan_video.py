@@ -17,7 +17,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 
 from diffattn.core.layout import TokenLayout
 
-from .base import DiffattnProcessor
+from .base import DiffattnProcessor, double_single_targets
 
 MODEL_CLASSES = ("HunyuanVideoTransformer3DModel",)
 FAMILIES = ("hunyuan_video",)
@@ -28,13 +28,7 @@ def family(model, pipe=None) -> str:
 
 
 def targets(model) -> dict[str, int]:
-    double = {f"transformer_blocks.{i}.attn.processor": i for i in range(len(model.transformer_blocks))}
-    offset = len(model.transformer_blocks)
-    single = {
-        f"single_transformer_blocks.{i}.attn.processor": offset + i
-        for i in range(len(model.single_transformer_blocks))
-    }
-    return {**double, **single}
+    return double_single_targets(model)
 
 
 def patch_size(model) -> tuple[int, int, int]:

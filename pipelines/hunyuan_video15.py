@@ -22,7 +22,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 
 from diffattn.core.layout import TokenLayout
 
-from .base import DiffattnProcessor
+from .base import DiffattnProcessor, prefix_counts, zero_padded_text
 
 MODEL_CLASSES = ("HunyuanVideo15Transformer3DModel",)
 FAMILIES = ("hunyuan_video15",)
@@ -61,17 +61,12 @@ class Processor(DiffattnProcessor):
         video = self.video_layout()
         text = 0 if encoder_hidden_states is None else encoder_hidden_states.shape[1]
         layout = TokenLayout(video.frames, video.rows, video.cols, text, "after" if text else "none")
-        note = None
-        valid = attention_mask.reshape(attention_mask.shape[0], -1).bool()[:, -text:] if text else None  # [B, T]
-        counts = valid.sum(-1) if text else None
+        note = counts = None
         if layout.video_tokens != hidden_states.shape[1]:
             note = f"diffattn hunyuan_video15: {hidden_states.shape[1]} video tokens but the forward's grid is {video!r}; running dense"
-        elif text and not bool((valid == (torch.arange(text, device=valid.device)[None] < counts[:, None])).all()):
+        elif text and (counts := prefix_counts(attention_mask, text)) is None:
             note = "diffattn hunyuan_video15: the text mask is not a prefix; running dense"
-        if note is not None or self.handle.bypassed or not self.handle.method.active(self.context(layout)):
-            if note is not None:
-                self.handle.note_once(note)
-            self.handle.record(self.site, mode="dense", layout=layout, note=note)
+        if not self.runs_method(layout, note):
             return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
 
         query = attn.norm_q(attn.to_q(hidden_states).unflatten(2, (attn.heads, -1)))  # [B, S, heads, D]
@@ -96,9 +91,7 @@ class Processor(DiffattnProcessor):
         kv_len = (lambda: (n + counts).to(torch.int32)) if text else None
         out = self.attend(query, key, value, layout, kv_len=kv_len)
         if text:
-            rows = torch.arange(layout.seq_len, device=out.device)
-            keep = (rows[None, :] < (n + counts)[:, None])[:, :, None, None]
-            out = torch.where(keep, out, torch.zeros_like(out))  # padded text rows (undefined in the stock processor)
+            out = zero_padded_text(out, n, counts)  # padded text rows (undefined in the stock processor)
         out = out.flatten(2, 3).to(query.dtype)
         if encoder_hidden_states is None:
             return out, encoder_hidden_states

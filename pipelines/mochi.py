@@ -21,7 +21,7 @@ import torch
 
 from diffattn.core.layout import TokenLayout
 
-from .base import DiffattnProcessor
+from .base import DiffattnProcessor, prefix_counts, zero_padded_text
 
 MODEL_CLASSES = ("MochiTransformer3DModel",)
 FAMILIES = ("mochi",)
@@ -69,18 +69,12 @@ class Processor(DiffattnProcessor):
         video = self.video_layout()
         text = encoder_hidden_states.shape[1]
         layout = TokenLayout(video.frames, video.rows, video.cols, text, "after")
-        ctx = self.context(layout)
-        valid = attention_mask.reshape(attention_mask.shape[0], -1).bool()  # [B, T]
-        counts = valid.sum(-1)
-        note = None
+        note = counts = None
         if layout.video_tokens != hidden_states.shape[1]:
             note = f"diffattn mochi: {hidden_states.shape[1]} video tokens but the forward's grid is {video!r}; running dense"
-        elif not bool((valid == (torch.arange(text, device=valid.device)[None] < counts[:, None])).all()):
+        elif (counts := prefix_counts(attention_mask, text)) is None:
             note = "diffattn mochi: the text mask is not a prefix; running dense"
-        if note is not None or self.handle.bypassed or not self.handle.method.active(ctx):
-            if note is not None:
-                self.handle.note_once(note)
-            self.handle.record(self.site, mode="dense", layout=layout, note=note)
+        if not self.runs_method(layout, note):
             return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
 
         query = attn.to_q(hidden_states).unflatten(2, (attn.heads, -1))  # [B, S, heads, D]
@@ -106,9 +100,7 @@ class Processor(DiffattnProcessor):
 
         n = layout.video_tokens
         out = self.attend(query, key, value, layout, kv_len=lambda: (n + counts).to(torch.int32))
-        rows = torch.arange(layout.seq_len, device=out.device)
-        keep = (rows[None, :] < (n + counts)[:, None])[:, :, None, None]
-        out = torch.where(keep, out, torch.zeros_like(out))  # padded text rows: 0, as the stock processor
+        out = zero_padded_text(out, n, counts)  # as the stock processor, which drops those rows
         out = out.flatten(2, 3)
         hidden_states, encoder_hidden_states = out.split_with_sizes((n, text), dim=1)
         hidden_states = attn.to_out[0](hidden_states)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .grid import GridRule, tiled_coords
+from .grid import GridRule, TiledCoords
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class CircleRule(GridRule):
 
 
 @dataclass(frozen=True)
-class TiledCircleRule(CircleRule):
+class TiledCircleRule(TiledCoords, CircleRule):
     """The circle rule on tokens reordered into 2-D tiles (``patterns.tiles.Tiling``, tf = 1).
 
     The video region holds the grid padded up to whole tiles, tile after tile; ``video_tokens`` is
@@ -64,13 +64,5 @@ class TiledCircleRule(CircleRule):
         # [7:10] the tile (tf, ty, tx) and [10:12] tiles along Y and X
         return (*super().pack(), *self.tile, self.tiles[1], self.tiles[2])
 
-    def coords(self, idx: torch.Tensor):
-        rel = idx - self.video_start
-        video = (rel >= 0) & (rel < self.video_tokens)
-        return (video, *tiled_coords(rel.clamp(0, self.video_tokens - 1), self.tile, self.tiles))
-
     def _local(self, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
-        ok = super()._local(q_idx, kv_idx)
-        vk, fk, yk, xk = self.coords(kv_idx)
-        padding = vk & ((fk >= self.frames) | (yk >= self.rows) | (xk >= self.cols))
-        return ok & ~padding
+        return super()._local(q_idx, kv_idx) & ~self.key_padding(kv_idx)

@@ -50,3 +50,19 @@ def tiled_coords(rel: torch.Tensor, tile: tuple[int, int, int], tiles: tuple[int
     y = ((index // tiles[2]) % tiles[1]) * ty + (inner // tx) % ty
     x = (index % tiles[2]) * tx + inner % tx
     return f, y, x
+
+
+class TiledCoords:
+    """Mixin of the rules on tokens in tile order (``patterns.tiles``): the subclass declares the
+    fields ``tile`` (tf, ty, tx) and ``tiles`` (tiles per dimension); the video region holds the
+    grid padded to whole tiles (``video_tokens`` is the padded count)."""
+
+    def coords(self, idx: torch.Tensor):
+        rel = idx - self.video_start
+        video = (rel >= 0) & (rel < self.video_tokens)
+        return (video, *tiled_coords(rel.clamp(0, self.video_tokens - 1), self.tile, self.tiles))
+
+    def key_padding(self, kv_idx: torch.Tensor) -> torch.Tensor:
+        """True for keys that are tile padding (never attended)."""
+        vk, fk, yk, xk = self.coords(kv_idx)
+        return vk & ((fk >= self.frames) | (yk >= self.rows) | (xk >= self.cols))

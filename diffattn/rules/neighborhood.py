@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .grid import GridRule, tiled_coords
+from .grid import GridRule, TiledCoords
 
 
 def window(coord: torch.Tensor, length: int, k: int, s: int, d: int, causal: bool):
@@ -73,7 +73,7 @@ class NeighborhoodRule(GridRule):
 
 
 @dataclass(frozen=True)
-class TiledNeighborhoodRule(NeighborhoodRule):
+class TiledNeighborhoodRule(TiledCoords, NeighborhoodRule):
     """The neighborhood rule on tokens reordered into 3-D tiles (``patterns.neighborhood.Tiling``).
 
     The video region ``[video_start, video_start + video_tokens)`` holds the grid padded up to whole
@@ -93,13 +93,5 @@ class TiledNeighborhoodRule(NeighborhoodRule):
         # then [17:20] the tile (tf, ty, tx) and [20:22] tiles along Y and X
         return (*super().pack(), *self.tile, self.tiles[1], self.tiles[2])
 
-    def coords(self, idx: torch.Tensor):
-        rel = idx - self.video_start
-        video = (rel >= 0) & (rel < self.video_tokens)
-        return (video, *tiled_coords(rel.clamp(0, self.video_tokens - 1), self.tile, self.tiles))
-
     def mask(self, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
-        ok = super().mask(q_idx, kv_idx)
-        vk, fk, yk, xk = self.coords(kv_idx)
-        padding = vk & ((fk >= self.frames) | (yk >= self.rows) | (xk >= self.cols))
-        return ok & ~padding
+        return super().mask(q_idx, kv_idx) & ~self.key_padding(kv_idx)
