@@ -41,12 +41,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
-import math
 import os
-import shutil
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -55,7 +52,10 @@ import torch.nn.functional as F
 import diffattn
 from diffattn.core.weights import FULL_NAME, LORA_NAME, write_meta
 
-from .common import config_from_argv, warmup_lr
+from .common import (
+    Killed, RunLog, batch_indices, check_resume, config_from_argv, deadline_reached, load_checkpoint, make_accelerator, now,
+    save_checkpoint, warmup_lr,
+)
 
 FAMILY_TARGETS = {  # image-stream projections the student trains (module name suffixes)
     "flux": ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0"),
@@ -190,92 +190,14 @@ def _generate(pipe, family: str, cfg: DistillConfig, prompts: list[str], limit: 
 
 
 def _batch(data: dict, cfg: DistillConfig, step: int, rank: int, world: int, device):
-    """The batch of (step, process): a seeded permutation per epoch, so the position follows the step."""
-    n = data["latents"].shape[0]
-    per_step = cfg.batch_size * world
-    start = step * per_step
-    idx = []
-    for j in range(start + rank * cfg.batch_size, start + (rank + 1) * cfg.batch_size):
-        epoch, pos = divmod(j, n)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
-        idx.append(int(order[pos]))
+    """The batch of (step, process): its samples, noise and noise levels follow from the step."""
+    idx = batch_indices(data["latents"].shape[0], cfg.batch_size, step, rank, world, cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * world + rank)
     x0 = data["latents"][idx]
     noise = torch.randn(x0.shape, generator=g)
     u = torch.rand(len(idx), generator=g)
     sigma = cfg.shift * u / (1 + (cfg.shift - 1) * u)
     return tuple(t.to(device) for t in (x0, noise, sigma, data["embeds"][idx], data["pooled"][idx]))
-
-
-# ------------------------------------------------------------------------------------ checkpoints
-
-
-def _save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, keep: int = 2) -> None:
-    """Trainable tensors, optimizer state and step, written to a temporary folder and renamed."""
-    from safetensors.torch import save_file
-
-    root = folder / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    tmp, final = root / f".step_{step:07d}", root / f"step_{step:07d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    trainable = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
-    save_file(trainable, str(tmp / "trainable.safetensors"))
-    state = optimizer.state_dict()
-    tensors, scalars = {}, {}
-    for idx, entry in state["state"].items():
-        for name, value in entry.items():
-            if torch.is_tensor(value):
-                tensors[f"{idx}.{name}"] = value.detach().contiguous().cpu()
-            else:
-                scalars[f"{idx}.{name}"] = value
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
-    meta = {"step": step, "param_groups": state["param_groups"], "scalars": scalars, "scheduler": scheduler.state_dict()}
-    (tmp / "state.json").write_text(json.dumps(meta, default=str))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    for old in sorted(root.glob("step_*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _load_checkpoint(folder: Path, model, optimizer, scheduler) -> int:
-    """Restore the newest checkpoint; returns the step to continue from (0 without one)."""
-    from safetensors.torch import load_file
-
-    found = sorted((folder / "checkpoints").glob("step_*")) if (folder / "checkpoints").is_dir() else []
-    if not found:
-        return 0
-    last = found[-1]
-    trainable = load_file(str(last / "trainable.safetensors"))
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in trainable.items():
-            params[name].copy_(value)
-    meta = json.loads((last / "state.json").read_text())
-    tensors = load_file(str(last / "optimizer.safetensors"))
-    state: dict = {}
-    for key, value in list(tensors.items()) + list(meta["scalars"].items()):
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    scheduler.load_state_dict(meta["scheduler"])
-    return int(meta["step"])
-
-
-def _check_resume(folder: Path, cfg: DistillConfig, write: bool = True) -> None:
-    path = folder / "config.json"
-    current = asdict(cfg)
-    if path.is_file():
-        saved = json.loads(path.read_text())
-        changed = sorted(k for k in current if k not in RESUMABLE and saved.get(k) != current[k])
-        if changed:
-            raise ValueError(
-                f"clear_distill: {folder} holds a run with other options ({', '.join(f'{k}: {saved.get(k)!r} -> {current[k]!r}' for k in changed)}); "
-                "rerun with the same options to resume, or pass a new --out"
-            )
-    if write:
-        folder.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(current, indent=1))
 
 
 # ------------------------------------------------------------------------------------------ train
@@ -293,16 +215,10 @@ def train(cfg: DistillConfig, *, pipe=None, prompts: list[str] | None = None, _s
     """Run (or resume) a distillation; returns the output folder. ``pipe``: an already loaded
     pipeline (else ``cfg.pipeline`` is loaded; a passed one is left as it was found);
     ``prompts``: the prompts (else ``cfg.prompts``, a file)."""
-    from accelerate import Accelerator
-    from tqdm.auto import tqdm
-
     out = Path(cfg.out)
-    log_with = "tensorboard" if _has_tensorboard() else None
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with=log_with, project_dir=str(out / "logs"))
+    accelerator = make_accelerator(cfg.mixed_precision, out, lambda msg: print(f"[clear_distill] {msg}", flush=True))
     log = lambda msg: print(f"[clear_distill] {msg}", flush=True) if accelerator.is_main_process else None  # noqa: E731
-    if log_with is None:
-        log("tensorboard is not installed (pip install diffattn[train]); logging to log.jsonl only")
-    _check_resume(out, cfg, write=accelerator.is_main_process)  # every process raises alike
+    check_resume(out, cfg, RESUMABLE, "clear_distill", write=accelerator.is_main_process)  # every process raises alike
     accelerator.wait_for_everyone()
 
     if pipe is None:
@@ -374,15 +290,12 @@ def train(cfg: DistillConfig, *, pipe=None, prompts: list[str] | None = None, _s
 
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_lr(s, 1.0, cfg.warmup))
-    start = _load_checkpoint(out, model, optimizer, scheduler)
+    start = load_checkpoint(out, model, optimizer, scheduler)
     if start:
         log(f"resuming at step {start}")
     wrapped, optimizer = accelerator.prepare(model, optimizer)
-    if log_with is not None:
-        accelerator.init_trackers("clear_distill", config={k: v for k, v in asdict(cfg).items() if isinstance(v, (int, float, str, bool))})
-    bar = tqdm(total=cfg.steps, initial=start, disable=not accelerator.is_main_process, desc="clear distill")
-    deadline = None if not cfg.max_minutes else _now() + 60 * cfg.max_minutes
-    journal = open(out / "log.jsonl", "a") if accelerator.is_main_process else None
+    run = RunLog(accelerator, out, "clear_distill", cfg, cfg.steps, start)
+    deadline = None if not cfg.max_minutes else now() + 60 * cfg.max_minutes
     step = start
     try:
         while step < cfg.steps:
@@ -405,31 +318,19 @@ def train(cfg: DistillConfig, *, pipe=None, prompts: list[str] | None = None, _s
             scheduler.step()
             step += 1
             terms = torch.stack([loss.detach(), fm.detach(), pred.detach(), torch.as_tensor(attn, device=loss.device).detach()]).float().tolist()
-            values = dict(zip(("loss", "fm", "pred", "attn"), terms), lr=scheduler.get_last_lr()[0])
-            bar.update(1)
-            bar.set_postfix(loss=f"{values['loss']:.4f}")
-            if journal is not None:
-                journal.write(json.dumps({"step": step, **values}) + "\n")
-                journal.flush()
-            if log_with is not None:
-                accelerator.log(values, step=step)
-            stop = False
-            if deadline is not None:  # every process stops at the same step (the first past its deadline)
-                flag = torch.tensor([float(_now() > deadline)], device=accelerator.device)
-                stop = bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+            run.step(step, dict(zip(("loss", "fm", "pred", "attn"), terms), lr=scheduler.get_last_lr()[0]))
+            stop = deadline_reached(accelerator, deadline)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop:
                 accelerator.wait_for_everyone()
                 if accelerator.is_main_process:
-                    _save_checkpoint(out, step, accelerator.unwrap_model(wrapped), optimizer, scheduler)
+                    save_checkpoint(out, step, accelerator.unwrap_model(wrapped), optimizer, scheduler)
             if _stop_after is not None and step >= _stop_after:
-                raise _Killed(step)
+                raise Killed(step)
             if stop:
                 log(f"--max-minutes reached at step {step}; the same command resumes")
                 break
     finally:
-        bar.close()
-        if journal is not None:
-            journal.close()
+        run.close()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process and step >= cfg.steps:
         _export(out, pipe, accelerator.unwrap_model(wrapped), cfg, family)
@@ -458,24 +359,6 @@ def _restore(model, teacher, handle, teacher_handle, cfg: DistillConfig, dtypes:
         model.disable_gradient_checkpointing()
     model.requires_grad_(False)
     model.eval()
-
-
-class _Killed(RuntimeError):
-    """Raised by ``train(..., _stop_after=N)``: the tests' stand-in for killing the process."""
-
-
-def _now() -> float:
-    import time
-
-    return time.monotonic()
-
-
-def _has_tensorboard() -> bool:
-    try:
-        import tensorboard  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 @contextlib.contextmanager

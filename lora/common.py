@@ -1,13 +1,19 @@
 """Training utilities shared by the ``diffattn.lora`` trainers and the testbed's training scripts:
 wall clock and deadline, config parsing from flags, EMA, the loss log, learning-rate schedules,
-flow-matching noise levels and the optimizer step. Nothing here knows about a model family."""
+flow-matching noise levels and the optimizer step; for the resumable trainers: checkpoints
+(trainable tensors, optimizer and scheduler state, step) written atomically, the resume check, the
+seeded batch position, the run log (tqdm, TensorBoard, ``log.jsonl``) and the shared deadline stop.
+Nothing here knows about a model family."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
 
@@ -146,3 +152,162 @@ def adamw(params, lr: float, **kwargs) -> torch.optim.AdamW:
     fused = all(p.is_cuda for p in params)
     return torch.optim.AdamW(params, lr=lr, fused=fused, **kwargs)
 
+
+
+# --------------------------------------------------------------------- resumable trainer runs
+
+
+class Killed(RuntimeError):
+    """Raised by a trainer's ``train(..., _stop_after=N)``: the tests' stand-in for killing the process."""
+
+
+def now() -> float:
+    return time.monotonic()
+
+
+def has_tensorboard() -> bool:
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, keep: int = 2) -> None:
+    """Trainable tensors, optimizer state, scheduler state and step, written to a temporary folder
+    and renamed (a kill while writing leaves the previous checkpoint intact)."""
+    from safetensors.torch import save_file
+
+    root = Path(folder) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    tmp, final = root / f".step_{step:07d}", root / f"step_{step:07d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    trainable = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    save_file(trainable, str(tmp / "trainable.safetensors"))
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, entry in state["state"].items():
+        for name, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"{idx}.{name}"] = value.detach().contiguous().cpu()
+            else:
+                scalars[f"{idx}.{name}"] = value
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    meta = {"step": step, "param_groups": state["param_groups"], "scalars": scalars, "scheduler": scheduler.state_dict()}
+    (tmp / "state.json").write_text(json.dumps(meta, default=str))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in sorted(root.glob("step_*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(folder: Path, model, optimizer, scheduler) -> int:
+    """Restore the newest checkpoint; returns the step to continue from (0 without one)."""
+    from safetensors.torch import load_file
+
+    root = Path(folder) / "checkpoints"
+    found = sorted(root.glob("step_*")) if root.is_dir() else []
+    if not found:
+        return 0
+    last = found[-1]
+    trainable = load_file(str(last / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in trainable.items():
+            params[name].copy_(value)
+    meta = json.loads((last / "state.json").read_text())
+    tensors = load_file(str(last / "optimizer.safetensors"))
+    state: dict = {}
+    for key, value in list(tensors.items()) + list(meta["scalars"].items()):
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    scheduler.load_state_dict(meta["scheduler"])
+    return int(meta["step"])
+
+
+def check_resume(folder: Path, cfg, resumable: tuple[str, ...], name: str, write: bool = True) -> None:
+    """Refuse to continue a run in ``folder`` whose saved config differs from ``cfg`` (other than in
+    the ``resumable`` fields), naming each difference; record ``cfg`` there."""
+    path = Path(folder) / "config.json"
+    current = asdict(cfg)
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        changed = sorted(k for k in current if k not in resumable and saved.get(k) != current[k])
+        if changed:
+            raise ValueError(
+                f"{name}: {folder} holds a run with other options ({', '.join(f'{k}: {saved.get(k)!r} -> {current[k]!r}' for k in changed)}); "
+                "rerun with the same options to resume, or pass a new --out"
+            )
+    if write:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(current, indent=1))
+
+
+def batch_indices(n: int, batch: int, step: int, rank: int, world: int, seed: int) -> list[int]:
+    """The samples of (step, process): a seeded permutation of ``n`` per epoch, so the data
+    position follows from the step alone (a resumed run reads what the uninterrupted one would)."""
+    per_step = batch * world
+    start = step * per_step
+    idx = []
+    for j in range(start + rank * batch, start + (rank + 1) * batch):
+        epoch, pos = divmod(j, n)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+        idx.append(int(order[pos]))
+    return idx
+
+
+class RunLog:
+    """What a resumable run shows and keeps: a tqdm bar (loss, step time, ETA), ``log.jsonl``
+    (appended: a resumed run continues it) and TensorBoard through accelerate's trackers (when
+    ``tensorboard`` is installed), on the main process only."""
+
+    def __init__(self, accelerator, out: Path, name: str, cfg, total: int, initial: int):
+        from tqdm.auto import tqdm
+
+        self.accelerator, self.name = accelerator, name
+        self.tensorboard = has_tensorboard()  # make_accelerator logs with it then
+        main = accelerator.is_main_process
+        if self.tensorboard:
+            accelerator.init_trackers(name, config={k: v for k, v in asdict(cfg).items() if isinstance(v, (int, float, str, bool))})
+        self.bar = tqdm(total=total, initial=initial, disable=not main, desc=name.replace("_", " "))
+        self.journal = open(Path(out) / "log.jsonl", "a") if main else None
+        self.mark = now()
+
+    def step(self, step: int, values: dict) -> None:
+        t = now()
+        values = {**values, "step_seconds": t - self.mark}
+        self.mark = t
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{values['loss']:.4f}", s_per_step=f"{values['step_seconds']:.2f}")
+        if self.journal is not None:
+            self.journal.write(json.dumps({"step": step, **values}) + "\n")
+            self.journal.flush()
+        if self.tensorboard:
+            self.accelerator.log(values, step=step)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.journal is not None:
+            self.journal.close()
+
+
+def make_accelerator(mixed_precision: str, out: Path, log):
+    """An ``Accelerator`` logging to TensorBoard under ``out/logs`` when tensorboard is installed."""
+    from accelerate import Accelerator
+
+    tensorboard = has_tensorboard()
+    accelerator = Accelerator(mixed_precision=mixed_precision, log_with="tensorboard" if tensorboard else None,
+                              project_dir=str(Path(out) / "logs"))
+    if not tensorboard and accelerator.is_main_process:
+        log("tensorboard is not installed (pip install diffattn[train]); logging to log.jsonl only")
+    return accelerator
+
+
+def deadline_reached(accelerator, deadline: float | None) -> bool:
+    """Whether any process is past ``deadline``: every process stops at the same step."""
+    if deadline is None:
+        return False
+    flag = torch.tensor([float(now() > deadline)], device=accelerator.device)
+    return bool(accelerator.reduce(flag, reduction="sum").item() > 0)

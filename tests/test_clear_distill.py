@@ -43,7 +43,7 @@ def trained(tmp_path_factory):
 
 def test_resume_after_a_kill_gives_the_uninterrupted_result(trained, tmp_path):
     cfg = _cfg(tmp_path)
-    with pytest.raises(clear_distill._Killed):
+    with pytest.raises(clear_distill.Killed):
         _train(cfg, _stop_after=3)  # killed after step 3: the step-2 checkpoint survives
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_0000002"]
     _train(cfg)  # the same command again
