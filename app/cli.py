@@ -5,6 +5,8 @@
     diffattn generate --method neighborhood --kernel-size 3 7 7 --stride 1 2 2
     diffattn generate --method neighborhood --help                # that method's options
     diffattn train clear --radius 4 --attn-every 1 --steps 200 --out runs/clear    # distil CLEAR (testbed FLUX)
+    diffattn train length --frames 113 --self-generate 1024 --out runs/len4x        # 4x-length LoRA (testbed video)
+    diffattn generate --lora runs/len4x --frames 113                                # uses it
     diffattn generate --model /path/to/Wan2.1-T2V-1.3B-Diffusers --device cuda \\
         --height 480 --width 832 --frames 81 --steps 50 --out wan.mp4
 
@@ -49,6 +51,8 @@ class GenerateConfig:
     device: str
     backend: str
     fps: int
+    lora: str | None = None
+    lora_scale: float = 1.0
     options: dict = field(default_factory=dict)  # the method's options the user set (the rest: defaults)
 
 
@@ -101,8 +105,10 @@ def _method_arguments(parser: argparse.ArgumentParser, method: str) -> list[str]
 def _parse(argv) -> GenerateConfig:
     argv = list(argv)
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--method", default="radial")
-    method = pre.parse_known_args(argv)[0].method
+    pre.add_argument("--method", default=None)
+    pre.add_argument("--lora", default=None)
+    known = pre.parse_known_args(argv)[0]
+    method = known.method or (_lora_meta(known.lora)["method"] if known.lora else "radial")
     parser = argparse.ArgumentParser(prog="diffattn", description="diffattn command line")
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser(
@@ -111,19 +117,24 @@ def _parse(argv) -> GenerateConfig:
                     "`diffattn generate --method NAME --help` lists that method's options.",
     )
     gen.add_argument("--prompt", default="a red circle moving right on a dark blue background")
-    gen.add_argument("--method", default="radial", help=f"one of {list(diffattn.methods())}")
+    gen.add_argument("--method", default=method, help=f"one of {list(diffattn.methods())} (default: radial, or the --lora's)")
+    gen.add_argument("--lora", default=None, help="a LoRA folder from `diffattn train length` (its method, options and "
+                     "trained length become the defaults; the dense reference runs without it)")
+    gen.add_argument("--lora-scale", type=float, default=1.0, help="weight of the --lora")
     gen.add_argument("--out", default="clip.mp4", help="the method's clip; the dense one goes beside it as *_dense.mp4")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--model", default=None, help="local diffusers pipeline folder (default: the testbed video pipeline)")
     gen.add_argument("--height", type=int, default=None, help="default: 128 on the testbed, 480 with --model")
     gen.add_argument("--width", type=int, default=None, help="default: 128 on the testbed, 832 with --model")
-    gen.add_argument("--frames", type=int, default=None, help="pixel frames, 4k+1 for Wan (default: 29 testbed, 81 --model)")
+    gen.add_argument("--frames", type=int, default=None, help="pixel frames, 4k+1 for Wan (default: the --lora's trained length, else 29 testbed, 81 --model)")
     gen.add_argument("--steps", type=int, default=None, help="default: 25 on the testbed, 50 with --model")
     gen.add_argument("--guidance", type=float, default=None, help="default: the testbed pipeline's (DEFAULTS[\"video\"]), 5.0 with --model")
     gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     gen.add_argument("--backend", default="auto", choices=["auto", "triton", "flex", "sdpa"])
     gen.add_argument("--fps", type=int, default=16)
     names = _method_arguments(gen, method) if method in diffattn.methods() else []
+    if known.lora and method == "dense":
+        names = []
     args = vars(parser.parse_args(argv))
     options = {}
     for name in names:
@@ -137,10 +148,21 @@ def _parse(argv) -> GenerateConfig:
                         guidance=d["guidance_scale"])
     else:
         fallback = dict(height=480, width=832, frames=81, steps=50, guidance=5.0)
+    if values["lora"] and values["frames"] is None:
+        values["frames"] = _lora_meta(values["lora"]).get("frames")
     for name, value in fallback.items():
         if values[name] is None:
             values[name] = value
     return GenerateConfig(**values, options=options)
+
+
+def _lora_meta(path: str) -> dict:
+    from diffattn.core.weights import read_meta
+
+    try:
+        return read_meta(path)[1]
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def _check_prompt(cfg: GenerateConfig) -> None:
@@ -162,7 +184,9 @@ def _check_prompt(cfg: GenerateConfig) -> None:
 
 
 def _check(cfg: GenerateConfig, pipe) -> None:
-    if cfg.method not in diffattn.methods():
+    if cfg.method == "dense" and cfg.lora:
+        pass  # a LoRA trained with dense attention: the second run is dense with the LoRA
+    elif cfg.method not in diffattn.methods():
         raise SystemExit(f"diffattn: unknown method {cfg.method!r}; available methods: {list(diffattn.methods())}")
     multiple = pipe.vae_scale_factor_spatial * diffattn.patch_size(pipe)[1]  # VAE x patchify
     if cfg.height % multiple or cfg.width % multiple or cfg.height <= 0 or cfg.width <= 0:
@@ -222,17 +246,27 @@ def generate(cfg: GenerateConfig) -> dict:
     export_to_video(list(dense_frames), dense_path, fps=cfg.fps)
 
     # defaults come from the model family and the pipeline's own declaration, as in diffattn.apply
-    try:
-        handle = diffattn.apply(pipe, cfg.method, backend=cfg.backend, **cfg.options)
-    except (ValueError, NotImplementedError) as exc:
-        raise SystemExit(f"diffattn: {exc}") from None
-    with handle:
+    if cfg.method == "dense":  # a dense-trained LoRA: diffusers loads it, attention stays stock
+        pipe.load_lora_weights(cfg.lora, adapter_name="diffattn-dense")
+        pipe.set_adapters(["diffattn-dense"], [cfg.lora_scale])
         try:
             method_frames, method_s = _run(pipe, cfg)
-        except ValueError as exc:  # grid-dependent option checks run in the first forward's layout hook
+        finally:
+            pipe.delete_adapters("diffattn-dense")
+        summary = {"density": None, "layout": None, "method_calls": 0, "dense_calls": None, "backends": {}}
+    else:
+        lora = dict(lora=cfg.lora, lora_scale=cfg.lora_scale) if cfg.lora else {}
+        try:
+            handle = diffattn.apply(pipe, cfg.method, backend=cfg.backend, **lora, **cfg.options)
+        except (ValueError, NotImplementedError, RuntimeError) as exc:
             raise SystemExit(f"diffattn: {exc}") from None
-        summary = handle.summary()
-    print(f"{cfg.method} config: {handle.method.config}", flush=True)
+        with handle:
+            try:
+                method_frames, method_s = _run(pipe, cfg)
+            except ValueError as exc:  # grid-dependent option checks run in the first forward's layout hook
+                raise SystemExit(f"diffattn: {exc}") from None
+            summary = handle.summary()
+        print(f"{cfg.method} config: {handle.method.config}" + (f" with the LoRA {cfg.lora}" if cfg.lora else ""), flush=True)
     density = summary["density"] if summary["density"] is not None else 1.0
     export_to_video(list(method_frames), cfg.out, fps=cfg.fps)
 
@@ -263,17 +297,30 @@ def generate(cfg: GenerateConfig) -> dict:
     return report
 
 
-def train(argv) -> "Path":
-    """``diffattn train clear [options]``: the CLEAR distillation trainer (``diffattn.lora.clear_distill``).
+TRAINERS = ("clear", "length")
+SELF_GENERATE_SEED = 200_000  # first procedural scene of --self-generate (fresh: the testbed trained on seeds below 36,000)
 
-    ``--pipeline testbed`` (the default) distils the testbed FLUX pipeline on its own captions, at its
-    trained 128 x 128."""
+
+def train(argv):
+    """``diffattn train clear|length [options]``: the CLEAR distillation trainer
+    (``diffattn.lora.clear_distill``) or the LoRA length-extension trainer (``diffattn.lora.length``).
+
+    ``--pipeline testbed`` (the default) trains on the testbed: CLEAR distils the FLUX pipeline on its
+    own captions at its trained 128 x 128; ``length`` extends the video pipeline (128 x 128, trained
+    at 29 frames) on ``--self-generate N`` clips of the procedural generator at ``--frames``."""
+    if not argv or argv[0] not in TRAINERS:
+        raise SystemExit(f"diffattn train: the trainer to run comes first, one of {list(TRAINERS)} "
+                         "(`diffattn train length --help` lists its options)")
+    if argv[0] == "clear":
+        return _train_clear(argv[1:])
+    return _train_length(argv[1:])
+
+
+def _train_clear(argv):
     from diffattn.lora import clear_distill
     from diffattn.lora.common import config_from_argv
 
-    if not argv or argv[0] != "clear":
-        raise SystemExit("diffattn train: the trainer to run comes first; so far: `diffattn train clear` (--help lists its options)")
-    cfg = config_from_argv(clear_distill.DistillConfig, argv[1:], clear_distill.__doc__)
+    cfg = config_from_argv(clear_distill.DistillConfig, argv, clear_distill.__doc__)
     pipe = prompts = None
     if cfg.pipeline == "testbed":
         pipelines, shapes = _testbed("pipelines"), _testbed("shapes")
@@ -286,6 +333,52 @@ def train(argv) -> "Path":
         if not cfg.prompts:
             prompts = [shapes.sample(cfg.seed * 100_003 + i, image=True).caption for i in range(cfg.num_samples)]
     return clear_distill.train(cfg, pipe=pipe, prompts=prompts)
+
+
+def _train_length(argv):
+    from diffattn.lora import length
+    from diffattn.lora.common import config_from_argv
+
+    cfg = config_from_argv(length.LengthConfig, argv, length.__doc__)
+    pipe = clips = None
+    if cfg.pipeline == "testbed":
+        pipelines = _testbed("pipelines")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" and device == "cuda" else torch.float32
+        pipe = pipelines.load_pipeline("video", device=device, dtype=dtype)
+        d = pipelines.DEFAULTS["video"]
+        cfg = dataclasses.replace(cfg, height=cfg.height or d["height"], width=cfg.width or d["width"],
+                                  max_sequence_length=cfg.max_sequence_length or d["max_sequence_length"])
+    if cfg.self_generate:
+        if cfg.pipeline != "testbed":
+            raise SystemExit("diffattn train length: --self-generate renders the testbed's procedural clips, which only the "
+                             "testbed pipeline knows; pass --data DIR (videos with captions) for other pipelines")
+        if cfg.data:
+            raise SystemExit("diffattn train length: pass --data or --self-generate, not both")
+        clips = procedural_clips(cfg.self_generate, cfg.seed)
+    return length.train(cfg, pipe=pipe, clips=clips)
+
+
+def procedural_clips(count: int, seed: int):
+    """``clips(frames, height, width, report)`` for the length trainer: ``count`` scenes of the
+    testbed's generator (up to 2 objects, as the testbed video model was trained) rendered in a pool."""
+    import os
+
+    training = _testbed("training")
+
+    def clips(frames, height, width, report):
+        if height != width:
+            raise SystemExit(f"diffattn train length: the procedural generator renders square clips; got {height}x{width}")
+        first = SELF_GENERATE_SEED + seed * 1_000_003 % 1_000_000
+        workers = max(1, min(16, os.cpu_count() or 1))
+        done = 0
+        for pixels, captions in training.render_stream(range(first, first + count), image=False, max_objects=2, frames=frames,
+                                                       size=height, workers=workers, chunk=64):
+            for px, caption in zip(pixels, captions):
+                yield f"scene {first + done}", px, caption
+                done += 1
+
+    return clips
 
 
 def main(argv=None) -> int:

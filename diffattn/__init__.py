@@ -14,7 +14,10 @@ or, model-level:
 Method options (``decay=``, ``kernel_size=``, ``dense_steps=``, ...) go to the method's config;
 ``backend=`` ("auto", "triton", "flex", "sdpa"), block sizes and ``family=`` (override the detected
 family) are keyword-only knobs; ``lora=PATH`` also loads trained weights (a distilled CLEAR student
-from ``diffattn train clear``), whose options it takes, and ``remove`` unloads them. ``apply`` returns a ``Handle``, also usable as a context manager.
+from ``diffattn train clear``, a length-extension LoRA from ``diffattn train length``, at weight
+``lora_scale=``), whose options it takes, and ``remove`` unloads them (a length LoRA joins the LoRA
+adapters already loaded, e.g. a style LoRA, and ``remove`` leaves those as they were). ``apply``
+returns a ``Handle``, also usable as a context manager.
 
 ``apply`` runs an install plan: targets (every model of the pipeline an adapter knows:
 ``transformer``, ``transformer_2``, ``unet``, ...) -> steps (processor swaps, the layout hook, the
@@ -37,7 +40,7 @@ from diffattn.pipelines.base import layout_hook
 
 __version__ = "0.1.0"
 __all__ = [
-    "Handle", "TokenLayout", "apply", "attn_processors", "config_class", "families", "methods", "patch_size",
+    "Handle", "TokenLayout", "apply", "attention_modules", "attn_processors", "config_class", "families", "methods", "patch_size",
     "processors", "remove", "set_attn_processors", "supported_models",
 ]
 
@@ -61,6 +64,16 @@ def supported_models() -> dict[str, dict]:
         fits = sorted(m for m, cls in METHODS.items() if set(cls.FAMILIES) & set(adapter.FAMILIES))
         out[name] = {"families": adapter.FAMILIES, "methods": fits}
     return out
+
+
+def attention_modules(model: torch.nn.Module) -> dict[str, int]:
+    """``{module name: layer}`` of the attention modules diffattn's methods run on in ``model``
+    (Wan's self-attention ``blocks.N.attn1``, HunyuanVideo's dual- and single-stream ``attn``, ...):
+    the modules a length-extension LoRA targets."""
+    adapter = _adapter_of(model)
+    if adapter is None:
+        raise NotImplementedError(f"diffattn does not support {type(model).__name__}; supported model classes: {sorted(ADAPTERS)}")
+    return {key.removesuffix(".processor"): layer for key, layer in adapter.targets(model).items()}
 
 
 def config_class(method: str):
@@ -139,13 +152,16 @@ def _install(target, method: str, options: dict, set_processors: bool) -> tuple[
     family = options.pop("family", None) or _adapter_of(model0).family(model0, pipe)
     steps, dicts = [], {}
     lora = options.pop("lora", None)
+    lora_scale = options.pop("lora_scale", 1.0)
+    if lora is None and lora_scale != 1.0:
+        raise ValueError("diffattn: lora_scale= goes with lora=PATH (the weight of the trained LoRA)")
     if lora is not None:
         if not set_processors:
             raise ValueError("diffattn.processors does not load trained weights; use diffattn.apply(target, method, lora=PATH)")
         if len(components) > 1:
             raise ValueError(f"diffattn: lora= loads onto one model, but {type(target).__name__} has {[n for n, _ in components]}; "
                              "apply to the model the weights were trained for")
-        options, steps = trained_steps(model0, lora, method, options)
+        options, steps = trained_steps(model0, lora, method, options, scale=lora_scale)
     handle = Handle(method, _build_method(method, family, options, pipe), family, scheduler=getattr(pipe, "scheduler", None))
     for name, model in components:
         adapter = _adapter_of(model)

@@ -88,6 +88,34 @@ def tiny_hunyuan_transformer(seed: int = 0, *, double_layers: int = 1, single_la
     ).eval()
 
 
+def tiny_hunyuan_pipeline(seed: int = 0):
+    """A ``HunyuanVideoPipeline`` at toy width (Llama + CLIP text encoders over the word tokenizer,
+    8x spatial / 4x temporal VAE, 4 latent channels)."""
+    from diffusers import AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
+
+    tokenizer, tokenizer_2 = word_tokenizer(256), word_tokenizer(77)
+    torch.manual_seed(seed)
+    text_encoder = LlamaModel(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
+        num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=1,
+    )).eval()
+    text_encoder_2 = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer_2), hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=77, pad_token_id=0, bos_token_id=1, eos_token_id=1, projection_dim=8,
+    )).eval()
+    vae = AutoencoderKLHunyuanVideo(
+        latent_channels=4, block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4,
+        mid_block_add_attention=False,
+    ).eval()
+    pipe = HunyuanVideoPipeline(
+        text_encoder=text_encoder, tokenizer=tokenizer, transformer=tiny_hunyuan_transformer(seed, double_layers=2, single_layers=1),
+        vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def tiny_flux_transformer(seed: int = 0, *, double_layers: int = 1, single_layers: int = 1):
     """A ``FluxTransformer2DModel`` (double- and single-stream blocks, RoPE over (0, y, x) ids)."""
     from diffusers import FluxTransformer2DModel

@@ -52,6 +52,14 @@ def test_shell_command(index, tmp_path):
             from diffattn.lora.common import config_from_argv
 
             config_from_argv(DistillConfig, argv[3:], "")  # every flag exists and parses
+        elif argv[:3] == ["diffattn", "train", "length"]:
+            from diffattn.lora.common import config_from_argv
+            from diffattn.lora.length import LengthConfig
+
+            config_from_argv(LengthConfig, argv[3:], "")
+        elif argv[0] == "diffattn" and "--lora" in argv:  # the LoRA folder is a training output: reading it is checked
+            with pytest.raises(SystemExit, match="not a diffattn training output"):
+                cli._parse(argv[1:])
         elif argv[0] == "diffattn":
             cfg = cli._parse(argv[1:])  # every flag exists and parses
             assert cfg.method in ("radial", "neighborhood")

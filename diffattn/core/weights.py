@@ -5,9 +5,10 @@ A trained folder holds
 - ``pytorch_lora_weights.safetensors``: a diffusers LoRA (``load_lora_weights`` / the model's
   ``load_lora_adapter`` read it), or ``full_weights.safetensors``: the fine-tuned linears'
   tensors under their ``transformer.<module>`` names;
-- ``diffattn.json``: the method, its options (radius, down_factor) and the base model's
-  fingerprint (class and config), so a student is never loaded onto another base or run with
-  other options.
+- ``diffattn.json``: the method, its options (radius, down_factor; a length LoRA's dense_layers
+  and block sizes) and the base model's fingerprint (class and config), so trained weights are
+  never loaded onto another base or run with other options; ``"combinable": true`` (length LoRAs)
+  lets them join LoRA adapters the user already loaded (a style LoRA) instead of refusing them.
 Only safetensors are read.
 """
 
@@ -61,6 +62,11 @@ def read_meta(path: str | Path) -> tuple[Path, dict]:
 def check_compatible(meta: dict, method: str, model: torch.nn.Module, options: dict) -> dict:
     """The options to apply with (the trained ones, unless the user passed the same values);
     raises naming the fix for another method, base model or option value."""
+    if meta["method"] == "dense" and method != "dense":
+        raise ValueError(
+            f"diffattn: these weights were trained with dense attention (no diffattn method); load them with "
+            f"pipe.load_lora_weights(folder) and run the pipeline as it is, or train with the method {method!r}"
+        )
     if meta["method"] != method:
         raise ValueError(f"diffattn: these weights were trained for method {meta['method']!r}; apply {meta['method']!r} with them")
     base = fingerprint(model)
@@ -73,6 +79,7 @@ def check_compatible(meta: dict, method: str, model: torch.nn.Module, options: d
         )
     merged = dict(options)
     for name, value in meta["options"].items():
+        value = tuple(value) if isinstance(value, list) else value  # JSON keeps tuples (kernel sizes) as lists
         if name in merged and merged[name] != value:
             raise ValueError(
                 f"diffattn: these weights were trained with {name}={value!r}, not {name}={merged[name]!r}; "
@@ -90,20 +97,31 @@ class TrainedWeightsLoad:
     model: torch.nn.Module
     folder: Path
     kind: str
+    combinable: bool = False  # join the adapters already loaded (their weights kept) instead of refusing them
+    scale: float = 1.0
     _saved: dict[str, torch.Tensor] = field(default_factory=dict)
+    _previous: list = field(default_factory=list)  # [(adapter, weight)] active before do()
 
     def do(self) -> None:
         from safetensors.torch import load_file
 
         if self.kind == "lora":
             loaded = sorted(getattr(self.model, "peft_config", None) or {})
-            if loaded:
+            if ADAPTER_NAME in loaded:
+                raise RuntimeError(f"diffattn: the model already has an adapter named {ADAPTER_NAME!r}; delete it "
+                                   f"(model.delete_adapters({ADAPTER_NAME!r})) before applying with lora=")
+            if loaded and not self.combinable:
                 raise RuntimeError(
                     f"diffattn: the model has LoRA adapters loaded ({loaded}); a CLEAR student is trained on the bare "
                     "base model: fuse them (pipe.fuse_lora(); pipe.unload_lora_weights()) or unload them first, or load "
                     "the student yourself with load_lora_weights and apply without lora="
                 )
-            self.model.load_lora_adapter(str(self.folder / LORA_NAME), prefix="transformer", adapter_name=ADAPTER_NAME)
+            self._previous = active_adapter_weights(self.model) if loaded else []
+            # the folder and weight_name (not the file's path): diffusers reads the rank/alpha metadata only then
+            self.model.load_lora_adapter(str(self.folder), weight_name=LORA_NAME, prefix="transformer", adapter_name=ADAPTER_NAME)
+            if self._previous or self.scale != 1.0:
+                names = [n for n, _ in self._previous] + [ADAPTER_NAME]
+                self.model.set_adapters(names, [w for _, w in self._previous] + [self.scale])
             return
         tensors = load_file(str(self.folder / FULL_NAME))
         params = dict(self.model.named_parameters())
@@ -118,8 +136,13 @@ class TrainedWeightsLoad:
 
     def undo(self) -> None:
         if self.kind == "lora":
-            if ADAPTER_NAME in (getattr(self.model, "peft_config", None) or {}):
-                self.model.unload_lora()  # the student was the only adapter: the base modules come back
+            if ADAPTER_NAME not in (getattr(self.model, "peft_config", None) or {}):
+                return
+            if self._previous:  # the user's adapters stay, active with their weights as before
+                self.model.delete_adapters(ADAPTER_NAME)
+                self.model.set_adapters([n for n, _ in self._previous], [w for _, w in self._previous])
+            else:
+                self.model.unload_lora()  # ours was the only adapter: the base modules come back
             return
         params = dict(self.model.named_parameters())
         with torch.no_grad():
@@ -128,8 +151,25 @@ class TrainedWeightsLoad:
         self._saved.clear()
 
 
-def trained_steps(model: torch.nn.Module, path: Any, method: str, options: dict) -> tuple[dict, list]:
+def active_adapter_weights(model: torch.nn.Module) -> list[tuple[str, float]]:
+    """[(adapter, weight)] of the model's active LoRA adapters, the weights read back from the
+    layers' scaling (``set_adapters`` weight = scaling / (alpha / r), or alpha / sqrt(r) with rsLoRA)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    names = list(model.active_adapters()) if getattr(model, "peft_config", None) else []
+    weights = {}
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer) and hasattr(module, "scaling"):
+            for name in names:
+                if name in module.scaling and name not in weights:
+                    r, alpha = module.r[name], module.lora_alpha[name]
+                    base = alpha / (r ** 0.5 if module.use_rslora.get(name, False) else r)
+                    weights[name] = module.scaling[name] / base
+    return [(n, float(weights.get(n, 1.0))) for n in names]
+
+
+def trained_steps(model: torch.nn.Module, path: Any, method: str, options: dict, scale: float = 1.0) -> tuple[dict, list]:
     """(options merged with the trained ones, [the install step]) for ``apply(..., lora=path)``."""
     folder, meta = read_meta(path)
     merged = check_compatible(meta, method, model, options)
-    return merged, [TrainedWeightsLoad(model, folder, meta["kind"])]
+    return merged, [TrainedWeightsLoad(model, folder, meta["kind"], combinable=bool(meta.get("combinable")), scale=scale)]

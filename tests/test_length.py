@@ -1,0 +1,259 @@
+"""The LoRA length-extension trainer at tiny size on CPU: resuming after a kill loses at most one
+checkpoint interval and gives the uninterrupted result; bad clips are reported and skipped or
+refused; the LoRA loads through diffattn (alone or beside a style LoRA) and diffusers; bad inputs
+raise naming the fix. On the GPU: a radial training step on the Triton kernels gives the gradients
+of the masked-SDPA twin."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import diffattn
+from diffattn.lora import length
+from diffattn.lora.video_data import BadClip
+from diffattn_testbed.pipelines import load_pipeline
+from diffattn_testbed.shapes import render, sample
+
+FRAMES, SIZE = 13, 64  # 4 latent frames of 8 x 8 tokens
+
+
+def _clips(count=4, first=200_000):
+    def clips(frames, height, width, report):
+        for seed in range(first, first + count):
+            scene = sample(seed, max_objects=2)
+            yield f"scene {seed}", render(scene, frames=frames, height=height, width=width), scene.caption
+    return clips
+
+
+def _cfg(out, **kw):
+    base = dict(out=str(out), frames=FRAMES, height=SIZE, width=SIZE, steps=4, checkpoint_every=2, batch_size=2,
+                lora_rank=4, lora_alpha=8, dense_blocks=1, mixed_precision="no", max_sequence_length=32, warmup=1,
+                lr=1e-3, self_generate=4)
+    return length.LengthConfig(**{**base, **kw})
+
+
+def _train(cfg, clips=None, **kw):
+    return length.train(cfg, pipe=load_pipeline("video"), clips=clips or _clips(), **kw)
+
+
+def _call(pipe, frames=FRAMES):
+    with torch.no_grad():
+        return pipe(prompt=sample(7, max_objects=2).caption, height=SIZE, width=SIZE, num_frames=frames, num_inference_steps=2,
+                    output_type="latent", generator=torch.Generator().manual_seed(0)).frames
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    return _train(_cfg(tmp_path_factory.mktemp("whole")))
+
+
+@pytest.mark.cpu
+def test_resume_after_a_kill_gives_the_uninterrupted_result(trained, tmp_path):
+    cfg = _cfg(tmp_path)
+    with pytest.raises(length.Killed):
+        _train(cfg, _stop_after=3)  # killed after step 3: the step-2 checkpoint survives
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_0000002"]
+    _train(cfg, clips=lambda *a: pytest.fail("the cached data is reused"))  # the same command again
+    lines = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2, 3, 3, 4]  # step 3 redone: one interval at most
+    a = load_file(str(trained / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(tmp_path / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys() and len(a) == 2 * 4 * 6  # lora_A/B of q, k, v, out in each of the 6 blocks
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="other options.*lora_rank"):
+        _train(dataclasses.replace(cfg, lora_rank=2))
+
+
+@pytest.mark.cpu
+def test_lora_targets_the_self_attention_projections(trained):
+    keys = load_file(str(trained / "pytorch_lora_weights.safetensors")).keys()
+    assert all(".attn1." in k for k in keys)  # not the cross-attention
+    modules = {k.split(".lora_")[0] for k in keys}
+    assert {m.rsplit(".attn1.", 1)[1] for m in modules} == {"to_q", "to_k", "to_v", "to_out.0"}
+    meta = json.loads((trained / "diffattn.json").read_text())
+    assert meta["method"] == "radial" and meta["frames"] == FRAMES and meta["options"]["dense_layers"] == 1
+    assert meta["options"]["block_size"] == 64  # the testbed pipeline's declared radial option, as trained
+
+
+@pytest.mark.cpu
+def test_training_leaves_the_callers_pipeline_as_it_was(tmp_path):
+    pipe = load_pipeline("video")
+    before = _call(pipe)
+    length.train(_cfg(tmp_path, steps=2), pipe=pipe, clips=_clips())
+    assert not getattr(pipe.transformer, "peft_config", None) and not pipe.transformer.training
+    assert not any(p.requires_grad for p in pipe.transformer.parameters())
+    assert torch.equal(_call(pipe), before)
+
+
+@pytest.mark.cpu
+def test_lora_loads_through_diffattn_and_diffusers(trained):
+    pipe = load_pipeline("video")
+    stock = _call(pipe)
+    with diffattn.apply(pipe, "radial", lora=trained) as handle:
+        tuned = _call(pipe)
+        assert handle.method.config.dense_layers == 1  # the trained option
+        assert pipe.transformer.peft_config["diffattn"].lora_alpha == 8  # alpha from the file's metadata
+    assert not torch.equal(tuned, stock)
+    assert torch.equal(_call(pipe), stock)  # remove() unloads it: bit-identical
+    pipe.load_lora_weights(str(trained), adapter_name="len")  # plain diffusers
+    assert pipe.transformer.peft_config["len"].r == 4 and pipe.transformer.peft_config["len"].lora_alpha == 8
+    with diffattn.apply(pipe, "radial", dense_layers=1):
+        assert torch.equal(_call(pipe), tuned)
+
+
+@pytest.mark.cpu
+def test_length_lora_joins_a_style_lora_and_leaves_it_as_it_was(trained, tmp_path):
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = load_pipeline("video")
+    model = pipe.transformer
+    model.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights="gaussian", target_modules=["ffn.net.2"]), adapter_name="tmp")
+    type(pipe).save_lora_weights(tmp_path, transformer_lora_layers=get_peft_model_state_dict(model, adapter_name="tmp"))
+    model.unload_lora()
+    pipe.load_lora_weights(str(tmp_path), adapter_name="style")
+    pipe.set_adapters(["style"], [0.5])
+    styled = _call(pipe)
+    with diffattn.apply(pipe, "radial", lora=trained, lora_scale=0.8):
+        both = _call(pipe)
+        assert sorted(model.active_adapters()) == ["diffattn", "style"]
+    assert model.active_adapters() == ["style"] and torch.equal(_call(pipe), styled)
+    pipe.load_lora_weights(str(trained), adapter_name="len")
+    pipe.set_adapters(["style", "len"], [0.5, 0.8])
+    with diffattn.apply(pipe, "radial", dense_layers=1):
+        torch.testing.assert_close(_call(pipe), both, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.cpu
+def test_bad_clips_are_reported_and_skipped_or_refused(tmp_path, capsys):
+    import imageio.v3 as iio
+
+    data = tmp_path / "clips"
+    data.mkdir()
+    for i, seed in enumerate(range(200_000, 200_003)):
+        scene = sample(seed, max_objects=2)
+        iio.imwrite(data / f"good_{i}.mp4", render(scene, frames=FRAMES, height=80, width=96), fps=8)  # resized + cropped
+        (data / f"good_{i}.txt").write_text(scene.caption)
+    iio.imwrite(data / "short.mp4", render(sample(1), frames=5, height=SIZE, width=SIZE), fps=8)
+    (data / "short.json").write_text(json.dumps({"caption": sample(1).caption}))
+    (data / "broken.mp4").write_bytes(b"not a video at all")
+    (data / "broken.txt").write_text(sample(2).caption)
+    iio.imwrite(data / "nocaption.mp4", render(sample(3), frames=FRAMES, height=SIZE, width=SIZE), fps=8)
+    iio.imwrite(data / "words.mp4", render(sample(4), frames=FRAMES, height=SIZE, width=SIZE), fps=8)
+    (data / "words.txt").write_text("a purple dragon moving left")
+    cfg = _cfg(tmp_path / "run", self_generate=0, data=str(data), steps=1)
+    with pytest.raises(ValueError, match=r"1 no caption.*1 too short: short.mp4 \(5 frames, 13 needed\).*1 unknown words.*dragon.*1 unreadable"):
+        length.train(dataclasses.replace(cfg, on_bad="refuse"), pipe=load_pipeline("video"))
+    length.train(dataclasses.replace(cfg, out=str(tmp_path / "run2")), pipe=load_pipeline("video"))
+    assert "3 clips used, 1 no caption" in capsys.readouterr().out
+    index = json.loads((tmp_path / "run2" / "data" / "index.json").read_text())
+    assert index["clips"] == ["good_0.mp4", "good_1.mp4", "good_2.mp4"] and index["report"]["skipped"]["too short"] == 1
+
+
+@pytest.mark.cpu
+def test_bad_trainer_inputs_name_the_fix(tmp_path, trained):
+    with pytest.raises(ValueError, match="4k\\+1.*nearest valid lengths are 13 and 17"):
+        _train(_cfg(tmp_path / "a", frames=15))
+    with pytest.raises(ValueError, match="pass --frames"):
+        _train(_cfg(tmp_path / "b", frames=0))
+    with pytest.raises(ValueError, match="unknown method 'radiall'"):
+        _cfg(tmp_path, method="radiall")
+    with pytest.raises(ValueError, match="not a Python literal"):
+        _cfg(tmp_path, method_options="decay=fast")
+    with pytest.raises(ValueError, match="multiples of 8"):
+        _train(_cfg(tmp_path / "c", height=60))
+    with pytest.raises(ValueError, match="no usable training clips.*too short"):
+        _train(_cfg(tmp_path / "d"), clips=lambda f, h, w, r: [("x", np.zeros((3, SIZE, SIZE, 3), np.uint8), "a red circle")])
+    with pytest.raises(ValueError, match="was built for other data.*frames"):  # a shared cache of another length
+        _train(_cfg(tmp_path / "e", frames=17, data_cache=str(trained / "data")))
+    from diffattn_testbed.tiny import tiny_wan_pipeline
+
+    other = tiny_wan_pipeline()
+    with pytest.raises(ValueError, match="trained on another base model"):
+        diffattn.apply(other, "radial", lora=trained)
+    meta = json.loads((trained / "diffattn.json").read_text())
+    dense = tmp_path / "dense"
+    dense.mkdir()
+    (dense / "pytorch_lora_weights.safetensors").write_bytes((trained / "pytorch_lora_weights.safetensors").read_bytes())
+    (dense / "diffattn.json").write_text(json.dumps({**meta, "method": "dense", "options": {}}))
+    with pytest.raises(ValueError, match="trained with dense attention.*load_lora_weights"):
+        diffattn.apply(load_pipeline("video"), "radial", lora=dense)
+
+
+@pytest.mark.cpu
+def test_dense_method_trains_on_the_stock_processors(tmp_path):
+    out = _train(_cfg(tmp_path, method="dense", steps=2, checkpoint_every=2))
+    meta = json.loads((out / "diffattn.json").read_text())
+    assert meta["method"] == "dense" and meta["options"] == {}
+
+
+@pytest.mark.cpu
+def test_cli_trains_and_generates_with_the_lora(tmp_path, capsys):
+    from diffattn.app import cli
+
+    out = tmp_path / "cli"
+    cli.main(["train", "length", "--frames", str(FRAMES), "--height", str(SIZE), "--width", str(SIZE), "--self-generate", "4",
+              "--steps", "2", "--batch-size", "2", "--lora-rank", "4", "--mixed-precision", "no", "--dense-blocks", "1",
+              "--validate-every", "2", "--validation-steps", "1", "--out", str(out)])
+    assert (out / "validation" / "step_0000002.mp4").stat().st_size > 0
+    report = cli.generate(cli._parse(["generate", "--lora", str(out), "--height", str(SIZE), "--width", str(SIZE), "--steps", "1",
+                                      "--out", str(tmp_path / "clip.mp4")]))
+    assert report["clips"][0].endswith("clip.mp4") and "with the LoRA" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--self-generate renders the testbed"):
+        cli.main(["train", "length", "--pipeline", "/some/wan", "--frames", "13", "--self-generate", "4"])
+
+
+@pytest.mark.cpu
+def test_hunyuan_video_trains_and_loads(tmp_path):
+    from diffattn_testbed.tiny import tiny_hunyuan_pipeline
+
+    cfg = _cfg(tmp_path, steps=2, max_sequence_length=24, method_options="block_size=64", lora_alpha=0)
+    out = length.train(cfg, pipe=tiny_hunyuan_pipeline(), clips=_clips(2))
+    keys = load_file(str(out / "pytorch_lora_weights.safetensors")).keys()
+    assert {k.split(".")[1] for k in keys} == {"transformer_blocks", "single_transformer_blocks"}  # dual and single stream
+    assert any(".attn.to_out.0." in k for k in keys) and not any("add_q_proj" in k for k in keys)
+    pipe = tiny_hunyuan_pipeline()
+    call = dict(prompt=sample(7).caption, height=SIZE, width=SIZE, num_frames=FRAMES, num_inference_steps=2,
+                output_type="latent", max_sequence_length=24)
+    with torch.no_grad():
+        stock = pipe(**call, generator=torch.Generator().manual_seed(0)).frames
+        with diffattn.apply(pipe, "radial", lora=out, dense_steps=0) as handle:  # 2 steps: no dense warm-up
+            tuned = pipe(**call, generator=torch.Generator().manual_seed(0)).frames
+            assert handle.method.config.dense_layers == 1 and handle.summary()["method_calls"] > 0
+        assert not torch.equal(tuned, stock)
+        assert torch.equal(pipe(**call, generator=torch.Generator().manual_seed(0)).frames, stock)
+
+
+@pytest.mark.gpu
+def test_radial_training_step_on_triton_matches_the_sdpa_twin():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from peft import LoraConfig
+
+    pipe = load_pipeline("video", device="cuda", dtype=torch.bfloat16)
+    model = pipe.transformer
+    model.add_adapter(LoraConfig(r=8, lora_alpha=8, init_lora_weights="gaussian", target_modules=length.lora_targets(model)))
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    g = torch.Generator("cuda").manual_seed(0)
+    x = torch.randn(2, 8, 29, 32, 32, device="cuda", generator=g)  # 4x the trained length: 29 latent frames
+    text = torch.randn(2, 32, 64, device="cuda", generator=g)
+    grads = {}
+    for backend in ("triton", "sdpa"):
+        model.zero_grad(set_to_none=True)
+        with diffattn.apply(model, "radial", backend=backend, block_size=64, dense_steps=0, dense_layers=1) as handle:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = model(hidden_states=x, timestep=torch.tensor([500.0, 800.0], device="cuda"), encoder_hidden_states=text,
+                            return_dict=False)[0]
+            out.float().square().mean().backward()
+            assert set(handle.summary()["backends"]) == {backend}
+        grads[backend] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    for name, ref in grads["sdpa"].items():
+        err = (grads["triton"][name] - ref).norm() / ref.norm().clamp_min(1e-12)
+        assert err < 2e-2, (name, float(err))
