@@ -40,7 +40,7 @@ from diffattn.pipelines.base import layout_hook
 
 __version__ = "0.1.0"
 __all__ = [
-    "Handle", "TokenLayout", "apply", "attention_modules", "attn_processors", "config_class", "families", "methods", "patch_size",
+    "Handle", "TokenLayout", "apply", "attention_modules", "attn_processors", "config_class", "detect_family", "families", "methods", "patch_size",
     "processors", "remove", "set_attn_processors", "supported_models",
 ]
 
@@ -74,6 +74,13 @@ def attention_modules(model: torch.nn.Module) -> dict[str, int]:
     if adapter is None:
         raise NotImplementedError(f"diffattn does not support {type(model).__name__}; supported model classes: {sorted(ADAPTERS)}")
     return {key.removesuffix(".processor"): layer for key, layer in adapter.targets(model).items()}
+
+
+def detect_family(target) -> str:
+    """The model family ``apply`` detects for a pipeline (its first supported model) or a model."""
+    components, pipe = _components(target)
+    model = components[0][1]
+    return _adapter_of(model).family(model, pipe)
 
 
 def config_class(method: str):

@@ -290,7 +290,7 @@ def train(cfg: DistillConfig, *, pipe=None, prompts: list[str] | None = None, _s
 
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_lr(s, 1.0, cfg.warmup))
-    start = load_checkpoint(out, model, optimizer, scheduler)
+    start = load_checkpoint(out, model, optimizer, scheduler, world=accelerator.num_processes)
     if start:
         log(f"resuming at step {start}")
     wrapped, optimizer = accelerator.prepare(model, optimizer)
@@ -323,7 +323,7 @@ def train(cfg: DistillConfig, *, pipe=None, prompts: list[str] | None = None, _s
             if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop:
                 accelerator.wait_for_everyone()
                 if accelerator.is_main_process:
-                    save_checkpoint(out, step, accelerator.unwrap_model(wrapped), optimizer, scheduler)
+                    save_checkpoint(out, step, accelerator.unwrap_model(wrapped), optimizer, scheduler, world=accelerator.num_processes)
             if _stop_after is not None and step >= _stop_after:
                 raise Killed(step)
             if stop:

@@ -123,7 +123,9 @@ def shifted_sigmas(n: int, shift: float, generator: torch.Generator, device) -> 
 
 def warmup_lr(step: int, base: float, warmup: int) -> float:
     """Linear warm-up, then constant: stopping at any step equals a run with ``--steps`` set to it."""
-    return base * min(1.0, (step + 1) / warmup)
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0 steps, got {warmup}")
+    return base * min(1.0, (step + 1) / max(warmup, 1))
 
 
 def scheduled_lr(step: int, base: float, warmup: int, *, decay: float, progress: float) -> float:
@@ -173,7 +175,7 @@ def has_tensorboard() -> bool:
     return True
 
 
-def save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, keep: int = 2) -> None:
+def save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, keep: int = 2, world: int = 1) -> None:
     """Trainable tensors, optimizer state, scheduler state and step, written to a temporary folder
     and renamed (a kill while writing leaves the previous checkpoint intact)."""
     from safetensors.torch import save_file
@@ -194,7 +196,8 @@ def save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, keep: 
             else:
                 scalars[f"{idx}.{name}"] = value
     save_file(tensors, str(tmp / "optimizer.safetensors"))
-    meta = {"step": step, "param_groups": state["param_groups"], "scalars": scalars, "scheduler": scheduler.state_dict()}
+    meta = {"step": step, "param_groups": state["param_groups"], "scalars": scalars, "scheduler": scheduler.state_dict(),
+            "processes": world}
     (tmp / "state.json").write_text(json.dumps(meta, default=str))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -202,8 +205,9 @@ def save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, keep: 
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(folder: Path, model, optimizer, scheduler) -> int:
-    """Restore the newest checkpoint; returns the step to continue from (0 without one)."""
+def load_checkpoint(folder: Path, model, optimizer, scheduler, world: int = 1) -> int:
+    """Restore the newest checkpoint; returns the step to continue from (0 without one). Refuses a
+    checkpoint written by another number of processes (the batches follow from step and process)."""
     from safetensors.torch import load_file
 
     root = Path(folder) / "checkpoints"
@@ -211,6 +215,10 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler) -> int:
     if not found:
         return 0
     last = found[-1]
+    saved_world = json.loads((last / "state.json").read_text()).get("processes", 1)
+    if saved_world != world:
+        raise ValueError(f"{folder}: the checkpoint was written by a run of {saved_world} processes, this one has {world}; "
+                         f"resume with {saved_world} processes (the data order and batch follow from them), or pass a new --out")
     trainable = load_file(str(last / "trainable.safetensors"))
     params = dict(model.named_parameters())
     with torch.no_grad():
@@ -242,7 +250,9 @@ def check_resume(folder: Path, cfg, resumable: tuple[str, ...], name: str, write
             )
     if write:
         Path(folder).mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(current, indent=1))
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(current, indent=1))
+        os.replace(tmp, path)  # other processes never read a half-written file
 
 
 def batch_indices(n: int, batch: int, step: int, rank: int, world: int, seed: int) -> list[int]:
@@ -298,8 +308,14 @@ def make_accelerator(mixed_precision: str, out: Path, log):
     from accelerate import Accelerator
 
     tensorboard = has_tensorboard()
+    from datetime import timedelta
+
+    from accelerate.utils import InitProcessGroupKwargs
+
+    # the main process encodes the data and renders validation samples while the others wait at a
+    # barrier: NCCL's default 10-minute watchdog would kill them first
     accelerator = Accelerator(mixed_precision=mixed_precision, log_with="tensorboard" if tensorboard else None,
-                              project_dir=str(Path(out) / "logs"))
+                              project_dir=str(Path(out) / "logs"), kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=8))])
     if not tensorboard and accelerator.is_main_process:
         log("tensorboard is not installed (pip install diffattn[train]); logging to log.jsonl only")
     return accelerator

@@ -95,7 +95,7 @@ class LengthConfig:
     lr: float = 1e-4
     warmup: int = 50
     weight_decay: float = 1e-4
-    caption_dropout: float = 0.1
+    caption_dropout: float = -1.0    # share of empty captions (CFG); -1: 0.1, or 0 for guidance-distilled models (HunyuanVideo)
     shift: float = 0.0            # flow shift of the noise levels (0: the scheduler's)
     data: str = ""                # a folder of videos with captions
     self_generate: int = 0        # testbed: this many clips of the procedural generator (the CLI renders them)
@@ -124,8 +124,10 @@ class LengthConfig:
             raise ValueError(f"length: mixed_precision must be bf16, fp16 or no, got {self.mixed_precision!r}")
         if self.on_bad not in ("skip", "refuse"):
             raise ValueError(f"length: on_bad must be 'skip' or 'refuse', got {self.on_bad!r}")
-        if not 0.0 <= self.caption_dropout < 1.0:
-            raise ValueError(f"length: caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        if not (0.0 <= self.caption_dropout < 1.0 or self.caption_dropout == -1.0):
+            raise ValueError(f"length: caption_dropout must be in [0, 1) (or -1: automatic), got {self.caption_dropout}")
+        if self.warmup < 0:
+            raise ValueError(f"length: warmup must be >= 0, got {self.warmup}")
         if self.method != "dense" and self.method not in diffattn.methods():
             raise ValueError(f"length: unknown method {self.method!r}; use 'dense' or one of {list(diffattn.methods())}")
         parse_options(self.method_options)
@@ -251,10 +253,22 @@ def _size(pipe, cfg: LengthConfig, model, family: _Family) -> tuple[int, int]:
 # ------------------------------------------------------------------------------------------- data
 
 
-def _fingerprint(cfg: LengthConfig, height: int, width: int, limit: int) -> dict:
-    source = f"folder:{Path(cfg.data).resolve()}" if cfg.data else f"self-generate:{cfg.self_generate}:seed{cfg.seed}"
+def _fingerprint(cfg: LengthConfig, model, height: int, width: int, limit: int) -> dict:
+    """What the cached data depend on: the source (for a folder: every file's name, size and
+    modification time), the target size and length, the text length, the base model, on_bad."""
+    import hashlib
+
+    from diffattn.core.weights import fingerprint
+
+    if cfg.data:
+        root = Path(cfg.data)
+        listing = sorted((str(f.relative_to(root)), f.stat().st_size, int(f.stat().st_mtime)) for f in root.rglob("*") if f.is_file())
+        source = f"folder:{root.resolve()}:" + hashlib.sha1(json.dumps(listing).encode()).hexdigest()[:16]
+    else:
+        source = f"generated:{cfg.self_generate}:seed{cfg.seed}"
+    base = hashlib.sha1(json.dumps(fingerprint(model), sort_keys=True).encode()).hexdigest()[:16]
     return {"source": source, "frames": cfg.frames, "height": height, "width": width, "text_tokens": limit,
-            "pipeline": cfg.pipeline}
+            "base_model": base, "on_bad": cfg.on_bad}
 
 
 def _encode_clips(family: _Family, clips: Iterable, cfg: LengthConfig, height: int, width: int, limit: int,
@@ -278,8 +292,8 @@ def _encode_clips(family: _Family, clips: Iterable, cfg: LengthConfig, height: i
             latents = family.normalize(mu.float())
             cond = family.encode_text([c for _, _, c in pending], limit)
         rows.setdefault("latents", []).append(latents.to(torch.bfloat16).cpu())
-        for key, value in cond.items():
-            rows.setdefault(key, []).append(value.float().cpu() if value.is_floating_point() else value.cpu())
+        for key, value in cond.items():  # bf16 like the latents (a Wan clip's 512 x 4096 embedding: 4 MiB)
+            rows.setdefault(key, []).append(value.to(torch.bfloat16).cpu() if value.is_floating_point() else value.cpu())
         names.extend(n for n, _, _ in pending)
         captions.extend(c for _, _, c in pending)
         pending.clear()
@@ -314,7 +328,7 @@ def _encode_clips(family: _Family, clips: Iterable, cfg: LengthConfig, height: i
         raise ValueError(f"length: no usable training clips ({report.text()})")
     data = {k: torch.cat(v) for k, v in rows.items()}
     empty = family.encode_text([""], limit)  # the caption-dropout condition
-    data.update({f"empty.{k}": (v.float() if v.is_floating_point() else v).cpu() for k, v in empty.items()})
+    data.update({f"empty.{k}": (v.to(torch.bfloat16) if v.is_floating_point() else v).cpu() for k, v in empty.items()})
     return data, names, captions
 
 
@@ -324,7 +338,7 @@ def _load_or_encode(family, clips, cfg, height, width, limit, accelerator, log) 
 
     folder = Path(cfg.data_cache or Path(cfg.out) / "data")
     index = folder / "index.json"
-    fingerprint = _fingerprint(cfg, height, width, limit)
+    fingerprint = _fingerprint(cfg, family.pipe.transformer, height, width, limit)
     if cfg.cache_latents and index.is_file():
         saved = json.loads(index.read_text())
         if saved["fingerprint"] != fingerprint:
@@ -361,7 +375,7 @@ def _load_or_encode(family, clips, cfg, height, width, limit, accelerator, log) 
     return _load_or_encode(family, clips, cfg, height, width, limit, accelerator, log)
 
 
-def _batch(data: dict, cfg: LengthConfig, step: int, rank: int, world: int, shift: float, device):
+def _batch(data: dict, cfg: LengthConfig, step: int, rank: int, world: int, shift: float, device, dropout: float):
     """Latents, noise, noise levels and conditioning of (step, process)."""
     idx = batch_indices(data["latents"].shape[0], cfg.batch_size, step, rank, world, cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * world + rank)
@@ -369,7 +383,7 @@ def _batch(data: dict, cfg: LengthConfig, step: int, rank: int, world: int, shif
     noise = torch.randn(x0.shape, generator=g)
     u = torch.sigmoid(torch.randn(len(idx), generator=g))  # logit-normal, then the scheduler's shift
     sigma = shift * u / (1 + (shift - 1) * u)
-    drop = torch.rand(len(idx), generator=g) < cfg.caption_dropout
+    drop = torch.rand(len(idx), generator=g) < dropout
     cond = {}
     for key in data:
         if key == "latents" or key.startswith("empty."):
@@ -377,7 +391,7 @@ def _batch(data: dict, cfg: LengthConfig, step: int, rank: int, world: int, shif
         value = data[key][idx].clone()
         if drop.any():
             value[drop] = data[f"empty.{key}"].to(value.dtype).expand(int(drop.sum()), *value.shape[1:])
-        cond[key] = value.to(device)
+        cond[key] = (value.float() if value.is_floating_point() else value).to(device)
     return x0.to(device), noise.to(device), sigma.to(device), cond
 
 
@@ -390,8 +404,16 @@ def method_options(pipe, cfg: LengthConfig) -> dict:
     if cfg.method == "dense":
         return {}
     declared = dict((getattr(pipe, "diffattn_defaults", None) or {}).get(cfg.method, {}))
-    options = {k: v for k, v in {**declared, **parse_options(cfg.method_options)}.items() if k not in SCHEDULE_FIELDS}
+    user = parse_options(cfg.method_options)
+    clash = sorted(set(user) & {*SCHEDULE_FIELDS, "dense_layers"})
+    if clash:
+        raise ValueError(f"length: {clash} cannot go in --method-options: training runs the method at every step, and "
+                         "the dense blocks are --dense-blocks (inference takes the method's own dense steps)")
+    options = {k: v for k, v in {**declared, **user}.items() if k not in SCHEDULE_FIELDS}
     options["dense_layers"] = cfg.dense_blocks
+    from diffattn.methods import METHODS
+
+    METHODS[cfg.method].from_options(diffattn.detect_family(pipe), **options)  # bad values raise here, naming the option
     return options
 
 
@@ -409,75 +431,126 @@ def train(cfg: LengthConfig, *, pipe=None, clips=None, _stop_after: int | None =
     """Run (or resume) a length-extension LoRA training; returns the output folder.
 
     ``pipe``: an already loaded pipeline (else ``cfg.pipeline`` is loaded; a passed one is left as
-    it was found). ``clips``: a callable ``clips(frames, height, width, report)`` returning an iterable
-    of ``(name, uint8 [F, H, W, 3], caption)`` (the testbed's procedural generator; clips it cannot
-    use go to ``report.add(name, BadClip(reason, detail))``), used instead of ``cfg.data``; it is
-    only called when the data cache has to be built."""
-    from peft import LoraConfig
-
+    it was found, also when training fails). ``clips``: a callable ``clips(frames, height, width,
+    report)`` returning an iterable of ``(name, uint8 [F, H, W, 3], caption)`` (the testbed's
+    procedural generator; clips it cannot use go to ``report.add(name, BadClip(reason, detail))``),
+    used instead of ``cfg.data``; it is only called when the data cache has to be built."""
     if cfg.frames == 0:
         raise ValueError("length: pass --frames, the target length in pixel frames (e.g. 113 for 4x the testbed's 29)")
+    if clips is None and not cfg.data:
+        raise ValueError("length: pass --data DIR (videos with .txt/.json captions)"
+                         + (" or, on the testbed, --self-generate N" if cfg.pipeline == "testbed" else ""))
+    if clips is not None and cfg.data:
+        raise ValueError("length: pass either --data or generated clips, not both")
     out = Path(cfg.out)
     accelerator = make_accelerator(cfg.mixed_precision, out, lambda msg: print(f"[length] {msg}", flush=True))
     log = lambda msg: print(f"[length] {msg}", flush=True) if accelerator.is_main_process else None  # noqa: E731
-    check_resume(out, cfg, RESUMABLE, "length", write=accelerator.is_main_process)
-    accelerator.wait_for_everyone()
     if pipe is None:
         from diffusers import DiffusionPipeline
 
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
         pipe = DiffusionPipeline.from_pretrained(cfg.pipeline, torch_dtype=dtype)
-    pipe.to(accelerator.device)
-    pipe.set_progress_bar_config(disable=True)
     family = _family(pipe)
     model = pipe.transformer
     valid_frames(cfg.frames, pipe.vae_scale_factor_temporal)
     height, width = _size(pipe, cfg, model, family)
     limit = cfg.max_sequence_length or family.default_limit()
-    if clips is None:
-        if not cfg.data:
-            raise ValueError("length: pass --data DIR (videos with .txt/.json captions)"
-                             + (" or, on the testbed, --self-generate N" if cfg.pipeline == "testbed" else ""))
-        clips = lambda frames, h, w, report: folder_clips(cfg.data, frames, h, w, report)  # noqa: E731
-    elif cfg.data:
-        raise ValueError("length: pass either --data or generated clips, not both")
     if getattr(model, "peft_config", None):
         raise ValueError(f"length: the transformer has LoRA adapters loaded ({sorted(model.peft_config)}); fuse them "
                          "(pipe.fuse_lora(); pipe.unload_lora_weights()) or unload them before training")
+    options = method_options(pipe, cfg)  # raises for bad option values, before anything is written
+    check_resume(out, cfg, RESUMABLE, "length", write=accelerator.is_main_process)  # the inputs are valid
+    accelerator.wait_for_everyone()
+    if clips is None:
+        clips = lambda frames, h, w, report: folder_clips(cfg.data, frames, h, w, report)  # noqa: E731
+    pipe.to(accelerator.device)
+    pipe.set_progress_bar_config(disable=True)
     data, captions = _load_or_encode(family, clips, cfg, height, width, limit, accelerator, log)
     shift = cfg.shift or float(pipe.scheduler.config.get("flow_shift") or pipe.scheduler.config.get("shift") or 1.0)
-    cond_extra = {"guidance_embeds": bool(getattr(model.config, "guidance_embeds", False))}
+    guided = bool(getattr(model.config, "guidance_embeds", False))
+    dropout = (0.0 if guided else 0.1) if cfg.caption_dropout < 0 else cfg.caption_dropout
+    saved = {name: (m.training, [p.requires_grad for p in m.parameters()])
+             for name, m in pipe.components.items() if isinstance(m, torch.nn.Module)}
+    checkpointing = bool(getattr(model, "is_gradient_checkpointing", False))
+    handle = wrapped = None
+    try:
+        for m in pipe.components.values():
+            if isinstance(m, torch.nn.Module):
+                m.requires_grad_(False)
+        lora_config, targets = _add_lora(model, cfg)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        for p in trainable:
+            p.data = p.data.float()
+        if cfg.gradient_checkpointing:
+            model.enable_gradient_checkpointing()
+        model.train()
+        if cfg.method != "dense":
+            handle = diffattn.apply(model, cfg.method, backend=cfg.backend, dense_steps=0, last_dense_steps=0, **options)
+            options = trained_options(handle)
+        latent_frames = data["latents"].shape[2]
+        log(f"{type(model).__name__}: {sum(p.numel() for p in trainable) / 1e6:.2f} M trainable (LoRA r={cfg.lora_rank}, "
+            f"alpha={lora_config.lora_alpha}, {len(targets)} projections), method {cfg.method} {options}, "
+            f"{data['latents'].shape[0]} clips of {cfg.frames} frames ({latent_frames} latent) at {height}x{width}, "
+            f"caption dropout {dropout}")
+        optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_lr(s, 1.0, cfg.warmup))
+        start = load_checkpoint(out, model, optimizer, scheduler, world=accelerator.num_processes)
+        if start:
+            log(f"resuming at step {start}")
+        wrapped, optimizer = accelerator.prepare(model, optimizer)
+        step = _loop(cfg, accelerator, wrapped, optimizer, scheduler, trainable, family, data, captions, shift, dropout,
+                     guided, start, pipe, model, height, width, limit, log, _stop_after)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process and step >= cfg.steps:
+            _export(out, pipe, accelerator.unwrap_model(wrapped), cfg, lora_config, options, height, width, latent_frames, limit)
+        elif step < cfg.steps:
+            log(f"stopped at step {step} of {cfg.steps}: no LoRA exported yet; the same command resumes")
+        accelerator.end_training()
+    finally:  # the caller's pipeline as it was: processors, no adapter, checkpointing, modes, requires_grad
+        if wrapped is not None:
+            accelerator.unwrap_model(wrapped, keep_fp32_wrapper=False)
+        if handle is not None:
+            handle.remove()
+        if getattr(model, "peft_config", None):
+            model.unload_lora()  # ours was the only adapter (others are refused above)
+        if cfg.gradient_checkpointing and not checkpointing:
+            model.disable_gradient_checkpointing()
+        for name, (training, flags) in saved.items():
+            module = pipe.components[name]
+            module.train(training)
+            for p, flag in zip(module.parameters(), flags):
+                p.requires_grad_(flag)
+    return out
 
-    for p in pipe.components.values():
-        if isinstance(p, torch.nn.Module):
-            p.requires_grad_(False)
+
+def _add_lora(model, cfg: LengthConfig):
+    from peft import LoraConfig
+
     targets = lora_targets(model)
-    alpha = cfg.lora_alpha or cfg.lora_rank
-    lora_config = LoraConfig(r=cfg.lora_rank, lora_alpha=alpha, init_lora_weights=True, target_modules=targets)
+    config = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank, init_lora_weights=True,
+                        target_modules=targets)
     with torch.random.fork_rng(devices=[]):  # the adapter's initialisation follows --seed only
         torch.manual_seed(cfg.seed)
-        model.add_adapter(lora_config)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    for p in trainable:
-        p.data = p.data.float()
-    if cfg.gradient_checkpointing:
-        model.enable_gradient_checkpointing()
-    model.train()
-    options = method_options(pipe, cfg)
-    handle = None
-    if cfg.method != "dense":
-        handle = diffattn.apply(model, cfg.method, backend=cfg.backend, dense_steps=0, last_dense_steps=0, **options)
-    latent_frames = data["latents"].shape[2]
-    log(f"{type(model).__name__}: {sum(p.numel() for p in trainable) / 1e6:.2f} M trainable (LoRA r={cfg.lora_rank}, "
-        f"alpha={alpha}, {len(targets)} projections), method {cfg.method} {options}, {data['latents'].shape[0]} clips of "
-        f"{cfg.frames} frames ({latent_frames} latent) at {height}x{width}")
+        model.add_adapter(config)
+    return config, targets
 
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_lr(s, 1.0, cfg.warmup))
-    start = load_checkpoint(out, model, optimizer, scheduler)
-    if start:
-        log(f"resuming at step {start}")
-    wrapped, optimizer = accelerator.prepare(model, optimizer)
+
+def trained_options(handle) -> dict:
+    """The method's resolved config (schedule steps apart) and block-size knobs: what the LoRA was
+    trained with, recorded so that ``apply(..., lora=)`` runs exactly that."""
+    from dataclasses import asdict
+
+    options = {k: v for k, v in asdict(handle.method.config).items() if k not in SCHEDULE_FIELDS}
+    for knob in ("block_size", "block_m", "block_n"):
+        value = getattr(handle.method, knob, None)
+        if knob not in options and isinstance(value, int):
+            options[knob] = value
+    return options
+
+
+def _loop(cfg, accelerator, wrapped, optimizer, scheduler, trainable, family, data, captions, shift, dropout, guided,
+          start, pipe, model, height, width, limit, log, stop_after) -> int:
+    out = Path(cfg.out)
     run = RunLog(accelerator, out, "length", cfg, cfg.steps, start)
     deadline = None if not cfg.max_minutes else now() + 60 * cfg.max_minutes
     validation = cfg.validation_prompt or captions[0]
@@ -485,11 +558,11 @@ def train(cfg: LengthConfig, *, pipe=None, clips=None, _stop_after: int | None =
     try:
         while step < cfg.steps:
             x0, noise, sigma, cond = _batch(data, cfg, step, accelerator.process_index, accelerator.num_processes, shift,
-                                            accelerator.device)
+                                            accelerator.device, dropout)
             s = sigma.view(-1, 1, 1, 1, 1)
             xt = (1 - s) * x0 + s * noise
             with accelerator.autocast():
-                pred = family.forward(wrapped, xt, sigma, {**cond, **cond_extra})
+                pred = family.forward(wrapped, xt, sigma, {**cond, "guidance_embeds": guided})
             loss = F.mse_loss(pred.float(), noise - x0)
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
@@ -502,36 +575,22 @@ def train(cfg: LengthConfig, *, pipe=None, clips=None, _stop_after: int | None =
             if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop:
                 accelerator.wait_for_everyone()
                 if accelerator.is_main_process:
-                    save_checkpoint(out, step, accelerator.unwrap_model(wrapped), optimizer, scheduler)
+                    save_checkpoint(out, step, accelerator.unwrap_model(wrapped), optimizer, scheduler, world=accelerator.num_processes)
             if cfg.validate_every and (step % cfg.validate_every == 0 or step == cfg.steps):
                 if accelerator.is_main_process:
-                    _validate(pipe, model, cfg, validation, step, height, width, log)
+                    _validate(pipe, model, cfg, validation, step, height, width, limit, log)
                 accelerator.wait_for_everyone()
-            if _stop_after is not None and step >= _stop_after:
+            if stop_after is not None and step >= stop_after:
                 raise Killed(step)
             if stop:
                 log(f"--max-minutes reached at step {step}; the same command resumes")
                 break
     finally:
         run.close()
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process and step >= cfg.steps:
-        _export(out, pipe, accelerator.unwrap_model(wrapped), cfg, lora_config, options, height, width, latent_frames)
-    elif step < cfg.steps:
-        log(f"stopped at step {step} of {cfg.steps}: no LoRA exported yet; the same command resumes")
-    accelerator.end_training()
-    accelerator.unwrap_model(wrapped, keep_fp32_wrapper=False)
-    if handle is not None:
-        handle.remove()
-    model.unload_lora()  # the base modules are back (no other adapter was loaded: refused above)
-    if cfg.gradient_checkpointing:
-        model.disable_gradient_checkpointing()
-    model.requires_grad_(False)
-    model.eval()
-    return out
+    return step
 
 
-def _validate(pipe, model, cfg: LengthConfig, prompt: str, step: int, height: int, width: int, log) -> None:
+def _validate(pipe, model, cfg: LengthConfig, prompt: str, step: int, height: int, width: int, limit: int, log) -> None:
     """An mp4 sample at the target length with the training attention (fixed seed)."""
     from diffusers.utils import export_to_video
 
@@ -541,7 +600,7 @@ def _validate(pipe, model, cfg: LengthConfig, prompt: str, step: int, height: in
     model.eval()
     try:
         with torch.no_grad():
-            frames = pipe(prompt=prompt, height=height, width=width, num_frames=cfg.frames, output_type="np",
+            frames = pipe(prompt=prompt, height=height, width=width, num_frames=cfg.frames, output_type="np", max_sequence_length=limit,
                           generator=torch.Generator("cpu").manual_seed(cfg.seed), **call).frames[0]
     finally:
         model.train()
@@ -550,7 +609,8 @@ def _validate(pipe, model, cfg: LengthConfig, prompt: str, step: int, height: in
     log(f"validation sample: {path}")
 
 
-def _export(out: Path, pipe, model, cfg: LengthConfig, lora_config, options: dict, height: int, width: int, latent_frames: int) -> None:
+def _export(out: Path, pipe, model, cfg: LengthConfig, lora_config, options: dict, height: int, width: int, latent_frames: int,
+            limit: int) -> None:
     from peft.utils import get_peft_model_state_dict
 
     metadata = {k: (sorted(v) if isinstance(v, set) else v) for k, v in lora_config.to_dict().items()}
@@ -558,7 +618,7 @@ def _export(out: Path, pipe, model, cfg: LengthConfig, lora_config, options: dic
                                  transformer_lora_adapter_metadata=metadata)
     write_meta(out, method=cfg.method, options=options, model=model, kind="lora", extra={
         "combinable": True, "purpose": "length", "frames": cfg.frames, "latent_frames": latent_frames,
-        "height": height, "width": width, "lora_rank": cfg.lora_rank, "lora_alpha": cfg.lora_alpha or cfg.lora_rank,
+        "height": height, "width": width, "max_sequence_length": limit, "lora_rank": cfg.lora_rank, "lora_alpha": cfg.lora_alpha or cfg.lora_rank,
         "base_path": cfg.pipeline, "steps": cfg.steps,
     })
 

@@ -133,13 +133,15 @@ def check_caption(caption: str, tokenizers: Iterable, limit: int) -> None:
     """Raise ``BadClip`` for words a tokenizer maps to its unknown token or a caption longer than
     ``limit`` tokens (the first tokenizer's count: the text encoder the pipeline pads to)."""
     for i, tok in enumerate(tokenizers):
-        ids = tok(caption).input_ids
+        # without special tokens: CLIP's unknown token is also its end token
+        ids = tok(caption, add_special_tokens=False).input_ids
         unk = getattr(tok, "unk_token_id", None)
         if unk is not None and unk in ids:
             words = [w for w in caption.split() if unk in tok(w, add_special_tokens=False).input_ids]
             raise BadClip("unknown words", f"{words[:5] or caption[:40]!r} map to {tok.unk_token!r}")
-        if i == 0 and len(ids) > limit:
-            raise BadClip("caption too long", f"{len(ids)} tokens, the text encoder reads {limit}")
+        count = len(tok(caption).input_ids)
+        if i == 0 and count > limit:  # the text encoder the model attends to (CLIP's pooled 77 tokens are cut by design)
+            raise BadClip("caption too long", f"{count} tokens, the text encoder reads {limit}")
 
 
 __all__ = ["BadClip", "DataReport", "check_caption", "fit", "folder_clips", "read_caption", "read_video"]

@@ -83,22 +83,30 @@ def test_lora_targets_the_self_attention_projections(trained):
 @pytest.mark.cpu
 def test_training_leaves_the_callers_pipeline_as_it_was(tmp_path):
     pipe = load_pipeline("video")
+    pipe.text_encoder.requires_grad_(False)  # a mix of states, all restored
+    grads = {n: [p.requires_grad for p in m.parameters()] for n, m in pipe.components.items() if isinstance(m, torch.nn.Module)}
     before = _call(pipe)
     length.train(_cfg(tmp_path, steps=2), pipe=pipe, clips=_clips())
     assert not getattr(pipe.transformer, "peft_config", None) and not pipe.transformer.training
-    assert not any(p.requires_grad for p in pipe.transformer.parameters())
+    assert not pipe.transformer.is_gradient_checkpointing
+    assert grads == {n: [p.requires_grad for p in m.parameters()] for n, m in pipe.components.items() if isinstance(m, torch.nn.Module)}
     assert torch.equal(_call(pipe), before)
+    with pytest.raises(length.Killed):  # also after a failure mid-run
+        length.train(_cfg(tmp_path / "k", steps=4), pipe=pipe, clips=_clips(), _stop_after=1)
+    assert not getattr(pipe.transformer, "peft_config", None) and torch.equal(_call(pipe), before)
 
 
 @pytest.mark.cpu
 def test_lora_loads_through_diffattn_and_diffusers(trained):
     pipe = load_pipeline("video")
     stock = _call(pipe)
+    with diffattn.apply(pipe, "radial", dense_layers=1):
+        untuned = _call(pipe)
     with diffattn.apply(pipe, "radial", lora=trained) as handle:
         tuned = _call(pipe)
         assert handle.method.config.dense_layers == 1  # the trained option
         assert pipe.transformer.peft_config["diffattn"].lora_alpha == 8  # alpha from the file's metadata
-    assert not torch.equal(tuned, stock)
+    assert not torch.equal(tuned, untuned) and not torch.equal(tuned, stock)
     assert torch.equal(_call(pipe), stock)  # remove() unloads it: bit-identical
     pipe.load_lora_weights(str(trained), adapter_name="len")  # plain diffusers
     assert pipe.transformer.peft_config["len"].r == 4 and pipe.transformer.peft_config["len"].lora_alpha == 8
@@ -113,7 +121,9 @@ def test_length_lora_joins_a_style_lora_and_leaves_it_as_it_was(trained, tmp_pat
 
     pipe = load_pipeline("video")
     model = pipe.transformer
-    model.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights="gaussian", target_modules=["ffn.net.2"]), adapter_name="tmp")
+    # on the same projections as the length LoRA, and one more
+    model.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights="gaussian", target_modules=["attn1.to_q", "ffn.net.2"]),
+                      adapter_name="tmp")
     type(pipe).save_lora_weights(tmp_path, transformer_lora_layers=get_peft_model_state_dict(model, adapter_name="tmp"))
     model.unload_lora()
     pipe.load_lora_weights(str(tmp_path), adapter_name="style")
@@ -123,10 +133,18 @@ def test_length_lora_joins_a_style_lora_and_leaves_it_as_it_was(trained, tmp_pat
         both = _call(pipe)
         assert sorted(model.active_adapters()) == ["diffattn", "style"]
     assert model.active_adapters() == ["style"] and torch.equal(_call(pipe), styled)
+    with diffattn.apply(pipe, "radial", lora=trained):  # an adapter loaded meanwhile stays after remove()
+        pipe.load_lora_weights(str(tmp_path), adapter_name="later")
+    assert sorted(model.peft_config) == ["later", "style"]
     pipe.load_lora_weights(str(trained), adapter_name="len")
     pipe.set_adapters(["style", "len"], [0.5, 0.8])
     with diffattn.apply(pipe, "radial", dense_layers=1):
         torch.testing.assert_close(_call(pipe), both, atol=1e-6, rtol=1e-5)
+    pipe.delete_adapters(["len", "later"])
+    pipe.fuse_lora()
+    with pytest.raises(RuntimeError, match="fused LoRA.*unfuse_lora"):
+        diffattn.apply(pipe, "radial", lora=trained)
+    assert sorted(model.peft_config) == ["style"]
 
 
 @pytest.mark.cpu
@@ -159,6 +177,11 @@ def test_bad_clips_are_reported_and_skipped_or_refused(tmp_path, capsys):
 def test_bad_trainer_inputs_name_the_fix(tmp_path, trained):
     with pytest.raises(ValueError, match="4k\\+1.*nearest valid lengths are 13 and 17"):
         _train(_cfg(tmp_path / "a", frames=15))
+    assert not (tmp_path / "a" / "config.json").exists()  # a typo leaves nothing that blocks the corrected command
+    with pytest.raises(ValueError, match="cannot go in --method-options"):
+        _train(_cfg(tmp_path / "a", method_options="dense_steps=3"))
+    with pytest.raises(ValueError, match="decay"):
+        _train(_cfg(tmp_path / "a", method_options="decay=-1.0"))
     with pytest.raises(ValueError, match="pass --frames"):
         _train(_cfg(tmp_path / "b", frames=0))
     with pytest.raises(ValueError, match="unknown method 'radiall'"):
@@ -183,6 +206,26 @@ def test_bad_trainer_inputs_name_the_fix(tmp_path, trained):
     (dense / "diffattn.json").write_text(json.dumps({**meta, "method": "dense", "options": {}}))
     with pytest.raises(ValueError, match="trained with dense attention.*load_lora_weights"):
         diffattn.apply(load_pipeline("video"), "radial", lora=dense)
+
+
+@pytest.mark.cpu
+def test_caption_check_reads_clip_style_tokenizers():
+    from tokenizers import Tokenizer, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    from diffattn.lora.video_data import check_caption
+
+    vocab = {"<|endoftext|>": 0, "a": 1, "red": 2, "circle": 3}
+    tok = Tokenizer(WordLevel(vocab=vocab, unk_token="<|endoftext|>"))  # CLIP: the unknown token is the end token
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A <|endoftext|>", special_tokens=[("<|endoftext|>", 0)])
+    clip = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<|endoftext|>", eos_token="<|endoftext|>")
+    check_caption("a red circle", [clip], 77)
+    with pytest.raises(BadClip, match="unknown words.*'blue'"):
+        check_caption("a blue circle", [clip], 77)
+    with pytest.raises(BadClip, match="caption too long: 4 tokens"):
+        check_caption("a red circle", [clip], 3)
 
 
 @pytest.mark.cpu

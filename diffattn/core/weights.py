@@ -50,7 +50,7 @@ def read_meta(path: str | Path) -> tuple[Path, dict]:
     if not meta_path.is_file():
         raise ValueError(
             f"diffattn: {path} is not a diffattn training output (no {META_NAME}); pass the folder "
-            "`diffattn train clear --out` wrote"
+            "`diffattn train clear|length --out` wrote"
         )
     meta = json.loads(meta_path.read_text())
     weights = folder / (LORA_NAME if meta.get("kind") == "lora" else FULL_NAME)
@@ -101,6 +101,7 @@ class TrainedWeightsLoad:
     scale: float = 1.0
     _saved: dict[str, torch.Tensor] = field(default_factory=dict)
     _previous: list = field(default_factory=list)  # [(adapter, weight)] active before do()
+    _loaded: list = field(default_factory=list)    # adapters loaded (active or not) before do()
 
     def do(self) -> None:
         from safetensors.torch import load_file
@@ -116,12 +117,22 @@ class TrainedWeightsLoad:
                     "base model: fuse them (pipe.fuse_lora(); pipe.unload_lora_weights()) or unload them first, or load "
                     "the student yourself with load_lora_weights and apply without lora="
                 )
+            if loaded and _merged_layers(self.model):
+                raise RuntimeError(
+                    f"diffattn: the model has a fused LoRA ({loaded}): peft then runs no other adapter on those layers, so "
+                    "these weights would load and do nothing there; unfuse it (pipe.unfuse_lora()) or unload it first"
+                )
             self._previous = active_adapter_weights(self.model) if loaded else []
+            self._loaded = list(loaded)
             # the folder and weight_name (not the file's path): diffusers reads the rank/alpha metadata only then
             self.model.load_lora_adapter(str(self.folder), weight_name=LORA_NAME, prefix="transformer", adapter_name=ADAPTER_NAME)
             if self._previous or self.scale != 1.0:
                 names = [n for n, _ in self._previous] + [ADAPTER_NAME]
-                self.model.set_adapters(names, [w for _, w in self._previous] + [self.scale])
+                try:
+                    self.model.set_adapters(names, [w for _, w in self._previous] + [self.scale])
+                except Exception:
+                    self.undo()  # not installed: take ours out again, the user's as they were
+                    raise
             return
         tensors = load_file(str(self.folder / FULL_NAME))
         params = dict(self.model.named_parameters())
@@ -138,17 +149,31 @@ class TrainedWeightsLoad:
         if self.kind == "lora":
             if ADAPTER_NAME not in (getattr(self.model, "peft_config", None) or {}):
                 return
-            if self._previous:  # the user's adapters stay, active with their weights as before
-                self.model.delete_adapters(ADAPTER_NAME)
-                self.model.set_adapters([n for n, _ in self._previous], [w for _, w in self._previous])
-            else:
+            others = [n for n in self.model.peft_config if n != ADAPTER_NAME]
+            if not others:
                 self.model.unload_lora()  # ours was the only adapter: the base modules come back
+                return
+            # the user's adapters stay: those active before apply() with their weights, and any loaded
+            # since, as they are now
+            keep = dict(self._previous)
+            for name, weight in active_adapter_weights(self.model):
+                if name != ADAPTER_NAME and name not in self._loaded:
+                    keep[name] = weight
+            self.model.delete_adapters(ADAPTER_NAME)
+            if keep:
+                self.model.set_adapters(list(keep), list(keep.values()))
             return
         params = dict(self.model.named_parameters())
         with torch.no_grad():
             for key, value in self._saved.items():
                 params[key.removeprefix("transformer.")].copy_(value)
         self._saved.clear()
+
+
+def _merged_layers(model: torch.nn.Module) -> bool:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return any(isinstance(m, BaseTunerLayer) and m.merged for m in model.modules())
 
 
 def active_adapter_weights(model: torch.nn.Module) -> list[tuple[str, float]]:
@@ -171,5 +196,7 @@ def active_adapter_weights(model: torch.nn.Module) -> list[tuple[str, float]]:
 def trained_steps(model: torch.nn.Module, path: Any, method: str, options: dict, scale: float = 1.0) -> tuple[dict, list]:
     """(options merged with the trained ones, [the install step]) for ``apply(..., lora=path)``."""
     folder, meta = read_meta(path)
+    if meta["kind"] != "lora" and scale != 1.0:
+        raise ValueError("diffattn: lora_scale= weighs a LoRA; these are fine-tuned weights (full_weights.safetensors): leave it out")
     merged = check_compatible(meta, method, model, options)
     return merged, [TrainedWeightsLoad(model, folder, meta["kind"], combinable=bool(meta.get("combinable")), scale=scale)]
