@@ -7,6 +7,8 @@
     diffattn train clear --radius 4 --attn-every 1 --steps 200 --out runs/clear    # distil CLEAR (testbed FLUX)
     diffattn train length --frames 113 --self-generate 1024 --out runs/len4x        # 4x-length LoRA (testbed video)
     diffattn generate --lora runs/len4x --frames 113                                # uses it
+    diffattn mask --model wan --height 720 --width 1280 --frames 81 --method radial # density + block map, no weights
+    diffattn demo                                                                   # Gradio app on 127.0.0.1:7860
     diffattn generate --model /path/to/Wan2.1-T2V-1.3B-Diffusers --device cuda \\
         --height 480 --width 832 --frames 81 --steps 50 --out wan.mp4
 
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -116,31 +119,28 @@ def _parse(argv) -> GenerateConfig:
         description="Generate a clip dense and with a diffattn method and compare them. "
                     "`diffattn generate --method NAME --help` lists that method's options.",
     )
-    gen.add_argument("--prompt", default="a red circle moving right on a dark blue background")
+    gen.add_argument("--prompt", default="a red circle moving right on a dark blue background",
+                     help="what to generate (the testbed knows its caption words only)")
     gen.add_argument("--method", default=method, help=f"one of {list(diffattn.methods())} (default: radial, or the --lora's)")
     gen.add_argument("--lora", default=None, help="a LoRA folder from `diffattn train length` (its method, options and "
                      "trained length become the defaults; the dense reference runs without it)")
     gen.add_argument("--lora-scale", type=float, default=1.0, help="weight of the --lora")
     gen.add_argument("--out", default="clip.mp4", help="the method's clip; the dense one goes beside it as *_dense.mp4")
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=0, help="generator seed (the same for the dense and the method run)")
     gen.add_argument("--model", default=None, help="local diffusers pipeline folder (default: the testbed video pipeline)")
     gen.add_argument("--height", type=int, default=None, help="default: 128 on the testbed, 480 with --model")
     gen.add_argument("--width", type=int, default=None, help="default: 128 on the testbed, 832 with --model")
     gen.add_argument("--frames", type=int, default=None, help="pixel frames, 4k+1 for Wan (default: the --lora's trained length, else 29 testbed, 81 --model)")
     gen.add_argument("--steps", type=int, default=None, help="default: 25 on the testbed, 50 with --model")
     gen.add_argument("--guidance", type=float, default=None, help="default: the testbed pipeline's (DEFAULTS[\"video\"]), 5.0 with --model")
-    gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu (default: cuda if present)")
     gen.add_argument("--backend", default="auto", choices=["auto", "triton", "flex", "sdpa"])
-    gen.add_argument("--fps", type=int, default=16)
+    gen.add_argument("--fps", type=int, default=16, help="frame rate of the written clips")
     names = _method_arguments(gen, method) if method in diffattn.methods() else []
     if known.lora and method == "dense":
         names = []
     args = vars(parser.parse_args(argv))
-    options = {}
-    for name in names:
-        value = args.pop(name)
-        if value is not None:
-            options[name] = value[0] if isinstance(value, list) and len(value) == 1 else tuple(value) if isinstance(value, list) else value
+    options = _collect(args, names)
     values = {k: v for k, v in args.items() if k != "command"}
     if values["model"] is None:
         d = _testbed("pipelines").DEFAULTS["video"]
@@ -148,8 +148,14 @@ def _parse(argv) -> GenerateConfig:
                         guidance=d["guidance_scale"])
     else:
         fallback = dict(height=480, width=832, frames=81, steps=50, guidance=5.0)
-    if values["lora"] and values["frames"] is None:
-        values["frames"] = _lora_meta(values["lora"]).get("frames")
+    if values["lora"]:  # the LoRA's trained length and size, unless given
+        meta = _lora_meta(values["lora"])
+        for name in ("frames", "height", "width"):
+            if values[name] is None:
+                values[name] = meta.get(name)
+        if values["method"] != meta["method"] and "dense" in (values["method"], meta["method"]):
+            raise SystemExit(f"diffattn: this LoRA was trained with {meta['method']!r}; run it with --method {meta['method']} "
+                             "(or leave --method out)")
     for name, value in fallback.items():
         if values[name] is None:
             values[name] = value
@@ -173,7 +179,8 @@ def _check_prompt(cfg: GenerateConfig) -> None:
     unknown = unknown_words(cfg.prompt)
     if unknown:
         raise SystemExit(
-            f"diffattn: the testbed pipeline does not know {unknown} (its tokenizer would read them as <unk>); "
+            f"diffattn: the testbed pipeline does not know {unknown[:5]}{f' (and {len(unknown) - 5} more)' if len(unknown) > 5 else ''} "
+            "(its tokenizer would read them as <unk>); "
             f"use its caption words {list(VOCABULARY)}, e.g. 'a red circle moving right on a dark blue background', "
             "or pass --model for a real checkpoint"
         )
@@ -181,6 +188,72 @@ def _check_prompt(cfg: GenerateConfig) -> None:
         parse_caption(cfg.prompt)
     except ValueError as exc:
         raise SystemExit(f"diffattn: {exc}") from None
+
+
+MAX_PROMPT_WORDS = 32  # the testbed's text length (TEXT_TOKENS); real models: their tokenizer's
+
+
+def _precheck(cfg: GenerateConfig) -> None:
+    """The checks that need no model: device, paths, output file, prompt, method and its options,
+    steps and fps. Raises SystemExit with one line that says what to do."""
+    import os
+    from pathlib import Path
+
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("diffattn: --device cuda, but this machine has no CUDA GPU; use --device cpu")
+    if cfg.model is not None:
+        folder = Path(cfg.model)
+        if not folder.exists():
+            raise SystemExit(f"diffattn: --model {cfg.model} does not exist; pass a local diffusers pipeline folder")
+        if not (folder / "model_index.json").is_file():
+            raise SystemExit(f"diffattn: --model {cfg.model} is not a diffusers pipeline folder (no model_index.json)")
+        index = json.loads((folder / "model_index.json").read_text())
+        if index.get("_class_name") not in VIDEO_PIPELINES:
+            raise SystemExit(f"diffattn: generate runs video pipelines ({', '.join(VIDEO_PIPELINES)}); {cfg.model} is a "
+                             f"{index.get('_class_name')}; use diffattn.apply from Python for other pipelines")
+    out = Path(cfg.out)
+    if out.suffix.lower() != ".mp4":
+        raise SystemExit(f"diffattn: --out must end in .mp4, got {cfg.out!r}")
+    if not out.parent.is_dir():
+        raise SystemExit(f"diffattn: the folder of --out ({out.parent}) does not exist; create it or pick another path")
+    if not os.access(out.parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise SystemExit(f"diffattn: cannot write {cfg.out}; pick a writable path")
+    if cfg.fps < 1:
+        raise SystemExit(f"diffattn: --fps must be >= 1, got {cfg.fps}")
+    if cfg.steps < 1:
+        raise SystemExit(f"diffattn: --steps must be >= 1, got {cfg.steps}")
+    if len(cfg.prompt.split()) > MAX_PROMPT_WORDS and cfg.model is None:
+        raise SystemExit(f"diffattn: the prompt has {len(cfg.prompt.split())} words; the testbed reads {MAX_PROMPT_WORDS} tokens "
+                         "(shorten it)")
+    if cfg.model is None:
+        _check_prompt(cfg)
+        multiple = 16  # WanPipeline: height and width multiples of 16
+        if cfg.height % multiple or cfg.width % multiple or cfg.height <= 0 or cfg.width <= 0:
+            raise SystemExit(
+                f"diffattn: --height/--width must be positive multiples of {multiple} for this model, got "
+                f"{cfg.height}x{cfg.width} (e.g. {max(multiple, cfg.height // multiple * multiple)}x"
+                f"{max(multiple, cfg.width // multiple * multiple)}); the testbed model was trained at 128x128, 29 frames"
+            )
+    if cfg.method == "dense" and cfg.lora:
+        return
+    if cfg.method not in diffattn.methods():
+        raise SystemExit(f"diffattn: unknown method {cfg.method!r}; available methods: {list(diffattn.methods())}")
+    from diffattn.methods import METHODS
+
+    family = "wan2.1" if cfg.model is None else None
+    if family is not None:
+        declared = _testbed("pipelines").METHOD_OPTIONS.get("video", {}).get(cfg.method, {})
+        try:
+            config = METHODS[cfg.method].from_options(family, declared=declared, **cfg.options).config
+        except (ValueError, TypeError, NotImplementedError) as exc:
+            raise SystemExit(f"diffattn: {exc}") from None
+        if config.dense_steps >= cfg.steps:
+            raise SystemExit(f"diffattn: --dense-steps {config.dense_steps} covers all {cfg.steps} steps, so {cfg.method} would "
+                             "never run; lower --dense-steps or raise --steps")
+
+
+VIDEO_PIPELINES = ("WanPipeline", "HunyuanVideoPipeline", "SkyReelsV2Pipeline", "MochiPipeline", "CogVideoXPipeline",
+                   "LTXPipeline", "HunyuanVideo15Pipeline")
 
 
 def _check(cfg: GenerateConfig, pipe) -> None:
@@ -236,14 +309,13 @@ def generate(cfg: GenerateConfig) -> dict:
     metrics = _testbed("metrics")
     psnr, ssim = metrics.psnr, metrics.ssim
 
-    print("diffattn generate", asdict(cfg), flush=True)
-    if cfg.model is None:
-        _check_prompt(cfg)
+    _precheck(cfg)  # every input checked before any model loads or any clip is written
+    shown = {**asdict(cfg), "prompt": cfg.prompt if len(cfg.prompt) <= 80 else cfg.prompt[:77] + "..."}
+    print("diffattn generate", shown, flush=True)
     pipe = _load(cfg)
     _check(cfg, pipe)
     dense_frames, dense_s = _run(pipe, cfg)
-    dense_path = cfg.out[:-4] + "_dense.mp4" if cfg.out.endswith(".mp4") else cfg.out + "_dense.mp4"
-    export_to_video(list(dense_frames), dense_path, fps=cfg.fps)
+    dense_path = cfg.out[:-4] + "_dense.mp4"
 
     # defaults come from the model family and the pipeline's own declaration, as in diffattn.apply
     if cfg.method == "dense":  # a dense-trained LoRA: diffusers loads it, attention stays stock
@@ -268,6 +340,7 @@ def generate(cfg: GenerateConfig) -> dict:
             summary = handle.summary()
         print(f"{cfg.method} config: {handle.method.config}" + (f" with the LoRA {cfg.lora}" if cfg.lora else ""), flush=True)
     density = summary["density"] if summary["density"] is not None else 1.0
+    export_to_video(list(dense_frames), dense_path, fps=cfg.fps)  # both written once both ran: no half output
     export_to_video(list(method_frames), cfg.out, fps=cfg.fps)
 
     report = {
@@ -299,6 +372,7 @@ def generate(cfg: GenerateConfig) -> dict:
 
 TRAINERS = ("clear", "length")
 SELF_GENERATE_SEED = 200_000  # first procedural scene of --self-generate (fresh: the testbed trained on seeds below 36,000)
+SELF_GENERATE_STRIDE = 100_000  # scenes per --seed
 
 
 def train(argv):
@@ -369,7 +443,10 @@ def procedural_clips(count: int, seed: int):
     def clips(frames, height, width, report):
         if height != width:
             raise SystemExit(f"diffattn train length: the procedural generator renders square clips; got {height}x{width}")
-        first = SELF_GENERATE_SEED + seed * 1_000_003 % 1_000_000
+        first = SELF_GENERATE_SEED + seed * SELF_GENERATE_STRIDE  # other --seed, other scenes
+        if first + count > training.EVAL_SEED:
+            raise SystemExit(f"diffattn train length: --self-generate {count} with --seed {seed} reaches the held-out scenes; "
+                             "use a smaller --seed or count")
         workers = max(1, min(16, os.cpu_count() or 1))
         done = 0
         for pixels, captions in training.render_stream(range(first, first + count), image=False, max_objects=2, frames=frames,
@@ -381,10 +458,63 @@ def procedural_clips(count: int, seed: int):
     return clips
 
 
+def _collect(args: dict, names: list[str]) -> dict:
+    """The method options the user set (argparse values of ``_method_arguments``' names)."""
+    options = {}
+    for name in names:
+        value = args.pop(name)
+        if value is not None:
+            options[name] = value[0] if isinstance(value, list) and len(value) == 1 else tuple(value) if isinstance(value, list) else value
+    return options
+
+
+def mask(argv) -> dict:
+    """``diffattn mask``: density and block-map picture of a method at a model's size (no weights)."""
+    from diffattn.app import mask as mask_tool
+
+    argv = list(argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--method", default="radial")
+    method = pre.parse_known_args(argv)[0].method
+    parser = argparse.ArgumentParser(prog="diffattn mask", description=mask_tool.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    mask_tool.add_arguments(parser, method)
+    names = _method_arguments(parser, method) if method in diffattn.methods() else []
+    args = parser.parse_args(argv)
+    options = _collect(vars(args), names)
+    try:
+        return mask_tool.run(args, options)
+    except ValueError as exc:
+        raise SystemExit(f"diffattn mask: {exc}") from None
+
+
+USAGE = """usage: diffattn {generate,mask,demo,train} ...
+
+  generate   a clip dense and with a method, compared (time, density, PSNR/SSIM, the judge)
+  mask       a method's density and block-map picture at a model's size, without weights
+  demo       the Gradio demo on 127.0.0.1 (needs the [app] extra)
+  train      a trainer: `train clear` (CLEAR distillation) or `train length` (LoRA length extension)
+
+`diffattn COMMAND --help` explains each command's options."""
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    if argv[0] not in ("generate", "mask", "demo", "train"):
+        raise SystemExit(f"diffattn: unknown command {argv[0]!r}\n{USAGE}")
     if argv and argv[0] == "train":
         train(argv[1:])
+        return 0
+    if argv and argv[0] == "mask":
+        mask(argv[1:])
+        return 0
+    if argv and argv[0] == "demo":
+        from diffattn.app import demo
+
+        demo.main(argv[1:])
         return 0
     cfg = _parse(argv)
     generate(cfg)

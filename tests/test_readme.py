@@ -57,9 +57,21 @@ def test_shell_command(index, tmp_path):
             from diffattn.lora.length import LengthConfig
 
             config_from_argv(LengthConfig, argv[3:], "")
-        elif argv[0] == "diffattn" and "--lora" in argv:  # the LoRA folder is a training output: reading it is checked
-            with pytest.raises(SystemExit, match="not a diffattn training output"):
-                cli._parse(argv[1:])
+        elif argv[0] == "diffattn" and "--lora" in argv:  # a stand-in training output: the flags parse, its length is used
+            i = argv.index("--lora") + 1
+            stub = tmp_path / argv[i]
+            stub.mkdir(parents=True)
+            (stub / "pytorch_lora_weights.safetensors").write_bytes(b"")
+            (stub / "diffattn.json").write_text('{"method": "radial", "kind": "lora", "options": {}, "frames": 113}')
+            argv[i] = str(stub)
+            cfg = cli._parse(argv[1:])
+            assert cfg.lora == str(stub) and cfg.frames == (113 if "--frames" not in argv else cfg.frames)
+        elif argv[:2] == ["diffattn", "demo"]:
+            from diffattn.app import demo
+
+            demo.parser().parse_args(argv[2:])  # every flag exists (launching is tests/test_demo.py's)
+        elif argv[:2] == ["diffattn", "mask"]:
+            cli.mask([*argv[2:], "--out", str(tmp_path / "mask.png")])
         elif argv[0] == "diffattn":
             cfg = cli._parse(argv[1:])  # every flag exists and parses
             assert cfg.method in ("radial", "neighborhood")

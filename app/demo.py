@@ -1,0 +1,356 @@
+"""``diffattn demo`` (or ``python -m diffattn.app``): the Gradio demo, dense and a method side by side.
+
+    diffattn demo                              # http://127.0.0.1:7860, the testbed pipelines
+    diffattn demo --port 7870 --device cuda
+    diffattn demo --model /path/to/Wan2.1-T2V-1.3B-Diffusers --device cuda
+    diffattn demo --host 0.0.0.0               # other machines may connect (only when asked); --share: a gradio.live link
+
+A user picks the pipeline (the testbed video Wan or image FLUX, or ``--model``), the method and its
+options (a JSON object prefilled with the config the method gets on that pipeline: the family's
+defaults and the pipeline's declared ones), prompt, seed, steps, size, frames and guidance.
+"Generate" runs dense and the method on the same seed and shows both, with the time of each, the
+speed-up, the mask density, PSNR / SSIM against dense and, on the testbed, what the judge reads in
+each (the prompt's colour, shape, motion); the block map of the method at that size and the
+density of every attention layer. "Show mask" draws the block map alone (no generation).
+
+Progress follows the denoising steps (``gr.Progress(track_tqdm=True)``); "Stop" cancels a running
+job; requests queue (one at a time, ``max_size`` waiting); inputs are bounded (``LIMITS``) and
+checked before any model runs, with a message that says what to do; each pipeline is loaded once
+and reused; CUDA memory is released after every job, also a failed one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import diffattn
+from diffattn.app import mask as mask_tool
+
+KINDS = {"video": "video (testbed WanPipeline, 29 frames at 128x128)", "image-dit": "image DiT (testbed FluxPipeline, 128x128)"}
+MASK_PRESET = {"video": "testbed", "image-dit": "testbed-flux"}
+
+
+@dataclass(frozen=True)
+class Limits:
+    min_size: int = 64
+    max_size: int = 256
+    size_step: int = 16       # WanPipeline and FluxPipeline need multiples of 16
+    max_frames: int = 113     # 4x the testbed video length
+    max_steps: int = 50
+    max_prompt_words: int = 32
+
+
+LIMITS = Limits()
+
+
+def _testbed(module: str):
+    import importlib
+
+    try:
+        return importlib.import_module(f"diffattn_testbed.{module}")
+    except ImportError as exc:
+        raise SystemExit(f"diffattn demo: the default models need the testbed ({exc}); `pip install -e ./testbed`, "
+                         "or pass --model PATH") from None
+
+
+class Models:
+    """Each pipeline loaded once (on first use) and reused by every request of this app."""
+
+    def __init__(self, device: str, model_path: str | None = None):
+        self.device, self.model_path, self._pipes = device, model_path, {}
+
+    def kinds(self) -> dict[str, str]:
+        if self.model_path:
+            return {"custom": f"--model {self.model_path}"}
+        return dict(KINDS)
+
+    def get(self, kind: str):
+        if kind not in self._pipes:
+            if kind == "custom":
+                from diffusers import DiffusionPipeline
+
+                dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
+                pipe = DiffusionPipeline.from_pretrained(self.model_path, torch_dtype=dtype).to(self.device)
+            else:
+                pipe = _testbed("pipelines").load_pipeline(kind, device=self.device)
+            self._pipes[kind] = pipe
+        return self._pipes[kind]
+
+    def is_video(self, kind: str) -> bool:
+        return kind == "video" or (kind == "custom" and hasattr(self.get(kind), "vae_scale_factor_temporal"))
+
+
+def method_names(models: Models, kind: str) -> list[str]:
+    """Methods that fit the family of ``kind``'s model."""
+    family = _family(models, kind)
+    names = [m for m, fits in diffattn.methods().items() if family in fits]
+    return sorted(names, key=lambda m: m != "radial")  # radial first where it fits (the flagship video method)
+
+
+def _family(models: Models, kind: str) -> str:
+    if kind == "video":
+        return "wan2.1"
+    if kind == "image-dit":
+        return "flux"
+    return diffattn.detect_family(models.get(kind))
+
+
+def default_options(models: Models, kind: str, method: str) -> str:
+    """The config ``method`` gets on ``kind``'s pipeline, as JSON (tuples as lists)."""
+    if not method:
+        return "{}"
+    from diffattn.methods import METHODS
+
+    declared = {}
+    if kind in KINDS:
+        declared = _testbed("pipelines").METHOD_OPTIONS.get(kind, {}).get(method, {})
+    config = METHODS[method].from_options(_family(models, kind), declared=declared).config
+    return json.dumps(dataclasses.asdict(config), indent=1)
+
+
+def parse_options(text: str) -> dict:
+    try:
+        options = json.loads(text or "{}")
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"method options must be a JSON object, e.g. {{\"decay\": 0.2}}: {exc.msg} at column {exc.colno}") from None
+    if not isinstance(options, dict):
+        raise ValueError("method options must be a JSON object, e.g. {\"decay\": 0.2}")
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
+
+
+def check_inputs(models: Models, kind: str, prompt: str, steps: int, size: int, frames: int, video: bool) -> None:
+    """Raise ValueError naming the fix for out-of-bounds inputs (before any model runs)."""
+    L = LIMITS
+    if not prompt or not prompt.strip():
+        raise ValueError("type a prompt, e.g. 'a red circle moving right on a dark blue background'")
+    words = prompt.split()
+    if len(words) > L.max_prompt_words:
+        raise ValueError(f"the prompt has {len(words)} words; at most {L.max_prompt_words}")
+    if kind in KINDS:
+        shapes = _testbed("shapes")
+        unknown = shapes.unknown_words(prompt)
+        if unknown:
+            shown = ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+            raise ValueError(f"the testbed models do not know the words {shown}; use caption words such as "
+                             "'a red circle moving right on a dark blue background'")
+        shapes.parse_caption(prompt)  # raises ValueError naming what is missing
+    if not 1 <= int(steps) <= L.max_steps:
+        raise ValueError(f"steps must be 1 to {L.max_steps}, got {steps}")
+    if not L.min_size <= int(size) <= L.max_size or int(size) % L.size_step:
+        raise ValueError(f"size must be a multiple of {L.size_step} from {L.min_size} to {L.max_size}, got {size}")
+    if video and (not 5 <= int(frames) <= L.max_frames or (int(frames) - 1) % 4):
+        raise ValueError(f"frames must be 4k+1 from 5 to {L.max_frames} (e.g. 29, 57, 113), got {frames}")
+
+
+def _run(pipe, video: bool, prompt: str, seed: int, steps: int, size: int, frames: int, guidance: float, device: str):
+    call = dict(prompt=prompt, height=size, width=size, num_inference_steps=steps, output_type="np",
+                generator=torch.Generator("cpu").manual_seed(int(seed)))
+    if video:
+        call.update(num_frames=frames, guidance_scale=guidance)
+    elif any(c.__name__ == "FluxPipeline" for c in type(pipe).__mro__):  # FLUX.1-dev: guidance-distilled, CFG via true_cfg_scale
+        call.update(true_cfg_scale=guidance, negative_prompt="")
+    else:
+        call.update(guidance_scale=guidance)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = pipe(**call)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return np.asarray(out.frames[0] if video else out.images[0]), time.perf_counter() - start
+
+
+def _save(media: np.ndarray, video: bool, folder: Path, name: str) -> str:
+    if video:
+        from diffusers.utils import export_to_video
+
+        return export_to_video(list(media), str(folder / f"{name}.mp4"), fps=16)
+    import imageio.v3 as iio
+
+    path = folder / f"{name}.png"
+    iio.imwrite(path, (np.clip(media, 0, 1) * 255).round().astype(np.uint8))
+    return str(path)
+
+
+def mask_picture(models: Models, kind: str, method: str, options: dict, size: int, frames: int, folder: Path) -> tuple[str, str]:
+    """(PNG path, one line: layout and density) of the block map at this size."""
+    import imageio.v3 as iio
+
+    preset = MASK_PRESET.get(kind) or ("wan" if models.is_video(kind) else "flux")
+    info = mask_tool.describe(preset, method, size, size, frames if models.is_video(kind) else 1, options)
+    path = folder / f"mask_{method}_{size}_{frames}.png"
+    iio.imwrite(path, mask_tool.picture(info["mask"], info["partial"], 1024))
+    return str(path), (f"{method}: {info['layout']}, {info['blocks'][0]} x {info['blocks'][1]} blocks of "
+                       f"{info['block_size'][0]}, density {info['density']:.3f} (white: full, grey: partial, black: skipped)")
+
+
+def generate(models: Models, kind: str, method: str, options_text: str, prompt: str, seed: int, steps: int, size: int,
+             frames: int, guidance: float, folder: Path):
+    """Dense and ``method`` on the same seed: (dense file, method file, metrics Markdown, mask PNG,
+    per-layer rows)."""
+    video = models.is_video(kind)
+    check_inputs(models, kind, prompt, steps, size, frames, video)
+    if method not in method_names(models, kind):
+        raise ValueError(f"{method!r} does not fit this pipeline; choose one of {method_names(models, kind)}")
+    options = parse_options(options_text)
+    steps, size, frames = int(steps), int(size), int(frames)
+    pipe = models.get(kind)
+    try:
+        handle = diffattn.apply(pipe, method, **options)  # options checked before the dense run
+    except (ValueError, NotImplementedError, TypeError) as exc:
+        raise ValueError(str(exc)) from None
+    handle.remove()
+    if handle.method.config.dense_steps >= steps:
+        raise ValueError(f"dense_steps={handle.method.config.dense_steps} covers all {steps} steps: the method would never "
+                         f"run; lower dense_steps or raise steps")
+    pipe.set_progress_bar_config(disable=False)
+    device = models.device
+    try:
+        dense, dense_s = _run(pipe, video, prompt, seed, steps, size, frames, guidance, device)
+        with diffattn.apply(pipe, method, **options) as handle:
+            sparse, method_s = _run(pipe, video, prompt, seed, steps, size, frames, guidance, device)
+            summary, rows = handle.summary(), handle.report()
+    finally:
+        pipe.set_progress_bar_config(disable=True)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    metrics = _testbed("metrics") if kind in KINDS else None
+    lines = [f"| | dense | {method} |", "|---|---|---|",
+             f"| seconds (dense runs first: a session's first run also pays its warm-up) | {dense_s:.2f} | "
+             f"{method_s:.2f} (x{dense_s / method_s:.2f}) |"]
+    density = summary["density"]
+    lines.append(f"| mask density | 1.000 | {density:.3f} |" if density is not None else "| mask density | 1.000 | (no sparse call) |")
+    lines.append(f"| attention calls sparse / dense | | {summary['method_calls']} / {summary['dense_calls']} |")
+    if metrics is not None:
+        lines.append(f"| PSNR / SSIM vs dense | | {metrics.psnr(sparse, dense):.2f} dB / {metrics.ssim(sparse, dense):.3f} |")
+        judge_mod = _testbed("judge")
+        judge = judge_mod.load_judge("video" if video else "image")
+        reads = [judge_mod.score(judge, x[None], [prompt])["accuracy"] for x in (dense, sparse)]
+        for key in reads[0]:
+            lines.append(f"| judge: {key} | {reads[0][key]:.0%} | {reads[1][key]:.0%} |")
+    picture, caption = mask_picture(models, kind, method, options, size, frames, folder)
+    table = [[r["site"], r["layer"], r["method_calls"], r["dense_calls"],
+              "" if r["density"] is None else round(r["density"], 4)] for r in rows]
+    stamp = f"{int(time.time() * 1000)}"
+    return (_save(dense, video, folder, f"dense_{stamp}"), _save(sparse, video, folder, f"{method}_{stamp}"),
+            "\n".join(lines), picture, caption, table)
+
+
+def build(models: Models, *, max_queue: int = 8):
+    """The Gradio Blocks app (not launched)."""
+    import gradio as gr
+
+    folder = Path(tempfile.mkdtemp(prefix="diffattn-demo-"))
+    kinds = models.kinds()
+    first = next(iter(kinds))
+    first_methods = method_names(models, first) if first in KINDS else []
+
+    def on_kind(kind):
+        names = method_names(models, kind)
+        return gr.update(choices=names, value=names[0] if names else None), default_options(models, kind, names[0] if names else "")
+
+    def on_method(kind, method):
+        return default_options(models, kind, method)
+
+    def run(kind, method, options, prompt, seed, steps, size, frames, guidance, progress=gr.Progress(track_tqdm=True)):
+        try:
+            return generate(models, kind, method, options, prompt, seed, steps, size, frames, guidance, folder)
+        except ValueError as exc:
+            raise gr.Error(str(exc)) from None
+
+    def show(kind, method, options, size, frames):
+        try:
+            check_inputs(models, kind, "a red circle" if kind in KINDS else "x", 1, size, frames, models.is_video(kind))
+            return mask_picture(models, kind, method, parse_options(options), int(size), int(frames), folder)
+        except ValueError as exc:
+            raise gr.Error(str(exc)) from None
+
+    with gr.Blocks(title="diffattn demo") as demo:
+        gr.Markdown("# diffattn: sparse attention, dense and the method side by side\n"
+                    "Same seed, same pipeline: the left output is stock dense attention, the right one the method.")
+        with gr.Row():
+            with gr.Column(scale=1):
+                kind = gr.Dropdown(choices=[(label, key) for key, label in kinds.items()], value=first, label="pipeline")
+                method = gr.Dropdown(choices=first_methods, value=first_methods[0] if first_methods else None, label="method")
+                options = gr.Code(value=default_options(models, first, first_methods[0]) if first_methods else "{}",
+                                  language="json", label="method options (the family's defaults; edit the JSON)")
+                prompt = gr.Textbox(value="a red circle moving right on a dark blue background", label="prompt",
+                                    max_length=400)
+                with gr.Row():
+                    seed = gr.Number(value=0, precision=0, label="seed")
+                    steps = gr.Slider(1, LIMITS.max_steps, value=25, step=1, label="steps")
+                with gr.Row():
+                    size = gr.Slider(LIMITS.min_size, LIMITS.max_size, value=128, step=LIMITS.size_step, label="size (square)")
+                    frames = gr.Slider(5, LIMITS.max_frames, value=29, step=4, label="frames (video)")
+                guidance = gr.Slider(1.0, 10.0, value=3.0, step=0.5, label="guidance")
+                with gr.Row():
+                    go = gr.Button("Generate", variant="primary")
+                    stop = gr.Button("Stop")
+                    show_mask = gr.Button("Show mask")
+            with gr.Column(scale=2):
+                with gr.Row():
+                    dense_out = gr.Video(label="dense", format="mp4", autoplay=True, loop=True)
+                    method_out = gr.Video(label="method", format="mp4", autoplay=True, loop=True)
+                with gr.Row():
+                    dense_img = gr.Image(label="dense", visible=False)
+                    method_img = gr.Image(label="method", visible=False)
+                metrics = gr.Markdown()
+                with gr.Row():
+                    mask_img = gr.Image(label="block map (query blocks down, key blocks across)", type="filepath")
+                    layers = gr.Dataframe(headers=["site", "layer", "sparse calls", "dense calls", "density"],
+                                          label="density per attention layer", interactive=False)
+                mask_caption = gr.Markdown()
+
+        def run_and_route(kind_v, *args, progress=gr.Progress(track_tqdm=True)):
+            d, m, md, pic, cap, rows = run(kind_v, *args)
+            video = models.is_video(kind_v)
+            return (gr.update(value=d if video else None, visible=video), gr.update(value=m if video else None, visible=video),
+                    gr.update(value=None if video else d, visible=not video), gr.update(value=None if video else m, visible=not video),
+                    md, pic, cap, rows)
+
+        kind.change(on_kind, kind, [method, options])
+        method.change(on_method, [kind, method], options)
+        inputs = [kind, method, options, prompt, seed, steps, size, frames, guidance]
+        event = go.click(run_and_route, inputs, [dense_out, method_out, dense_img, method_img, metrics, mask_img, mask_caption, layers],
+                         api_name="generate", concurrency_limit=1)
+        stop.click(None, None, None, cancels=[event])
+        show_mask.click(show, [kind, method, options, size, frames], [mask_img, mask_caption], api_name="mask")
+    demo.queue(default_concurrency_limit=1, max_size=max_queue)
+    return demo
+
+
+def parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffattn demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--share", action="store_true", help="also open a public gradio.live link (off unless asked)")
+    parser.add_argument("--model", default=None, help="a local diffusers pipeline folder (default: the testbed pipelines)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--max-queue", type=int, default=8, help="requests that may wait (more are turned away)")
+    return parser
+
+
+def main(argv=None) -> None:
+    args = parser().parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("diffattn demo: --device cuda, but this machine has no CUDA GPU; use --device cpu")
+    if args.model and not (Path(args.model) / "model_index.json").is_file():
+        raise SystemExit(f"diffattn demo: --model {args.model} is not a diffusers pipeline folder (no model_index.json)")
+    try:
+        import gradio  # noqa: F401  (checked here: the message names the extra)
+    except ImportError:
+        raise SystemExit("diffattn demo: needs gradio: pip install -e \".[app]\"") from None
+    demo = build(Models(args.device, args.model), max_queue=args.max_queue)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share)
+
+
+__all__ = ["LIMITS", "Models", "build", "check_inputs", "default_options", "generate", "main", "method_names", "parse_options"]
