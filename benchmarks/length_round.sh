@@ -3,14 +3,14 @@
 # frames) and 2x (57) the testbed video length, with radial attention and dense, same steps, then
 # judged window by window (benchmarks/length.py).
 #   bash benchmarks/length_round.sh check            # the GPU gradient test, 20-step probes of both
-#   STEPS=1200 bash benchmarks/length_round.sh train4 # radial and dense LoRAs at 113 frames
-#   STEPS=1200 bash benchmarks/length_round.sh train2 # ... at 57 frames
+#   bash benchmarks/length_round.sh train4           # radial and dense LoRAs at 113 frames (800 steps each)
+#   bash benchmarks/length_round.sh train2           # ... at 57 frames
 #   bash benchmarks/length_round.sh eval             # both lengths, 64 held-out prompts
 # Writes logs, LoRAs and JSON to ${OUT:-/tmp/out}; the data caches go to ${DATA:-/tmp/lendata}.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 DATA=${DATA:-/tmp/lendata}
-STEPS=${STEPS:-1200}
+STEPS=${STEPS:-800}
 CLIPS=${CLIPS:-2048}
 mkdir -p "$OUT" "$DATA"
 export PYTHONUNBUFFERED=1
@@ -23,7 +23,8 @@ common=(--dense-blocks 1 --lora-rank 32 --batch-size "$BATCH" --lr 5e-4 --warmup
 train() {  # train FRAMES METHOD STEPS OUTNAME
   python3 -P -m diffattn.app.cli train length --frames "$1" --method "$2" --steps "$3" "${common[@]}" \
     --data-cache "$DATA/f$1" --out "$OUT/$4" 2>&1 | grep -v "it/s\]" | tail -6
-  rm -rf "$OUT/$4/checkpoints" "$OUT/$4/logs"
+  # the device returns at most 8 files: keep the LoRA, its JSON and log once it is exported
+  [[ -f $OUT/$4/pytorch_lora_weights.safetensors ]] && rm -rf "$OUT/$4/checkpoints" "$OUT/$4/logs"
   python3 - "$OUT/$4" <<'EOF'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1] + "/log.jsonl")]
