@@ -17,7 +17,8 @@ The recipe of research/radial.md §3 (the radial paper's §4.3 / App. B; its cod
   ``--method dense`` trains the dense-attention baseline on the stock processors;
 - **flow matching** with the pipeline's conventions: x_t = (1 - s) x0 + s n, target n - x0,
   timestep 1000 s, noise levels s from a logit-normal shifted by the scheduler's flow shift;
-  ``caption_dropout`` of the captions replaced by the empty one (classifier-free guidance);
+  ``caption_dropout`` of the captions replaced by the empty one (classifier-free guidance; by default 0.1,
+  and 0 for guidance-distilled models such as HunyuanVideo, which run without CFG);
 - bf16 mixed precision (accelerate), gradient checkpointing, AdamW with a linear warm-up.
 
 Data: ``--data DIR`` (videos with .txt/.json captions, ``diffattn.lora.video_data``: resized,
