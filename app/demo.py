@@ -10,8 +10,9 @@ options (a JSON object prefilled with the config the method gets on that pipelin
 defaults and the pipeline's declared ones), prompt, seed, steps, size, frames and guidance.
 "Generate" runs dense and the method on the same seed and shows both, with the time of each, the
 speed-up, the mask density, PSNR / SSIM against dense and, on the testbed, what the judge reads in
-each (the prompt's colour, shape, motion); the block map of the method at that size and the
-density of every attention layer. "Show mask" draws the block map alone (no generation).
+each (the prompt's colour, shape, motion); the block map of the method at that size, the density
+of every attention layer and the calls and density of every denoising step. "Show mask" draws the
+block map alone (no generation).
 
 Progress follows the denoising steps (``gr.Progress(track_tqdm=True)``); "Stop" cancels a running
 job; requests queue (one at a time, ``max_size`` waiting); inputs are bounded (``LIMITS``) and
@@ -151,9 +152,29 @@ def check_inputs(models: Models, kind: str, prompt: str, steps: int, size: int, 
         raise ValueError(f"frames must be 4k+1 from 5 to {L.max_frames} (e.g. 29, 57, 113), got {frames}")
 
 
-def _run(pipe, video: bool, prompt: str, seed: int, steps: int, size: int, frames: int, guidance: float, device: str):
+class StepLog:
+    """``callback_on_step_end`` that records, per denoising step, the attention calls that ran the
+    method and the stock path and the mean density of the method's calls (from the handle's summary)."""
+
+    def __init__(self, handle):
+        self.handle, self.rows, self.seen = handle, [], (0, 0, 0.0)
+
+    def __call__(self, pipe, step, timestep, callback_kwargs):
+        s = self.handle.summary()
+        weighted = (s["density"] or 0.0) * s["method_calls"]
+        sparse, dense = s["method_calls"] - self.seen[0], s["dense_calls"] - self.seen[1]
+        density = round((weighted - self.seen[2]) / sparse, 4) if sparse else ""
+        self.rows.append([step + 1, sparse, dense, density])
+        self.seen = (s["method_calls"], s["dense_calls"], weighted)
+        return callback_kwargs
+
+
+def _run(pipe, video: bool, prompt: str, seed: int, steps: int, size: int, frames: int, guidance: float, device: str,
+         on_step=None):
     call = dict(prompt=prompt, height=size, width=size, num_inference_steps=steps, output_type="np",
                 generator=torch.Generator("cpu").manual_seed(int(seed)))
+    if on_step is not None:
+        call["callback_on_step_end"] = on_step
     if video:
         call.update(num_frames=frames, guidance_scale=guidance)
     elif any(c.__name__ == "FluxPipeline" for c in type(pipe).__mro__):  # FLUX.1-dev: guidance-distilled, CFG via true_cfg_scale
@@ -196,7 +217,7 @@ def mask_picture(models: Models, kind: str, method: str, options: dict, size: in
 def generate(models: Models, kind: str, method: str, options_text: str, prompt: str, seed: int, steps: int, size: int,
              frames: int, guidance: float, folder: Path):
     """Dense and ``method`` on the same seed: (dense file, method file, metrics Markdown, mask PNG,
-    per-layer rows)."""
+    its caption, per-layer rows, per-step rows)."""
     video = models.is_video(kind)
     check_inputs(models, kind, prompt, steps, size, frames, video)
     if method not in method_names(models, kind):
@@ -217,7 +238,8 @@ def generate(models: Models, kind: str, method: str, options_text: str, prompt: 
     try:
         dense, dense_s = _run(pipe, video, prompt, seed, steps, size, frames, guidance, device)
         with diffattn.apply(pipe, method, **options) as handle:
-            sparse, method_s = _run(pipe, video, prompt, seed, steps, size, frames, guidance, device)
+            per_step = StepLog(handle)
+            sparse, method_s = _run(pipe, video, prompt, seed, steps, size, frames, guidance, device, on_step=per_step)
             summary, rows = handle.summary(), handle.report()
     finally:
         pipe.set_progress_bar_config(disable=True)
@@ -242,7 +264,7 @@ def generate(models: Models, kind: str, method: str, options_text: str, prompt: 
               "" if r["density"] is None else round(r["density"], 4)] for r in rows]
     stamp = f"{int(time.time() * 1000)}"
     return (_save(dense, video, folder, f"dense_{stamp}"), _save(sparse, video, folder, f"{method}_{stamp}"),
-            "\n".join(lines), picture, caption, table)
+            "\n".join(lines), picture, caption, table, per_step.rows)
 
 
 def build(models: Models, *, max_queue: int = 8):
@@ -308,19 +330,21 @@ def build(models: Models, *, max_queue: int = 8):
                     mask_img = gr.Image(label="block map (query blocks down, key blocks across)", type="filepath")
                     layers = gr.Dataframe(headers=["site", "layer", "sparse calls", "dense calls", "density"],
                                           label="density per attention layer", interactive=False)
+                    steps_table = gr.Dataframe(headers=["step", "sparse calls", "dense calls", "density"],
+                                               label="per denoising step", interactive=False)
                 mask_caption = gr.Markdown()
 
         def run_and_route(kind_v, *args, progress=gr.Progress(track_tqdm=True)):
-            d, m, md, pic, cap, rows = run(kind_v, *args)
+            d, m, md, pic, cap, rows, step_rows = run(kind_v, *args)
             video = models.is_video(kind_v)
             return (gr.update(value=d if video else None, visible=video), gr.update(value=m if video else None, visible=video),
                     gr.update(value=None if video else d, visible=not video), gr.update(value=None if video else m, visible=not video),
-                    md, pic, cap, rows)
+                    md, pic, cap, rows, step_rows)
 
         kind.change(on_kind, kind, [method, options])
         method.change(on_method, [kind, method], options)
         inputs = [kind, method, options, prompt, seed, steps, size, frames, guidance]
-        event = go.click(run_and_route, inputs, [dense_out, method_out, dense_img, method_img, metrics, mask_img, mask_caption, layers],
+        event = go.click(run_and_route, inputs, [dense_out, method_out, dense_img, method_img, metrics, mask_img, mask_caption, layers, steps_table],
                          api_name="generate", concurrency_limit=1)
         stop.click(None, None, None, cancels=[event])
         show_mask.click(show, [kind, method, options, size, frames], [mask_img, mask_caption], api_name="mask")

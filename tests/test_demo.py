@@ -36,13 +36,15 @@ ARGS = dict(kind="video", method="radial", options='{"dense_steps": 1, "block_si
 
 
 def test_generation_shows_dense_and_the_method_side_by_side(client):
-    dense, method, _, _, metrics, mask, caption, layers = client.predict(*ARGS.values(), api_name="/generate")
+    dense, method, _, _, metrics, mask, caption, layers, steps = client.predict(*ARGS.values(), api_name="/generate")
     assert dense["value"].endswith(".mp4") and method["value"].endswith(".mp4") and dense["value"] != method["value"]
     assert "mask density" in metrics and "PSNR / SSIM vs dense" in metrics and "judge: motion" in metrics
     # 2 steps x (cond + uncond) x 6 layers: step 1 dense, then layer 0 dense (Wan's dense_layers=1)
     assert "| attention calls sparse / dense | | 10 / 14 |" in metrics
     assert mask.endswith(".png") and "density" in caption
     assert [row[0] for row in layers["data"]][:2] == ["transformer.blocks.0.attn1.processor", "transformer.blocks.1.attn1.processor"]
+    assert [row[:3] for row in steps["data"]] == [[1, 0, 12], [2, 10, 2]]  # step 1 dense (dense_steps=1), then radial
+    assert 0 < steps["data"][1][3] < 1 and steps["data"][0][3] == ""
 
 
 @pytest.mark.parametrize("change, message", [
