@@ -209,7 +209,9 @@ def mask_picture(models: Models, kind: str, method: str, options: dict, size: in
     preset = MASK_PRESET.get(kind) or ("wan" if models.is_video(kind) else "flux")
     info = mask_tool.describe(preset, method, size, size, frames if models.is_video(kind) else 1, options)
     path = folder / f"mask_{method}_{size}_{frames}.png"
-    iio.imwrite(path, mask_tool.picture(info["mask"], info["partial"], 1024))
+    pixels = mask_tool.picture(info["mask"], info["partial"], 1024)
+    scale = max(1, 512 // max(pixels.shape[:2]))  # small maps (the testbed's 32 x 32 blocks) drawn large, nearest neighbour
+    iio.imwrite(path, pixels.repeat(scale, axis=0).repeat(scale, axis=1))
     return str(path), (f"{method}: {info['layout']}, {info['blocks'][0]} x {info['blocks'][1]} blocks of "
                        f"{info['block_size'][0]}, density {info['density']:.3f} (white: full, grey: partial, black: skipped)")
 
@@ -327,12 +329,14 @@ def build(models: Models, *, max_queue: int = 8):
                     method_img = gr.Image(label="method", visible=False)
                 metrics = gr.Markdown()
                 with gr.Row():
-                    mask_img = gr.Image(label="block map (query blocks down, key blocks across)", type="filepath")
+                    mask_img = gr.Image(label="block map (query blocks down, key blocks across)", type="filepath", height=360,
+                                        image_mode="RGB")
+                    mask_caption = gr.Markdown()
+                with gr.Row():
                     layers = gr.Dataframe(headers=["site", "layer", "sparse calls", "dense calls", "density"],
                                           label="density per attention layer", interactive=False)
                     steps_table = gr.Dataframe(headers=["step", "sparse calls", "dense calls", "density"],
                                                label="per denoising step", interactive=False)
-                mask_caption = gr.Markdown()
 
         def run_and_route(kind_v, *args, progress=gr.Progress(track_tqdm=True)):
             d, m, md, pic, cap, rows, step_rows = run(kind_v, *args)
