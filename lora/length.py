@@ -22,7 +22,8 @@ The recipe of research/radial.md §3 (the radial paper's §4.3 / App. B; its cod
 - bf16 mixed precision (accelerate), gradient checkpointing, AdamW with a linear warm-up.
 
 Data: ``--data DIR`` (videos with .txt/.json captions, ``diffattn.lora.video_data``: resized,
-centre-cropped, the first ``frames`` frames; bad clips are reported and skipped, or refused with
+centre-cropped, resampled to the model's frame rate (``--fps``), ``frames`` frames from the start;
+bad clips are reported and skipped, or refused with
 ``--on-bad refuse``), or on the testbed ``--self-generate N``: N fresh clips of the procedural
 generator at the target length (the CLI renders them). Clips are VAE-encoded once; the latents and
 text embeddings are cached under ``data_cache`` (default ``out/data``, safetensors) and reused by a
@@ -99,6 +100,7 @@ class LengthConfig:
     caption_dropout: float = -1.0    # share of empty captions (CFG); -1: 0.1, or 0 for guidance-distilled models (HunyuanVideo)
     shift: float = 0.0            # flow shift of the noise levels (0: the scheduler's)
     data: str = ""                # a folder of videos with captions
+    fps: float = 0.0              # --data clips resampled to this frame rate (0: the model's, Wan 16 / HunyuanVideo 24; -1: as decoded)
     self_generate: int = 0        # testbed: this many clips of the procedural generator (the CLI renders them)
     data_cache: str = ""          # latents + text embeddings (default: out/data); shared by runs on the same data
     cache_latents: bool = True    # write the cache to disk (false: encode into memory at every start)
@@ -155,6 +157,7 @@ class _Family:
     """What the trainer needs of a family: text conditioning, latent normalization, the forward."""
 
     SIZE = (480, 832)  # the pipeline's default height, width
+    FPS = 16           # the frame rate the model generates at (clips of a --data folder are resampled to it)
 
     def __init__(self, pipe):
         self.pipe = pipe
@@ -197,6 +200,7 @@ class _Wan(_Family):
 class _Hunyuan(_Family):
     GUIDANCE = 6.0  # HunyuanVideoPipeline's default embedded guidance
     SIZE = (720, 1280)
+    FPS = 24
 
     def default_limit(self) -> int:
         return 256
@@ -268,7 +272,7 @@ def _fingerprint(cfg: LengthConfig, model, height: int, width: int, limit: int) 
     else:
         source = f"generated:{cfg.self_generate}:seed{cfg.seed}"
     base = hashlib.sha1(json.dumps(fingerprint(model), sort_keys=True).encode()).hexdigest()[:16]
-    return {"source": source, "frames": cfg.frames, "height": height, "width": width, "text_tokens": limit,
+    return {"source": source, "frames": cfg.frames, "fps": cfg.fps, "height": height, "width": width, "text_tokens": limit,
             "base_model": base, "on_bad": cfg.on_bad}
 
 
@@ -463,7 +467,8 @@ def train(cfg: LengthConfig, *, pipe=None, clips=None, _stop_after: int | None =
     check_resume(out, cfg, RESUMABLE, "length", write=accelerator.is_main_process)  # the inputs are valid
     accelerator.wait_for_everyone()
     if clips is None:
-        clips = lambda frames, h, w, report: folder_clips(cfg.data, frames, h, w, report)  # noqa: E731
+        fps = None if cfg.fps < 0 else (cfg.fps or family.FPS)
+        clips = lambda frames, h, w, report: folder_clips(cfg.data, frames, h, w, report, fps)  # noqa: E731
     pipe.to(accelerator.device)
     pipe.set_progress_bar_config(disable=True)
     data, captions = _load_or_encode(family, clips, cfg, height, width, limit, accelerator, log)

@@ -1,5 +1,6 @@
 """Training clips for the video trainers: a folder of videos with captions, read with imageio,
-resized and centre-cropped to the target size and cut to the target length; every clip that cannot
+resized and centre-cropped to the target size, resampled in time to the model's frame rate and cut to
+the target length (from the start); every clip that cannot
 be used is reported (count and first examples per reason) and skipped, or refused with
 ``on_bad="refuse"``; nothing is silently used or truncated.
 
@@ -7,7 +8,7 @@ be used is reported (count and first examples per reason) and skipped, or refuse
     folder/clip_0002.mp4 + folder/clip_0002.json         # {"caption": ...} (or "text" / "prompt")
 
 Reasons a clip is not used: ``unreadable`` (imageio cannot decode it), ``too short`` (fewer frames
-than the target), ``no caption``, ``unknown words`` (the tokenizer maps a word to its unknown
+than the target needs at the model's frame rate), ``no frame rate`` (the file states none), ``no caption``, ``unknown words`` (the tokenizer maps a word to its unknown
 token), ``caption too long`` (more tokens than the text encoder reads: the pipeline would cut it).
 """
 
@@ -87,10 +88,27 @@ def fit(frames: np.ndarray, height: int, width: int) -> torch.Tensor:
     return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
-def read_video(path: Path, frames: int, height: int, width: int) -> torch.Tensor:
-    """The first ``frames`` frames of ``path``, fitted to ``height`` x ``width``: uint8 [F, H, W, 3]."""
+def frame_indices(frames: int, source_fps: float | None, fps: float | None) -> list[int]:
+    """Source frame of each of ``frames`` target frames at ``fps``: the one on screen at that time
+    (None: every frame as decoded)."""
+    if fps is None:
+        return list(range(frames))
+    if not source_fps or source_fps <= 0:
+        raise BadClip("no frame rate", "the file states none; pass --fps -1 to take the frames as decoded")
+    return [int(i * source_fps / fps + 1e-9) for i in range(frames)]
+
+
+def read_video(path: Path, frames: int, height: int, width: int, fps: float | None = None) -> torch.Tensor:
+    """``frames`` frames of ``path`` from its start, at ``fps`` (resampled: the source frame on screen at each
+    time: the frame on screen; None: as decoded), fitted to ``height`` x ``width``: uint8 [F, H, W, 3]."""
     import imageio.v3 as iio
 
+    try:
+        source_fps = iio.immeta(path).get("fps") if fps is not None else None
+    except Exception as exc:  # imageio raises many kinds (OSError, ValueError, plugin errors)
+        raise BadClip("unreadable", f"{type(exc).__name__}: {str(exc)[:80]}") from None
+    wanted = frame_indices(frames, source_fps, fps)
+    need = wanted[-1] + 1
     out = []
     try:
         for frame in iio.imiter(path):
@@ -98,20 +116,22 @@ def read_video(path: Path, frames: int, height: int, width: int) -> torch.Tensor
             if frame.ndim == 2:
                 frame = np.repeat(frame[..., None], 3, axis=-1)
             out.append(frame[..., :3])
-            if len(out) == frames:
+            if len(out) == need:
                 break
-    except Exception as exc:  # imageio raises many kinds (OSError, ValueError, plugin errors)
+    except Exception as exc:
         raise BadClip("unreadable", f"{type(exc).__name__}: {str(exc)[:80]}") from None
     if not out:
         raise BadClip("unreadable", "no frames decoded")
-    if len(out) < frames:
-        raise BadClip("too short", f"{len(out)} frames, {frames} needed")
-    return fit(np.stack(out), height, width)
+    if len(out) < need:
+        at = f" at {fps:g} fps (the file has {source_fps:g})" if fps is not None else ""
+        raise BadClip("too short", f"{len(out)} frames, {need} needed for {frames}{at}")
+    return fit(np.stack([out[i] for i in wanted]), height, width)
 
 
-def folder_clips(folder: str | Path, frames: int, height: int, width: int, report: DataReport) -> Iterator[tuple[str, torch.Tensor, str]]:
-    """``(name, uint8 [F, H, W, 3], caption)`` of every usable video in ``folder`` (sorted by name);
-    the others go to ``report``."""
+def folder_clips(folder: str | Path, frames: int, height: int, width: int, report: DataReport,
+                 fps: float | None = None) -> Iterator[tuple[str, torch.Tensor, str]]:
+    """``(name, uint8 [F, H, W, 3], caption)`` of every usable video in ``folder`` (sorted by name),
+    resampled to ``fps``; the others go to ``report``."""
     root = Path(folder)
     if not root.is_dir():
         raise ValueError(f"video data: {folder} is not a folder; pass a folder of videos (mp4, ...) with captions (.txt/.json)")
@@ -122,7 +142,7 @@ def folder_clips(folder: str | Path, frames: int, height: int, width: int, repor
         name = str(path.relative_to(root))
         try:
             caption = read_caption(path)
-            pixels = read_video(path, frames, height, width)
+            pixels = read_video(path, frames, height, width, fps)
         except BadClip as bad:
             report.add(name, bad)
             continue
@@ -144,4 +164,4 @@ def check_caption(caption: str, tokenizers: Iterable, limit: int) -> None:
             raise BadClip("caption too long", f"{count} tokens, the text encoder reads {limit}")
 
 
-__all__ = ["BadClip", "DataReport", "check_caption", "fit", "folder_clips", "read_caption", "read_video"]
+__all__ = ["BadClip", "DataReport", "check_caption", "fit", "folder_clips", "frame_indices", "read_caption", "read_video"]

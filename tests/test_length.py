@@ -165,7 +165,8 @@ def test_bad_clips_are_reported_and_skipped_or_refused(tmp_path, capsys):
     iio.imwrite(data / "words.mp4", render(sample(4), frames=FRAMES, height=SIZE, width=SIZE), fps=8)
     (data / "words.txt").write_text("a purple dragon moving left")
     cfg = _cfg(tmp_path / "run", self_generate=0, data=str(data), steps=1)
-    with pytest.raises(ValueError, match=r"1 no caption.*1 too short: short.mp4 \(5 frames, 13 needed\).*1 unknown words.*dragon.*1 unreadable"):
+    with pytest.raises(ValueError, match=r"1 no caption.*1 too short: short.mp4 \(5 frames, 7 needed for 13 at 16 fps \(the file has 8\)\)"
+                                         r".*1 unknown words.*dragon.*1 unreadable"):
         length.train(dataclasses.replace(cfg, on_bad="refuse"), pipe=load_pipeline("video"))
     length.train(dataclasses.replace(cfg, out=str(tmp_path / "run2")), pipe=load_pipeline("video"))
     assert "3 clips used, 1 no caption" in capsys.readouterr().out
@@ -206,6 +207,26 @@ def test_bad_trainer_inputs_name_the_fix(tmp_path, trained):
     (dense / "diffattn.json").write_text(json.dumps({**meta, "method": "dense", "options": {}}))
     with pytest.raises(ValueError, match="trained with dense attention.*load_lora_weights"):
         diffattn.apply(load_pipeline("video"), "radial", lora=dense)
+
+
+@pytest.mark.cpu
+def test_clips_are_resampled_to_the_models_frame_rate(tmp_path):
+    import imageio.v3 as iio
+
+    from diffattn.lora.video_data import frame_indices, read_video
+
+    assert frame_indices(4, 32, 16) == [0, 2, 4, 6] and frame_indices(4, 8, 16) == [0, 0, 1, 1]
+    assert frame_indices(3, None, None) == [0, 1, 2]
+    with pytest.raises(BadClip, match="no frame rate.*--fps -1"):
+        frame_indices(3, None, 16)
+    pixels = np.zeros((9, SIZE, SIZE, 3), np.uint8)
+    pixels[:, :, :, 0] = (np.arange(9) * 28)[:, None, None]  # frame i has red 28 i
+    iio.imwrite(tmp_path / "c.mp4", pixels, fps=32)
+    got = read_video(tmp_path / "c.mp4", 5, SIZE, SIZE, fps=16)  # every second frame
+    np.testing.assert_allclose(got[..., 0].float().mean(dim=(1, 2)).numpy(), [0, 56, 112, 168, 224], atol=8)
+    with pytest.raises(BadClip, match="9 frames, 11 needed for 6 at 16 fps"):
+        read_video(tmp_path / "c.mp4", 6, SIZE, SIZE, fps=16)
+    assert read_video(tmp_path / "c.mp4", 9, SIZE, SIZE, fps=None).shape == (9, SIZE, SIZE, 3)  # --fps -1: as decoded
 
 
 @pytest.mark.cpu
