@@ -99,8 +99,8 @@ def frame_indices(frames: int, source_fps: float | None, fps: float | None) -> l
 
 
 def read_video(path: Path, frames: int, height: int, width: int, fps: float | None = None) -> torch.Tensor:
-    """``frames`` frames of ``path`` from its start, at ``fps`` (resampled: the source frame on screen at each
-    time: the frame on screen; None: as decoded), fitted to ``height`` x ``width``: uint8 [F, H, W, 3]."""
+    """``frames`` frames of ``path`` from its start at ``fps`` (at each time the source frame on screen;
+    None: as decoded), fitted to ``height`` x ``width``: uint8 [F, H, W, 3]."""
     import imageio.v3 as iio
 
     try:
