@@ -235,6 +235,12 @@ def _family(pipe) -> _Family:
             "length: this pipeline has two experts (Wan2.2 A14B: transformer for high noise, transformer_2 for low "
             "noise); the trainer trains one transformer: not supported yet for two-expert pipelines"
         )
+    latent = getattr(pipe.vae.config, "z_dim", None) or getattr(pipe.vae.config, "latent_channels", None)
+    if latent is not None and model.config.in_channels != latent:
+        raise ValueError(
+            f"length: the transformer takes {model.config.in_channels} input channels but the VAE makes {latent}: an "
+            f"image-to-video model ({type(pipe).__name__}); the trainer trains text-to-video pipelines only"
+        )
     return FAMILIES[name](pipe)
 
 

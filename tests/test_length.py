@@ -197,6 +197,10 @@ def test_bad_trainer_inputs_name_the_fix(tmp_path, trained):
         _train(_cfg(tmp_path / "e", frames=17, data_cache=str(trained / "data")))
     from diffattn_testbed.tiny import tiny_wan_pipeline
 
+    i2v = load_pipeline("video")
+    i2v.transformer.register_to_config(in_channels=36)  # as Wan's image-to-video transformer declares
+    with pytest.raises(ValueError, match="image-to-video model.*text-to-video pipelines only"):
+        length.train(_cfg(tmp_path / "f"), pipe=i2v, clips=_clips())
     other = tiny_wan_pipeline()
     with pytest.raises(ValueError, match="trained on another base model"):
         diffattn.apply(other, "radial", lora=trained)
