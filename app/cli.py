@@ -201,10 +201,13 @@ def _precheck(cfg: GenerateConfig) -> None:
 
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("diffattn: --device cuda, but this machine has no CUDA GPU; use --device cpu")
-    if cfg.model is not None:
+    hub_id = cfg.model is not None and not Path(cfg.model).exists() and cfg.model.count("/") == 1 \
+        and not cfg.model.startswith((".", "/", "~"))  # "owner/name": diffusers fetches it where the hub is reachable
+    if cfg.model is not None and not hub_id:
         folder = Path(cfg.model)
         if not folder.exists():
-            raise SystemExit(f"diffattn: --model {cfg.model} does not exist; pass a local diffusers pipeline folder")
+            raise SystemExit(f"diffattn: --model {cfg.model} does not exist; pass a local diffusers pipeline folder "
+                             "(or a hub id owner/name)")
         if not (folder / "model_index.json").is_file():
             raise SystemExit(f"diffattn: --model {cfg.model} is not a diffusers pipeline folder (no model_index.json)")
         index = json.loads((folder / "model_index.json").read_text())
