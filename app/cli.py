@@ -393,6 +393,18 @@ def train(argv):
     return _train_length(argv[1:])
 
 
+def _testbed_trainer_pipeline(kind: str, cfg):
+    """(the testbed pipeline of ``kind`` for a trainer, ``cfg`` with the testbed's size and text
+    length where it left them 0)."""
+    pipelines = _testbed("pipelines")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" and device == "cuda" else torch.float32
+    pipe = pipelines.load_pipeline(kind, device=device, dtype=dtype)
+    d = pipelines.DEFAULTS[kind]
+    return pipe, dataclasses.replace(cfg, height=cfg.height or d["height"], width=cfg.width or d["width"],
+                                     max_sequence_length=cfg.max_sequence_length or d["max_sequence_length"])
+
+
 def _train_clear(argv):
     from diffattn.lora import clear_distill
     from diffattn.lora.common import config_from_argv
@@ -400,13 +412,8 @@ def _train_clear(argv):
     cfg = config_from_argv(clear_distill.DistillConfig, argv, clear_distill.__doc__)
     pipe = prompts = None
     if cfg.pipeline == "testbed":
-        pipelines, shapes = _testbed("pipelines"), _testbed("shapes")
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" and device == "cuda" else torch.float32
-        pipe = pipelines.load_pipeline("image-dit", device=device, dtype=dtype)
-        d = pipelines.DEFAULTS["image-dit"]
-        cfg = dataclasses.replace(cfg, height=cfg.height or d["height"], width=cfg.width or d["width"],
-                                  max_sequence_length=cfg.max_sequence_length or d["max_sequence_length"])
+        pipe, cfg = _testbed_trainer_pipeline("image-dit", cfg)
+        shapes = _testbed("shapes")
         if not cfg.prompts:
             prompts = [shapes.sample(cfg.seed * 100_003 + i, image=True).caption for i in range(cfg.num_samples)]
     return clear_distill.train(cfg, pipe=pipe, prompts=prompts)
@@ -419,13 +426,7 @@ def _train_length(argv):
     cfg = config_from_argv(length.LengthConfig, argv, length.__doc__)
     pipe = clips = None
     if cfg.pipeline == "testbed":
-        pipelines = _testbed("pipelines")
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" and device == "cuda" else torch.float32
-        pipe = pipelines.load_pipeline("video", device=device, dtype=dtype)
-        d = pipelines.DEFAULTS["video"]
-        cfg = dataclasses.replace(cfg, height=cfg.height or d["height"], width=cfg.width or d["width"],
-                                  max_sequence_length=cfg.max_sequence_length or d["max_sequence_length"])
+        pipe, cfg = _testbed_trainer_pipeline("video", cfg)
     if cfg.self_generate:
         if cfg.pipeline != "testbed":
             raise SystemExit("diffattn train length: --self-generate renders the testbed's procedural clips, which only the "

@@ -45,6 +45,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +54,7 @@ import diffattn
 from diffattn.core.weights import FULL_NAME, LORA_NAME, write_meta
 
 from .common import (
-    Killed, RunLog, batch_indices, check_resume, config_from_argv, deadline_reached, load_checkpoint, make_accelerator, now,
+    Killed, RunLog, RunOptions, batch_indices, check_resume, config_from_argv, deadline_reached, load_checkpoint, make_accelerator, now,
     save_checkpoint, warmup_lr,
 )
 
@@ -66,7 +67,8 @@ SHARD = 16  # teacher samples per data shard
 
 
 @dataclass(frozen=True)
-class DistillConfig:
+class DistillConfig(RunOptions):
+    NAME: ClassVar[str] = "clear_distill"
     pipeline: str = "testbed"      # a FLUX.1 / SD3 diffusers folder (or hub id), or "testbed" (the CLI's)
     out: str = "clear-student"
     radius: int = 16
@@ -88,19 +90,12 @@ class DistillConfig:
     gen_steps: int = 0             # teacher sampling steps (0: the pipeline's default)
     max_sequence_length: int = 0   # text tokens (0: the pipeline's default); longer prompts are refused
     shift: float = 3.0             # the flow-matching shift of the noise levels
-    checkpoint_every: int = 100
-    seed: int = 0
-    mixed_precision: str = "bf16"  # "bf16", "fp16" or "no" (CPU runs use "no")
-    gradient_checkpointing: bool = True
-    max_minutes: float = 0.0       # 0: no deadline; else stop (and save) after this long
-    backend: str = "auto"
 
     def __post_init__(self):
-        for name in ("rank", "steps", "batch_size", "num_samples", "checkpoint_every", "attn_every"):
+        super().__post_init__()
+        for name in ("rank", "steps", "batch_size", "num_samples", "attn_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"clear_distill: {name} must be >= 1, got {getattr(self, name)}")
-        if self.mixed_precision not in ("bf16", "fp16", "no"):
-            raise ValueError(f"clear_distill: mixed_precision must be bf16, fp16 or no, got {self.mixed_precision!r}")
 
 
 # ----------------------------------------------------------------------------------- model calls

@@ -12,7 +12,8 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
+from typing import ClassVar
 from pathlib import Path
 
 import torch
@@ -157,6 +158,25 @@ def adamw(params, lr: float, **kwargs) -> torch.optim.AdamW:
 
 
 # --------------------------------------------------------------------- resumable trainer runs
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """The options every resumable trainer run has (the base of the trainers' frozen configs)."""
+
+    NAME: ClassVar[str] = "trainer"  # the prefix of the config's error messages
+    checkpoint_every: int = 100
+    seed: int = 0
+    mixed_precision: str = "bf16"  # "bf16", "fp16" or "no" (CPU runs use "no")
+    gradient_checkpointing: bool = True
+    max_minutes: float = 0.0       # 0: no deadline; else stop (and save) after this long
+    backend: str = "auto"
+
+    def __post_init__(self):
+        if self.checkpoint_every < 1:
+            raise ValueError(f"{self.NAME}: checkpoint_every must be >= 1, got {self.checkpoint_every}")
+        if self.mixed_precision not in ("bf16", "fp16", "no"):
+            raise ValueError(f"{self.NAME}: mixed_precision must be bf16, fp16 or no, got {self.mixed_precision!r}")
 
 
 class Killed(RuntimeError):

@@ -59,7 +59,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import ClassVar, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -68,7 +68,7 @@ import diffattn
 from diffattn.core.weights import LORA_NAME, write_meta
 
 from .common import (
-    Killed, RunLog, batch_indices, check_resume, config_from_argv, deadline_reached, load_checkpoint, make_accelerator, now,
+    Killed, RunLog, RunOptions, batch_indices, check_resume, config_from_argv, deadline_reached, load_checkpoint, make_accelerator, now,
     save_checkpoint, warmup_lr,
 )
 from .video_data import BadClip, DataReport, check_caption, fit, folder_clips
@@ -81,7 +81,8 @@ ENCODE_BATCH = 4
 
 
 @dataclass(frozen=True)
-class LengthConfig:
+class LengthConfig(RunOptions):
+    NAME: ClassVar[str] = "length"
     pipeline: str = "testbed"     # a Wan / HunyuanVideo diffusers folder (or hub id), or "testbed" (the CLI's)
     out: str = "length-lora"
     frames: int = 0               # target pixel frames (4k+1 for Wan and HunyuanVideo); required
@@ -106,25 +107,18 @@ class LengthConfig:
     cache_latents: bool = True    # write the cache to disk (false: encode into memory at every start)
     on_bad: str = "skip"          # "skip" (report and leave out) or "refuse" (raise) unusable clips
     max_sequence_length: int = 0  # text tokens (0: the pipeline's default); longer captions are reported
-    checkpoint_every: int = 100
     validate_every: int = 0       # 0: no validation samples
     validation_prompt: str = ""   # "": the first training caption
     validation_steps: int = 0     # 0: the pipeline's default
-    seed: int = 0
-    mixed_precision: str = "bf16"  # "bf16", "fp16" or "no" (CPU runs use "no")
-    gradient_checkpointing: bool = True
-    max_minutes: float = 0.0      # 0: no deadline; else stop (and save) after this long
-    backend: str = "auto"
 
     def __post_init__(self):
-        for name in ("lora_rank", "steps", "batch_size", "checkpoint_every"):
+        super().__post_init__()
+        for name in ("lora_rank", "steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"length: {name} must be >= 1, got {getattr(self, name)}")
         for name in ("frames", "height", "width", "dense_blocks", "lora_alpha", "self_generate", "validate_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"length: {name} must be >= 0, got {getattr(self, name)}")
-        if self.mixed_precision not in ("bf16", "fp16", "no"):
-            raise ValueError(f"length: mixed_precision must be bf16, fp16 or no, got {self.mixed_precision!r}")
         if self.on_bad not in ("skip", "refuse"):
             raise ValueError(f"length: on_bad must be 'skip' or 'refuse', got {self.on_bad!r}")
         if not (0.0 <= self.caption_dropout < 1.0 or self.caption_dropout == -1.0):
