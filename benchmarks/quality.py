@@ -6,6 +6,7 @@
     python benchmarks/quality.py --methods dense --prompts 128    # dense only (a second set of prompts)
     python benchmarks/quality.py --kinds video --methods "radial,neighborhood,neighborhood:kernel_size=(3,7,7)"
     python benchmarks/quality.py --kinds image-dit --sizes 128,256,512 --methods "clear,clear:lora='runs/clear'"
+    python benchmarks/quality.py --kinds image-unet --sizes 128,256,512 --methods "hidiffusion,msw-msa,rau-net,tome,agent+tome"
 
 For each testbed pipeline (``diffattn_testbed.load_pipeline``) and each method (dense first, then
 every method in ``diffattn.methods()``, or the comma-separated ``--methods``, where an entry may
@@ -14,7 +15,8 @@ model does not support is listed as n/a with the reason; options come from the m
 pipeline's declared defaults, as with ``diffattn.apply``), the same held-out prompts (seeds from ``training.EVAL_SEED``, never
 trained on) and the same generator seeds are run with the pipeline's defaults. Columns: judge
 accuracy per attribute (``diffattn_testbed.judge``), PSNR and SSIM of the method's samples against
-the dense samples, and seconds per sample (batched, after a warm-up batch). Prints a Markdown table
+the dense samples (at the same size), ``judge_count`` for images (the share of asked objects drawn
+exactly once: plain sampling above the trained size duplicates them), and seconds per sample (batched, after a warm-up batch). Prints a Markdown table
 and, with ``--json``, writes the rows. Results go to benchmarks/RESULTS.md.
 """
 
@@ -83,7 +85,14 @@ def _methods(cfg: QualityConfig) -> list[str]:
     if not cfg.methods:
         return list(diffattn.methods())
     asked = [m.strip() for m in re.split(r",(?![^()]*\))", cfg.methods) if m.strip() and m.strip() != "dense"]
-    unknown = [m for m in asked if parse_method(m)[0] not in diffattn.methods()]
+    def known(name):
+        try:
+            diffattn.config_class(name)  # a method or a '+' combination of U-Net methods
+            return True
+        except ValueError:
+            return False
+
+    unknown = [m for m in asked if not known(parse_method(m)[0])]
     if unknown:
         raise SystemExit(f"quality: unknown method(s) {unknown}; choose from {list(diffattn.methods())} (or 'dense' alone)")
     return asked
@@ -145,7 +154,7 @@ def _evaluate_size(pipe, kind, judge, prompts, seeds, cfg: QualityConfig, call: 
 
 
 def table(rows: list[dict]) -> str:
-    cols = ["kind", "size", "method", "judge_color", "judge_shape", "judge_motion", "psnr_db", "ssim", "density", "s_per_sample", "note"]
+    cols = ["kind", "size", "method", "judge_color", "judge_shape", "judge_motion", "judge_count", "psnr_db", "ssim", "density", "s_per_sample", "note"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         lines.append("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")

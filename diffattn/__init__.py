@@ -34,7 +34,7 @@ from diffattn.core.handle import HANDLE_ATTR, ForwardHook, Handle, Marker, Proce
 from diffattn.core.layout import TokenLayout
 from diffattn.core.registry import lookup
 from diffattn.core.weights import trained_steps
-from diffattn.methods import METHODS
+from diffattn.methods import METHODS, method_class
 from diffattn.pipelines import ADAPTERS, FAMILIES
 from diffattn.pipelines.base import layout_hook
 
@@ -85,7 +85,14 @@ def detect_family(target) -> str:
 
 def config_class(method: str):
     """The frozen config dataclass of ``method`` (its fields are the method's options)."""
-    return lookup(METHODS, method, "method").Config
+    return _method_class(method).Config
+
+
+def _method_class(method: str):
+    cls = method_class(method) if isinstance(method, str) else None
+    if cls is None:
+        lookup(METHODS, method, "method", hint=" (U-Net methods combine with '+': 'hidiffusion+tome', 'agent+tome')")
+    return cls
 
 
 def _adapter_of(model):
@@ -130,7 +137,7 @@ def _owners() -> dict[str, list[str]]:
 
 
 def _build_method(method: str, family: str, options: dict, pipe):
-    cls = lookup(METHODS, method, "method")
+    cls = _method_class(method)
     if family not in FAMILIES:
         raise ValueError(f"diffattn: unknown family={family!r}; valid families: {list(FAMILIES)}")
     if family not in cls.FAMILIES:
@@ -169,15 +176,23 @@ def _install(target, method: str, options: dict, set_processors: bool) -> tuple[
             raise ValueError(f"diffattn: lora= loads onto one model, but {type(target).__name__} has {[n for n, _ in components]}; "
                              "apply to the model the weights were trained for")
         options, steps = trained_steps(model0, lora, method, options, scale=lora_scale)
-    handle = Handle(method, _build_method(method, family, options, pipe), family, scheduler=getattr(pipe, "scheduler", None))
+    handle = Handle(method, _build_method(method, family, options, pipe), family, scheduler=getattr(pipe, "scheduler", None), pipe=pipe)
     for name, model in components:
         adapter = _adapter_of(model)
         original = attn_processors(model)  # key -> processor object, restored by remove()
         new = dict(original)
+        levels = adapter.levels(model) if hasattr(adapter, "levels") else {}
         for key, layer in adapter.targets(model).items():
             site = f"{name}.{key}" if name else key
             new[key] = adapter.Processor(handle, layer, stock=original[key], site=site)
+            handle.set_probe(model, model.get_submodule(key.removesuffix(".processor")), new[key])
             handle.add_site(site, "", layer)
+            if key in levels:
+                handle.levels[site] = levels[key]
+        if hasattr(adapter, "native_size"):
+            handle.state.native = adapter.native_size(model)
+        if hasattr(adapter, "structural_steps"):
+            steps += adapter.structural_steps(model, handle, pipe, name)  # hooks beyond the processors (RAU-Net, block inputs)
         steps += [
             ProcessorSwap(model, new, original, set_now=set_processors),
             ForwardHook(model, layout_hook(handle, adapter.grid)),

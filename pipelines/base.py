@@ -175,7 +175,8 @@ def layout_hook(handle: Handle, grid):
             if params is None:
                 params = names[id(module)] = list(inspect.signature(module.forward).parameters)
             inputs.update(zip(params, args))
-        hidden_states = inputs["hidden_states"]
+        hidden_states = inputs["hidden_states"] if "hidden_states" in inputs else inputs["sample"]  # U-Nets: sample
+        handle.state.live = handle.installed(module)  # structural hooks act only when the processors are set
         handle.begin_forward(grid(module, hidden_states, inputs), inputs.get("timestep"))
 
     return hook

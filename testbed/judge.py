@@ -150,6 +150,46 @@ def _largest_component(mask: torch.Tensor, max_iters: int = 256) -> torch.Tensor
     return (labels == counts.argmax(1, keepdim=True)).reshape(f, h, w) & mask
 
 
+COUNT_SIZE = 128        # masks are counted at this resolution (the trained image size)
+COUNT_MIN_SHARE = 0.25  # a component counts as an object when it has at least this share of the largest one
+
+
+def _at_most(images, size: int) -> torch.Tensor:
+    """``[N, H, W, 3]`` images area-downsampled to ``size`` x ``size`` when larger (the aspect and count
+    checks are scale-free and cost O(pixels x object diameter) at full resolution), else as given."""
+    x = torch.as_tensor(np.asarray(images) if not torch.is_tensor(images) else images).float().cpu()
+    if x.dim() != 4 or min(x.shape[1:3]) <= size:
+        return x
+    return F.interpolate(x.permute(0, 3, 1, 2), size=(size, size), mode="area").permute(0, 2, 3, 1)
+
+
+def object_count(image, colour: str, others=()) -> int:
+    """How many separate objects of ``colour`` ``image`` (``[H, W, 3]`` in [0, 1]) shows: the
+    8-connected components of its colour's pixels (``colour_masks``, at ``COUNT_SIZE``) with at least
+    ``ASPECT_MIN_PIXELS`` of the image and ``COUNT_MIN_SHARE`` of the largest component. Plain sampling
+    above the trained resolution draws an asked object twice or more; 0 when it is missing."""
+    x = torch.as_tensor(np.asarray(image) if not torch.is_tensor(image) else image).float().cpu()
+    if x.shape[0] != COUNT_SIZE or x.shape[1] != COUNT_SIZE:
+        mode = "area" if min(x.shape[:2]) >= COUNT_SIZE else "bilinear"
+        x = F.interpolate(x.permute(2, 0, 1)[None], size=(COUNT_SIZE, COUNT_SIZE), mode=mode)[0].permute(1, 2, 0)
+    mask = colour_masks(x, [colour, *others])[colour][None]  # [1, H, W]
+    h, w = mask.shape[-2:]
+    ids = torch.arange(1, h * w + 1, dtype=torch.float32).reshape(1, 1, h, w)
+    inside = mask[:, None]
+    labels = torch.where(inside, ids, torch.zeros_like(ids))
+    for _ in range(4 * COUNT_SIZE):  # spread the largest label through each component
+        grown = torch.where(inside, F.max_pool2d(labels, 3, 1, 1), labels)
+        if torch.equal(grown, labels):
+            break
+        labels = grown
+    sizes = torch.bincount(labels.long().flatten(), minlength=h * w + 1)[1:]
+    sizes = sizes[sizes > 0]
+    if not len(sizes):
+        return 0
+    keep = (sizes >= max(ASPECT_MIN_PIXELS * h * w, 1)) & (sizes >= COUNT_MIN_SHARE * sizes.max())
+    return int(keep.sum())
+
+
 def axis_ratio(mask) -> float:
     """sqrt(largest / smallest eigenvalue) of the pixel-coordinate covariance of ``mask`` ``[H, W]``:
     1 for a disc (and for any shape with n >= 3-fold rotational symmetry), ``s`` for a disc stretched
@@ -204,6 +244,8 @@ def score(judge: Judge, frames, prompts: list[str], *, aspect: bool = True) -> d
     ``aspect=True``: shape is right only if the judge's shape is and the object's principal-axis ratio
     (``object_aspect``, in ``objects[j]["aspect"]``; None when not measurable, which keeps the judge's
     verdict) is at most ``ASPECT_MAX``. ``aspect=False``: the judge's verdict alone (``"aspect"`` None).
+    Images also get ``"count"``: the share of asked objects drawn exactly once (``object_count``).
+    Images larger than ``COUNT_SIZE`` are area-downsampled to it for the aspect and count checks.
     """
     if len(frames) != len(prompts):
         raise ValueError(f"judge: {len(frames)} samples for {len(prompts)} prompts; pass one sample per prompt")
@@ -218,8 +260,9 @@ def score(judge: Judge, frames, prompts: list[str], *, aspect: bool = True) -> d
     found = (present > 0).cpu()
     shape_ok = found & (shape.argmax(-1).cpu() == torch.tensor([SHAPES.index(o["shape"]) for _, o in rows]))
     aspects = [None] * len(rows)
+    pixels = _at_most(frames, COUNT_SIZE) if judge.config.kind != "video" else frames
     if aspect:
-        pixels = frames if torch.is_tensor(frames) else np.asarray(frames)
+        pixels = pixels if torch.is_tensor(pixels) else np.asarray(pixels)
         for j, (i, obj) in enumerate(rows):
             others = [o["color"] for o in parse_caption(prompts[i]) if o["color"] != obj["color"]]
             aspects[j] = object_aspect(pixels[i], obj["color"], others)
@@ -227,6 +270,12 @@ def score(judge: Judge, frames, prompts: list[str], *, aspect: bool = True) -> d
         shape_ok = shape_ok & ~stretched
     per_object = []
     correct = {"color": found.float(), "shape": shape_ok.float()}
+    counts = [None] * len(rows)
+    if judge.config.kind != "video":
+        for j, (i, obj) in enumerate(rows):
+            others = [o["color"] for o in parse_caption(prompts[i]) if o["color"] != obj["color"]]
+            counts[j] = object_count(pixels[i], obj["color"], others)
+        correct["count"] = torch.tensor([c == 1 for c in counts], dtype=torch.float32)
     if judge.config.kind == "video":
         want = torch.tensor([MOTIONS.index(o["motion"]) if o["motion"] else -1 for _, o in rows])
         has = want >= 0
@@ -234,7 +283,7 @@ def score(judge: Judge, frames, prompts: list[str], *, aspect: bool = True) -> d
         correct["motion"] = motion_ok.float()[has] if has.any() else torch.empty(0)
     for j, (i, obj) in enumerate(rows):
         guess = {"sample": i, **obj, "found": bool(found[j]), "shape_guess": SHAPES[int(shape[j].argmax())],
-                 "aspect": aspects[j]}
+                 "aspect": aspects[j], "count": counts[j]}
         if judge.config.kind == "video":
             guess["motion_guess"] = MOTIONS[int(motion[j].argmax())]
         per_object.append(guess)

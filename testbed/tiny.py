@@ -305,3 +305,39 @@ def hunyuan_video15_inputs(batch: int = 2, frames: int = 3, size: int = 8, text:
         encoder_hidden_states_2=torch.randn(batch, 3, 8, generator=g), encoder_attention_mask_2=mask_2,
         image_embeds=torch.zeros(batch, 2, 8),
     )
+
+
+def tiny_sdxl_pipeline(seed: int = 0):
+    """A ``StableDiffusionXLPipeline`` with the SDXL U-Net layout (no attention in the first level, two
+    transformer layers in the next, ``text_time`` added conditioning) at toy width; the VAE is 4x,
+    the U-Net's ``sample_size`` 16 (trained size 64 px)."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    tokenizer, tokenizer_2 = word_tokenizer(max_length=77), word_tokenizer(max_length=77)
+
+    def clip_config(hidden):
+        return CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=77, pad_token_id=0, bos_token_id=1, eos_token_id=1,
+            projection_dim=16,
+        )
+
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(16, 32, 32),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 2), attention_head_dim=(2, 4, 4), cross_attention_dim=48,
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 16,
+        norm_num_groups=8, use_linear_projection=True,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(8, 16, 16), layers_per_block=1,
+        latent_channels=4, norm_num_groups=8, sample_size=64,
+    )
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=CLIPTextModel(clip_config(16)), text_encoder_2=CLIPTextModelWithProjection(clip_config(32)),
+        tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=EulerDiscreteScheduler(), force_zeros_for_empty_prompt=True,
+    )

@@ -105,3 +105,46 @@ HUNYUAN15 = Family(
     shape=dict(frames=4, size=8), other_shape=dict(frames=3, size=6, text=5), small=dict(frames=3, size=5, text=4),
     ours=lambda key: key.startswith("transformer_blocks."),
 )
+
+
+def _sd_call(pipe, size=64, steps=3, guidance=4.0):
+    return pipe(
+        prompt="a red circle", negative_prompt="a blue square", height=size, width=size, num_inference_steps=steps,
+        guidance_scale=guidance, output_type="latent", generator=torch.Generator().manual_seed(0),
+    ).images
+
+
+def _sd_pipeline():
+    from diffattn_testbed.pipelines import load_pipeline
+
+    return load_pipeline("image-unet")  # the trained testbed U-Net (SD 1.5 block layout, trained at 128 px = latent 32)
+
+
+# sizes 2x and 1.5x the trained size: RAU-Net's guard (min_scale 1.5) lets both run
+SD_UNET = Family(
+    name="sd_unet", build=_sd_pipeline, call=_sd_call, models=lambda pipe: [pipe.unet],
+    shape=dict(size=256), other_shape=dict(size=192), small=dict(size=192),
+    ours=lambda key: ".attn1." in key,
+)
+
+
+def _sdxl_call(pipe, size=128, steps=5, guidance=5.0):
+    return pipe(
+        prompt="a red circle", negative_prompt="a blue square", height=size, width=size, num_inference_steps=steps,
+        guidance_scale=guidance, output_type="latent", generator=torch.Generator().manual_seed(0),
+    ).images
+
+
+def _sdxl_pipeline():
+    from diffattn_testbed.tiny import tiny_sdxl_pipeline
+
+    pipe = tiny_sdxl_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+SDXL_UNET = Family(
+    name="sdxl_unet", build=_sdxl_pipeline, call=_sdxl_call, models=lambda pipe: [pipe.unet],
+    shape=dict(size=128), other_shape=dict(size=96), small=dict(size=96),
+    ours=lambda key: ".attn1." in key,
+)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from families import COGVIDEOX, FLUX, FLUX2, HUNYUAN, HUNYUAN15, LTX, MOCHI, SD3, SKYREELS_V2, WAN
+from families import COGVIDEOX, FLUX, FLUX2, HUNYUAN, HUNYUAN15, LTX, MOCHI, SD3, SD_UNET, SDXL_UNET, SKYREELS_V2, WAN
 from testers import AdapterTester
 
 pytestmark = pytest.mark.cpu
@@ -146,3 +146,57 @@ class TestHunyuanVideo15Neighborhood(AdapterTester):
     family, method = HUNYUAN15, "neighborhood"
     sparse = dict(dense_steps=0, kernel_size=(3, 3, 5))
     full = dict(dense_steps=0, kernel_size=(4, 8, 8))
+
+
+# -- U-Nets (SD 1.5 layout: the trained testbed U-Net; SDXL layout: a tiny pipeline) ------------
+
+class TestSDMswMsa(AdapterTester):
+    family, method = SD_UNET, "msw-msa"
+    sparse = dict(shifts="cyclic")
+    full = None  # windows have no full-density setting (a quarter of the score matrix by construction)
+
+
+class TestSDRauNet(AdapterTester):
+    family, method = SD_UNET, "rau-net"
+    sparse = dict(t1=1.0, t2=1.0)
+    full = None
+    needs_pipeline = True
+
+
+class TestSDHiDiffusion(AdapterTester):
+    family, method = SD_UNET, "hidiffusion"
+    sparse = dict(seed=3)
+    full = None
+    needs_pipeline = True
+
+
+class TestSDTome(AdapterTester):
+    family, method = SD_UNET, "tome"
+    sparse = dict(ratio=0.5)
+    full = None
+
+
+class TestSDAgentTome(AdapterTester):
+    family, method = SD_UNET, "agent+tome"
+    sparse = dict(end=1.0)
+    full = None
+
+
+class TestSDHiDiffusionTome(AdapterTester):
+    family, method = SD_UNET, "hidiffusion+tome"
+    sparse = dict(t1=1.0, ratio=0.3)
+    full = None
+    needs_pipeline = True
+
+
+class TestSDXLHiDiffusion(AdapterTester):
+    family, method = SDXL_UNET, "hidiffusion"
+    sparse = dict(t1=1.0, t2=1.0)
+    full = None
+    needs_pipeline = True
+
+
+class TestSDXLAgent(AdapterTester):
+    family, method = SDXL_UNET, "agent"
+    sparse = dict(agents="pool", end=1.0)
+    full = None

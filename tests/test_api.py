@@ -22,7 +22,9 @@ def _wan_inputs(frames=3, size=8):
 
 
 def test_listings_say_which_method_fits_which_family():
-    assert set(diffattn.methods()) == {"radial", "neighborhood", "clear"}
+    assert set(diffattn.methods()) == {"radial", "neighborhood", "clear", "msw-msa", "rau-net", "hidiffusion", "tome", "agent"}
+    for name in ("msw-msa", "rau-net", "hidiffusion", "tome", "agent"):
+        assert diffattn.methods()[name] == ("sd1.5", "sd2.1", "sdxl", "sdxl-turbo"), name
     assert diffattn.methods()["neighborhood"] == (
         "wan2.1", "wan2.2", "skyreels_v2", "hunyuan_video", "hunyuan_video15", "mochi", "cogvideox", "ltx", "flux", "flux2", "sd3")
     assert diffattn.methods()["radial"] == ("wan2.1", "wan2.2", "skyreels_v2", "hunyuan_video", "hunyuan_video15", "mochi", "cogvideox", "ltx")
@@ -32,6 +34,7 @@ def test_listings_say_which_method_fits_which_family():
     assert "HunyuanVideoTransformer3DModel" in models
     for name in ("FluxTransformer2DModel", "Flux2Transformer2DModel", "SD3Transformer2DModel"):
         assert models[name]["methods"] == ["clear", "neighborhood"], name
+    assert models["UNet2DConditionModel"]["methods"] == ["agent", "hidiffusion", "msw-msa", "rau-net", "tome"]
     assert diffattn.patch_size(tiny_wan_transformer()) == (1, 2, 2)
     assert diffattn.patch_size(tiny_hunyuan_transformer()) == (1, 1, 1)
 
@@ -52,7 +55,7 @@ def test_pipeline_without_a_supported_model():
 
 
 def test_unknown_method_lists_methods():
-    with pytest.raises(ValueError, match="available methods: \\['clear', 'neighborhood', 'radial'\\]"):
+    with pytest.raises(ValueError, match="available methods: \\['agent', 'clear', 'hidiffusion', 'msw-msa', 'neighborhood', 'radial', 'rau-net', 'tome'\\]"):
         diffattn.apply(tiny_wan_transformer(), "sparse-magic")
 
 

@@ -25,6 +25,12 @@ class AttnContext:
                 depend on.
     note:       log a declared fallback once per handle.
     record:     ``record(site, **facts)``: what ran (backend, density), for ``handle.report()``.
+    level:      U-Nets: the resolution level of this call site (0 = the highest-resolution level
+                that has attention), else None.
+    latent:     U-Nets: the (rows, cols) of the forward's input latent, else None.
+    native:     U-Nets: the (rows, cols) latent the model was trained at (``sample_size``), else None.
+    block_input: U-Nets, when the method asked for it: the transformer block's input ``[B, S, C]``
+                (token merging's similarity metric), else None.
     """
 
     layout: TokenLayout
@@ -36,3 +42,7 @@ class AttnContext:
     cache: Callable[[Hashable, Callable[[], Any]], Any] = lambda key, build: build()
     note: Callable[[str], None] = lambda message: None
     record: Callable[..., None] = lambda site, **facts: None
+    level: int | None = None
+    latent: tuple[int, int] | None = None
+    native: tuple[int, int] | None = None
+    block_input: torch.Tensor | None = None

@@ -42,6 +42,9 @@ class RunState:
     step: int = 0
     num_steps: int | None = None
     last_timestep: float | None = None
+    native: tuple[int, int] | None = None  # U-Nets: the latent (rows, cols) the model was trained at
+    live: bool = True  # whether this forward's model runs our processors (an unset processors() dict: False)
+    forward: dict = field(default_factory=dict)  # per-forward scratch of structural hooks (sizes, block inputs); cleared before each forward
 
     def observe_timestep(self, timestep: float) -> None:
         """Step tracking without a scheduler: timesteps fall within one pipeline call.
@@ -120,6 +123,24 @@ class ForwardHook:
 
 
 @dataclass
+class OutputHook:
+    """A forward hook (with kwargs) on ``model``, run after its forward; it may replace the output
+    (structural changes such as RAU-Net's pooling)."""
+
+    model: torch.nn.Module
+    hook: Callable
+    _removable: Any = None
+
+    def do(self) -> None:
+        self._removable = self.model.register_forward_hook(self.hook, with_kwargs=True)
+
+    def undo(self) -> None:
+        if self._removable is not None:
+            self._removable.remove()
+            self._removable = None
+
+
+@dataclass
 class Marker:
     """The attribute that says "diffattn is applied here" (and to which handle)."""
 
@@ -151,17 +172,21 @@ class _Site:
 class Handle:
     """Per-run state of one ``apply``. Also a context manager: leaving the block removes it."""
 
-    def __init__(self, method_name: str, method: Any, family: str, scheduler: Any = None, cache_size: int = CACHE_SIZE):
+    def __init__(self, method_name: str, method: Any, family: str, scheduler: Any = None, cache_size: int = CACHE_SIZE,
+                 pipe: Any = None):
         self.method_name = method_name
         self.method = method
         self.family = family
         self.scheduler = scheduler
+        self.pipe = pipe  # for the step count of pipelines whose scheduler has no step index (``_num_timesteps``)
+        self.levels: dict[str, int] = {}  # U-Nets: site -> resolution level (0 = highest with attention)
         self.state = RunState()
         self.cache_size = cache_size
         self._steps: list[Any] = []
         self._cache: dict[Hashable, Any] = {}
         self._notes: set[str] = set()
         self._sites: dict[str, _Site] = {}
+        self._probes: dict[int, tuple] = {}
         self.removed = False
         self.bypassed = False  # every call runs the stock dense attention (a teacher forward)
         self.captured: dict[str, Any] | None = None  # site -> core attention output, while capturing
@@ -191,6 +216,15 @@ class Handle:
             if isinstance(step, Marker) and step.model not in seen:
                 seen.append(step.model)
         return seen
+
+    def set_probe(self, model: torch.nn.Module, module: torch.nn.Module, processor: Any) -> None:
+        """Remember one attention module of ``model`` and the processor this handle made for it."""
+        self._probes[id(model)] = (module, processor)
+
+    def installed(self, model: torch.nn.Module) -> bool:
+        """Whether ``model`` runs this handle's processors (one attribute read: its probe module's)."""
+        probe = self._probes.get(id(model))
+        return probe is None or getattr(probe[0], "processor", None) is probe[1]
 
     def owns(self, processor: Any) -> bool:
         return getattr(processor, "handle", None) is self
@@ -252,6 +286,7 @@ class Handle:
         """Record layout and step before a model forward; check the layout before any attention.
         ``layout`` may be a string: why this forward has no layout a method can use."""
         state = self.state
+        state.forward.clear()
         if isinstance(layout, str):
             state.layout, state.no_layout = None, layout
         else:
@@ -266,11 +301,20 @@ class Handle:
             state.step = (index if index is not None else begin) - begin
             timesteps = getattr(self.scheduler, "timesteps", None)
             state.num_steps = len(timesteps) - begin if timesteps is not None else None
-        elif timestep is not None and self.method.config.schedule.needs_step:
+        elif timestep is not None and self.needs_step:
             # a host read of the timestep: only when the schedule depends on the step (under
             # torch.compile this is one graph break; apply to the pipeline to read its scheduler)
             value = float(timestep.max()) if torch.is_tensor(timestep) else float(timestep)
             state.observe_timestep(value)
+            # pipelines record their step count before the loop (img2img: after the strength cut)
+            count = getattr(self.pipe, "_num_timesteps", None)
+            state.num_steps = count if isinstance(count, int) and count > 0 else None
+
+    @property
+    def needs_step(self) -> bool:
+        """Whether the method's decisions depend on the denoising step."""
+        needs = getattr(self.method, "needs_step", None)
+        return needs if needs is not None else self.method.config.schedule.needs_step
 
     def cache(self, key: Hashable, build: Callable[[], Any]) -> Any:
         """Cached value for ``key`` (which names every input it depends on), built on first use.
