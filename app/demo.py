@@ -36,7 +36,8 @@ import torch
 import diffattn
 from diffattn.app import mask as mask_tool
 
-KINDS = {"video": "video (testbed WanPipeline, 29 frames at 128x128)", "image-dit": "image DiT (testbed FluxPipeline, 128x128)"}
+KINDS = {"video": "video (testbed WanPipeline, 29 frames at 128x128)", "image-dit": "image DiT (testbed FluxPipeline, 128x128)",
+         "image-unet": "U-Net (testbed StableDiffusionPipeline, trained at 128x128: HiDiffusion is for 256)"}
 MASK_PRESET = {"video": "testbed", "image-dit": "testbed-flux"}
 
 
@@ -102,6 +103,8 @@ def _family(models: Models, kind: str) -> str:
         return "wan2.1"
     if kind == "image-dit":
         return "flux"
+    if kind == "image-unet":
+        return "sd1.5"
     return diffattn.detect_family(models.get(kind))
 
 
@@ -203,9 +206,12 @@ def _save(media: np.ndarray, video: bool, folder: Path, name: str) -> str:
 
 
 def mask_picture(models: Models, kind: str, method: str, options: dict, size: int, frames: int, folder: Path) -> tuple[str, str]:
-    """(PNG path, one line: layout and density) of the block map at this size."""
+    """(PNG path, one line: layout and density) of the block map at this size; for U-Net methods the
+    MSW-MSA windows of the top attention level (those without windows have no mask to draw)."""
     import imageio.v3 as iio
 
+    if _family(models, kind) in diffattn.methods()["msw-msa"]:  # the U-Net families
+        return window_picture(models, kind, method, options, size, folder)
     preset = MASK_PRESET.get(kind) or ("wan" if models.is_video(kind) else "flux")
     info = mask_tool.describe(preset, method, size, size, frames if models.is_video(kind) else 1, options)
     path = folder / f"mask_{method}_{size}_{frames}.png"
@@ -214,6 +220,27 @@ def mask_picture(models: Models, kind: str, method: str, options: dict, size: in
     iio.imwrite(path, pixels.repeat(scale, axis=0).repeat(scale, axis=1))
     return str(path), (f"{method}: {info['layout']}, {info['blocks'][0]} x {info['blocks'][1]} blocks of "
                        f"{info['block_size'][0]}, density {info['density']:.3f} (white: full, grey: partial, black: skipped)")
+
+
+def window_picture(models: Models, kind: str, method: str, options: dict, size: int, folder: Path) -> tuple[str | None, str]:
+    """The 2 x 2 windows (one colour each) of the top attention level at the first step's shift."""
+    import imageio.v3 as iio
+
+    from diffattn.patterns import windows
+
+    if "msw-msa" not in method and "hidiffusion" not in method:
+        return None, (f"{method}: no attention mask to draw ({'it changes the U-Net' if 'rau-net' in method else 'it merges tokens'}); "
+                      "the per-layer table shows where it ran")
+    pipe = models.get(kind)
+    rows = cols = size // getattr(pipe, "vae_scale_factor", 8)  # the top attention level runs at the latent's size (SD 1.5 layout)
+    ids = windows.window_ids(rows, cols, int(options.get("seed", 0)) % 4 if options.get("shifts") == "cyclic" else 0).reshape(rows, cols)
+    palette = np.array([[230, 80, 60], [60, 160, 230], [90, 200, 90], [240, 200, 60]], dtype=np.uint8)
+    pixels = palette[ids.numpy()]
+    scale = max(1, 512 // rows)
+    path = folder / f"windows_{method}_{size}.png"
+    iio.imwrite(path, pixels.repeat(scale, axis=0).repeat(scale, axis=1))
+    return str(path), (f"{method}: the top level's {rows} x {cols} tokens in 2 x 2 windows of {windows.window_size(rows, cols)} "
+                       "(unshifted; each call rolls them by 0, 1/4, 1/2 or 3/4 of a window); a token attends within its colour")
 
 
 def generate(models: Models, kind: str, method: str, options_text: str, prompt: str, seed: int, steps: int, size: int,
@@ -304,7 +331,10 @@ def build(models: Models, *, max_queue: int = 8):
         with gr.Row():
             with gr.Column(scale=1):
                 kind = gr.Dropdown(choices=[(label, key) for key, label in kinds.items()], value=first, label="pipeline")
-                method = gr.Dropdown(choices=first_methods, value=first_methods[0] if first_methods else None, label="method")
+                # custom values: the choices follow the pipeline in the browser; an API call may name any method
+                # (generate() checks that it fits the pipeline)
+                method = gr.Dropdown(choices=first_methods, value=first_methods[0] if first_methods else None, label="method",
+                                     allow_custom_value=True)
                 options = gr.Code(value=default_options(models, first, first_methods[0]) if first_methods else "{}",
                                   language="json", label="method options (the family's defaults; edit the JSON)")
                 prompt = gr.Textbox(value="a red circle moving right on a dark blue background", label="prompt",

@@ -158,6 +158,8 @@ def _at_most(images, size: int) -> torch.Tensor:
     """``[N, H, W, 3]`` images area-downsampled to ``size`` x ``size`` when larger (the aspect and count
     checks are scale-free and cost O(pixels x object diameter) at full resolution), else as given."""
     x = torch.as_tensor(np.asarray(images) if not torch.is_tensor(images) else images).float().cpu()
+    if x.dim() == 5 and x.shape[1] == 1:  # [N, 1, H, W, 3]: one-frame "videos"
+        x = x[:, 0]
     if x.dim() != 4 or min(x.shape[1:3]) <= size:
         return x
     return F.interpolate(x.permute(0, 3, 1, 2), size=(size, size), mode="area").permute(0, 2, 3, 1)
@@ -169,6 +171,8 @@ def object_count(image, colour: str, others=()) -> int:
     ``ASPECT_MIN_PIXELS`` of the image and ``COUNT_MIN_SHARE`` of the largest component. Plain sampling
     above the trained resolution draws an asked object twice or more; 0 when it is missing."""
     x = torch.as_tensor(np.asarray(image) if not torch.is_tensor(image) else image).float().cpu()
+    if x.dim() == 4:  # [1, H, W, 3]
+        x = x[0]
     if x.shape[0] != COUNT_SIZE or x.shape[1] != COUNT_SIZE:
         mode = "area" if min(x.shape[:2]) >= COUNT_SIZE else "bilinear"
         x = F.interpolate(x.permute(2, 0, 1)[None], size=(COUNT_SIZE, COUNT_SIZE), mode=mode)[0].permute(1, 2, 0)

@@ -67,6 +67,16 @@ def test_mask_view(client):
     assert picture.endswith(".png") and "TokenLayout(F=8, Y=16, X=16)" in caption
 
 
+def test_unet_generation_and_window_view(client):
+    args = dict(ARGS, kind="image-unet", method="hidiffusion", options='{"seed": 1}', prompt="a red circle", size=256, steps=4)
+    dense, method, dense_img, method_img, metrics, mask, caption, layers, steps = client.predict(*args.values(), api_name="/generate")
+    assert "judge: count" in metrics and "PSNR / SSIM vs dense" in metrics
+    assert mask.endswith(".png") and "2 x 2 windows" in caption
+    assert any(row[0] == "unet.down_blocks.0.downsamplers.0.conv" and row[2] > 0 for row in layers["data"])  # RAU-Net ran
+    picture, caption = client.predict("image-unet", "tome", "{}", 256, 29, api_name="/mask")
+    assert picture is None and "no attention mask" in caption
+
+
 def test_mask_command_prints_density_and_writes_the_picture(tmp_path, capsys):
     import imageio.v3 as iio
 

@@ -341,3 +341,27 @@ def test_token_fast_path_equals_qkv_reference(name, options, rows, cols):
         q, k, v = project(x, "qkv")
         ref = attn.to_out[0](method(q, k, v, ctx).transpose(1, 2).flatten(2))
         torch.testing.assert_close(fast, ref, atol=2e-5, rtol=1e-5)
+
+
+def test_img2img_counts_the_strength_cut_steps(sd):
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    img2img = StableDiffusionImg2ImgPipeline(**sd.components)
+    img2img.set_progress_bar_config(disable=True)
+    image = torch.rand(1, 3, 256, 256)
+    seen = []
+
+    def run(**kw):
+        return img2img(prompt="a red circle", image=image, strength=0.5, num_inference_steps=10, output_type="latent",
+                       generator=torch.Generator().manual_seed(0), **kw).images
+
+    stock = run()
+    with diffattn.apply(img2img, "rau-net", t1=0.5) as handle:
+        hook = img2img.unet.register_forward_hook(lambda *_: seen.append((handle.state.step, handle.state.num_steps)))
+        out = run()
+        hook.remove()
+        rows = {r["site"]: r for r in handle.report()}
+    assert seen == [(i, 5) for i in range(5)]  # strength 0.5 of 10 steps: 5 steps, counted from 0
+    rad = rows["unet.down_blocks.0.downsamplers.0.conv"]
+    assert (rad["method_calls"], rad["dense_calls"]) == (2, 3)  # t1 0.5 of 5 steps: the first 2
+    assert not torch.equal(out, stock) and torch.equal(run(), stock)

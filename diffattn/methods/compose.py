@@ -140,6 +140,10 @@ class Composite:
         for p in self.parts:
             p.check_layout(layout)
 
+    def describe(self, layout, device):
+        """U-Net methods have no block description: they run SDPA on windows or merged tokens."""
+        raise NotImplementedError(f"{self.name} is not block-sparse: it has no block description (no mask to draw)")
+
     def __call__(self, q, k, v, ctx: AttnContext) -> torch.Tensor:
         return run_grid_methods(self.parts, q, k, v, ctx)
 

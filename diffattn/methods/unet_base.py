@@ -158,6 +158,10 @@ class GridMethod:
     def check_layout(self, layout) -> None:
         """Any latent size works (odd sizes are padded or ceil-divided, never rejected)."""
 
+    def describe(self, layout, device):
+        """U-Net methods have no block description: they run SDPA on windows or merged tokens."""
+        raise NotImplementedError(f"{self.name} is not block-sparse: it has no block description (no mask to draw)")
+
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
         """q, k, v ``[B, H, N, D]`` -> ``[B, H, N, D]`` (the reference twin of ``run_tokens``)."""
         from diffattn.methods.compose import run_grid_methods
