@@ -16,6 +16,11 @@ if [[ $part == sweep ]]; then
   python3 benchmarks/quality.py --kinds image-unet --sizes 256,512 --prompts 64 --json "$OUT/quality_unet_t1.json" \
     --methods "hidiffusion:t1=0.6,hidiffusion:t1=0.8,rau-net:t1=0.8" 2>&1 | tee "$OUT/quality_unet_t1.log" | grep -v "^{"
 fi
+if [[ $part == sweep2 ]]; then
+  python3 benchmarks/quality.py --kinds image-unet --sizes 256 --prompts 64 --json "$OUT/quality_unet_sweep2.json" \
+    --methods "rau-net:t1=0.6,rau-net:t1=0.6;t2=0.3,rau-net:t1=1.0,hidiffusion:t1=0.6;seed=1,hidiffusion:t1=0.6;shifts='cyclic',msw-msa:start=0.4" \
+    2>&1 | tee "$OUT/quality_unet_sweep2.log" | grep -v "^{"
+fi
 if [[ $part == sd15 ]]; then
   python3 benchmarks/unet_speed.py --models sd1.5 --steps 10 --json "$OUT/speed_sd15.json" \
     --methods msw-msa hidiffusion tome "tome:ratio=0.75" agent+tome hidiffusion+tome 2>&1 | tee "$OUT/speed_sd15.log"
