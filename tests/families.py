@@ -128,13 +128,6 @@ SD_UNET = Family(
 )
 
 
-def _sdxl_call(pipe, size=128, steps=5, guidance=5.0):
-    return pipe(
-        prompt="a red circle", negative_prompt="a blue square", height=size, width=size, num_inference_steps=steps,
-        guidance_scale=guidance, output_type="latent", generator=torch.Generator().manual_seed(0),
-    ).images
-
-
 def _sdxl_pipeline():
     from diffattn_testbed.tiny import tiny_sdxl_pipeline
 
@@ -144,7 +137,7 @@ def _sdxl_pipeline():
 
 
 SDXL_UNET = Family(
-    name="sdxl_unet", build=_sdxl_pipeline, call=_sdxl_call, models=lambda pipe: [pipe.unet],
+    name="sdxl_unet", build=_sdxl_pipeline, call=lambda pipe, **kw: _sd_call(pipe, **{"steps": 5, "guidance": 5.0, **kw}), models=lambda pipe: [pipe.unet],
     shape=dict(size=128), other_shape=dict(size=96), small=dict(size=96),
     ours=lambda key: ".attn1." in key,
 )

@@ -199,21 +199,13 @@ def run_grid_methods(parts, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
         q, k, v = (_merge_heads(plan, t) for t in (q, k, v))  # [B, H, N', D]
     merged = q.shape[-2]
     density = merged * merged / (n * n)
-    backend = "sdpa"
+    agents = None
     if core is not None:
         if core.config.agents == "merge":
             agents = _merge_heads(ranking.plan(core.agent_count(n, ranking.src.numel())), q_full)  # [B, H, n_a, D]
         else:
             agents = core.pooled_agents(q_full, rows, cols)
-        if 2 * agents.shape[-2] < merged:
-            out = agent_attention(q, k, v, agents, core.config.k2, core.config.k_shortcut, core.fp32)
-            density = 2 * agents.shape[-2] * merged / (n * n)
-            backend = "agent"
-        else:
-            ctx.note(f"diffattn {names}: {agents.shape[-2]} agents for {merged} tokens (2n >= N'), plain attention on these calls")
-            out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-    else:
-        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B', H, N', D]
+    out, backend, density = _core(core, q, k, v, agents, mask, n, density, ctx, names)
     if plan is not None:
         out = _unmerge_heads(plan, out)
     if win is not None:
@@ -221,6 +213,18 @@ def run_grid_methods(parts, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
         out = win.join(out, ctx.layout.rows, ctx.layout.cols, shift_k)
     ctx.record(ctx.site, mode="method", layout=ctx.layout, backend=backend, density=min(1.0, density))
     return out
+
+
+def _core(core, q, k, v, agents, mask, n: int, density: float, ctx: AttnContext, names: str):
+    """The core of one call: agent attention where 2 n_agents < N', else softmax attention.
+    Returns (out ``[B', H, N', D]``, backend name, density of the score work)."""
+    merged = q.shape[-2]
+    if agents is not None and 2 * agents.shape[-2] < merged:
+        out = agent_attention(q, k, v, agents, core.config.k2, core.config.k_shortcut, core.fp32)
+        return out, "agent", 2 * agents.shape[-2] * merged / (n * n)
+    if agents is not None:
+        ctx.note(f"diffattn {names}: {agents.shape[-2]} agents for {merged} tokens (2n >= N'), plain attention on these calls")
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask), "sdpa", density  # [B', H, N', D]
 
 
 def run_grid_tokens(parts, x: torch.Tensor, ctx: AttnContext, project, finish) -> torch.Tensor:
@@ -263,21 +267,13 @@ def run_grid_tokens(parts, x: torch.Tensor, ctx: AttnContext, project, finish) -
     q, k, v = project(x_m, "qkv")  # [B', H, N', D]
     merged = q.shape[-2]
     density = merged * merged / (n * n)
-    backend = "sdpa"
+    agents = None
     if core is not None:
         if merge_agents:
             agents = project(ranking.plan(core.agent_count(n, ranking.src.numel())).merge(x), "q")  # [B', H, n_a, D]
         else:
             agents = core.pooled_agents(project(x, "q"), rows, cols)
-        if 2 * agents.shape[-2] < merged:
-            out = agent_attention(q, k, v, agents, core.config.k2, core.config.k_shortcut, core.fp32)
-            density = 2 * agents.shape[-2] * merged / (n * n)
-            backend = "agent"
-        else:
-            ctx.note(f"diffattn {names}: {agents.shape[-2]} agents for {merged} tokens (2n >= N'), plain attention on these calls")
-            out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-    else:
-        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B', H, N', D]
+    out, backend, density = _core(core, q, k, v, agents, mask, n, density, ctx, names)
     y = finish(out)  # [B', N', C']
     if plan is not None:
         y = plan.unmerge(y)
