@@ -34,14 +34,17 @@ from diffattn.core.handle import HANDLE_ATTR, ForwardHook, Handle, Marker, Proce
 from diffattn.core.layout import TokenLayout
 from diffattn.core.registry import lookup
 from diffattn.core.weights import trained_steps
+from diffattn.guidance import GUIDANCE, as_guidance, guide
 from diffattn.methods import METHODS, method_class
+from diffattn.methods.dense import Dense
 from diffattn.pipelines import ADAPTERS, FAMILIES
+from diffattn.pipelines import guidance as guidance_branch
 from diffattn.pipelines.base import layout_hook
 
 __version__ = "0.1.0"
 __all__ = [
-    "Handle", "TokenLayout", "apply", "attention_modules", "attn_processors", "config_class", "detect_family", "families", "methods", "patch_size",
-    "processors", "remove", "set_attn_processors", "supported_models",
+    "Handle", "TokenLayout", "apply", "attention_modules", "attn_processors", "config_class", "detect_family", "families",
+    "guidance_methods", "guide", "methods", "patch_size", "processors", "remove", "set_attn_processors", "supported_models",
 ]
 
 COMPONENT_NAMES = ("transformer", "transformer_2", "unet")  # also looked up when a pipeline has no .components
@@ -50,6 +53,11 @@ COMPONENT_NAMES = ("transformer", "transformer_2", "unet")  # also looked up whe
 def methods() -> dict[str, tuple[str, ...]]:
     """``{method: model families it fits}`` for every method diffattn has."""
     return {name: cls.FAMILIES for name, cls in sorted(METHODS.items())}
+
+
+def guidance_methods() -> tuple[str, ...]:
+    """Every guidance method (``apply(pipe, name)`` alone, or ``apply(pipe, method, guidance=name)``)."""
+    return tuple(sorted(GUIDANCE))
 
 
 def families() -> tuple[str, ...]:
@@ -84,7 +92,9 @@ def detect_family(target) -> str:
 
 
 def config_class(method: str):
-    """The frozen config dataclass of ``method`` (its fields are the method's options)."""
+    """The frozen config dataclass of ``method`` or of a guidance method (its fields are the options)."""
+    if method in GUIDANCE:
+        return GUIDANCE[method]
     return _method_class(method).Config
 
 
@@ -137,6 +147,8 @@ def _owners() -> dict[str, list[str]]:
 
 
 def _build_method(method: str, family: str, options: dict, pipe):
+    if method in GUIDANCE:
+        return Dense()
     cls = _method_class(method)
     if family not in FAMILIES:
         raise ValueError(f"diffattn: unknown family={family!r}; valid families: {list(FAMILIES)}")
@@ -164,6 +176,10 @@ def _install(target, method: str, options: dict, set_processors: bool) -> tuple[
         existing.remove()  # a processors() dict that was never set: drop its hook and marker
     name0, model0 = components[0]
     family = options.pop("family", None) or _adapter_of(model0).family(model0, pipe)
+    branches = as_guidance(options.pop("guidance", None))
+    if method in GUIDANCE:  # guidance alone: the stock attention plus the weak branch
+        branches = [guide(method, **options)] + branches
+        options = {}
     steps, dicts = [], {}
     lora = options.pop("lora", None)
     lora_scale = options.pop("lora_scale", 1.0)
@@ -177,6 +193,8 @@ def _install(target, method: str, options: dict, set_processors: bool) -> tuple[
                              "apply to the model the weights were trained for")
         options, steps = trained_steps(model0, lora, method, options, scale=lora_scale)
     handle = Handle(method, _build_method(method, family, options, pipe), family, scheduler=getattr(pipe, "scheduler", None), pipe=pipe)
+    if branches:
+        handle.guide = guidance_branch.Guide(branches)
     for name, model in components:
         adapter = _adapter_of(model)
         original = attn_processors(model)  # key -> processor object, restored by remove()
@@ -193,6 +211,8 @@ def _install(target, method: str, options: dict, set_processors: bool) -> tuple[
             handle.state.native = adapter.native_size(model)
         if hasattr(adapter, "structural_steps"):
             steps += adapter.structural_steps(model, handle, pipe, name)  # hooks beyond the processors (RAU-Net, block inputs)
+        if branches:
+            steps += guidance_branch.install_steps(model, handle, adapter, family, name)  # the weak branch (diffusers hooks)
         steps += [
             ProcessorSwap(model, new, original, set_now=set_processors),
             ForwardHook(model, layout_hook(handle, adapter.grid)),

@@ -27,6 +27,7 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffattn.core.context import AttnContext
 from diffattn.core.handle import Handle
 from diffattn.core.layout import TokenLayout
+from diffattn.guidance.perturb import blend_identity, blur_queries
 
 
 class DiffattnProcessor:
@@ -75,11 +76,17 @@ class DiffattnProcessor:
                 "sparse steps yet; call transformer.enable_parallelism only without diffattn, or remove diffattn"
             )
 
+    def guided(self) -> bool:
+        """Whether the running forward has weak guidance rows perturbed at this layer."""
+        guide = self.handle.guide
+        return guide is not None and bool(guide.at(self.layer))
+
     def runs_method(self, layout: TokenLayout, note: str | None = None) -> bool:
-        """Whether this call runs the method; False (recorded as a dense call, with ``note`` saying
-        why when given) for processors that then call their stock processor object themselves."""
+        """Whether this call runs the processor's own path (the method, or guidance perturbing this
+        layer); False (recorded as a dense call, with ``note`` saying why when given) for processors
+        that then call their stock processor object themselves."""
         handle = self.handle
-        if note is None and not handle.bypassed and handle.method.active(self.context(layout)):
+        if note is None and not handle.bypassed and (handle.method.active(self.context(layout)) or self.guided()):
             return True
         if note is not None:
             handle.note_once(note)
@@ -90,9 +97,21 @@ class DiffattnProcessor:
                method_ok: bool = True, dense_note: str | None = None) -> torch.Tensor:
         """Core attention of one call. query/key/value in diffusers' [B, S, heads, D]; returns
         [B, S, heads, D]. ``kv_len``: a callable giving the [B] valid-key counts (only evaluated on
-        method calls). ``method_ok`` False forces the stock path (``dense_note`` says why)."""
+        method calls and on guided dense calls without a mask). ``method_ok`` False forces the stock
+        path (``dense_note`` says why). Guidance rows of the running forward are perturbed here
+        (``handle.guide``): SEG blurs their queries before, the identity blends mix V in after."""
         ctx = self.context(layout)
         handle = self.handle
+        perturb = handle.guide.at(self.layer) if handle.guide is not None else []
+        if perturb:
+            query, out = self._perturb_queries(query, layout, perturb), None
+            rows, p = perturb[0]
+            if len(perturb) == 1 and p.full_identity and rows == slice(0, query.shape[0]):
+                out = value.clone()  # the whole batch is the weak branch with O = V: no attention to run
+                handle.guide.hits += 1
+                handle.record(self.site, mode="dense", layout=layout, note="guidance: identity attention (no kernel run)")
+                handle.keep(self.site, out)
+                return out
         if method_ok and not handle.bypassed and handle.method.active(ctx):
             self.check_parallel()
             if kv_len is not None:
@@ -103,11 +122,36 @@ class DiffattnProcessor:
             if dense_note is not None:
                 handle.note_once(dense_note)
             handle.record(self.site, mode="dense", layout=layout, note=dense_note)
+            if perturb and attention_mask is None and kv_len is not None:
+                valid = kv_len().to(query.device)  # [B] keys valid as a prefix (padded text last)
+                attention_mask = (torch.arange(key.shape[1], device=query.device)[None, :] < valid[:, None])[:, None, None, :]
             out = dispatch_attention_fn(
                 query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
                 backend=self._attention_backend, parallel_config=self._parallel_config,
             )
+        if perturb:
+            out = self._perturb_output(out, value, perturb)
         handle.keep(self.site, out)
+        return out
+
+    def _perturb_queries(self, query, layout: TokenLayout, perturb) -> torch.Tensor:
+        seg = [(rows, p) for rows, p in perturb if p.kind == "seg"]
+        if not seg:
+            return query
+        query = query.clone()
+        for rows, p in seg:
+            query[rows] = blur_queries(query[rows], layout, p.sigma, p.frame_sigma)
+        self.handle.guide.hits += 1
+        return query
+
+    def _perturb_output(self, out, value, perturb) -> torch.Tensor:
+        blend = [(rows, p) for rows, p in perturb if p.kind == "blend"]
+        if not blend:
+            return out
+        out = out.clone()
+        for rows, p in blend:
+            out[rows] = blend_identity(out[rows], value[rows], torch.tensor(p.u))
+        self.handle.guide.hits += 1
         return out
 
     def __repr__(self) -> str:

@@ -29,6 +29,7 @@ from .base import DiffattnProcessor, double_single_targets, grid_from_ids
 
 MODEL_CLASSES = ("FluxTransformer2DModel",)
 FAMILIES = ("flux",)
+BLOCK_RETURNS = ("encoder_hidden_states", "hidden_states")  # the order its blocks return (guidance block skips)
 
 
 def family(model, pipe=None) -> str:

@@ -28,6 +28,7 @@ from .base import DiffattnProcessor, double_single_targets, grid_from_ids
 
 MODEL_CLASSES = ("Flux2Transformer2DModel",)
 FAMILIES = ("flux2",)
+BLOCK_RETURNS = ("encoder_hidden_states", "hidden_states")  # the order its blocks return (guidance block skips)
 STOCK = ("Flux2AttnProcessor", "Flux2ParallelSelfAttnProcessor")
 
 

@@ -22,6 +22,7 @@ from .base import DiffattnProcessor
 
 MODEL_CLASSES = ("SD3Transformer2DModel",)
 FAMILIES = ("sd3",)
+BLOCK_RETURNS = ("encoder_hidden_states", "hidden_states")  # the order its blocks return (guidance block skips)
 
 
 def family(model, pipe=None) -> str:

@@ -34,12 +34,14 @@ import torch
 from diffattn.core.context import AttnContext
 from diffattn.core.handle import ForwardHook, OutputHook
 from diffattn.core.layout import TokenLayout
+from diffattn.guidance.perturb import blend_identity, blur_queries
 
 from .base import DiffattnProcessor
 
 MODEL_CLASSES = ("UNet2DConditionModel",)
 FAMILIES = ("sd1.5", "sd2.1", "sdxl", "sdxl-turbo")
 STOCK_PROCESSORS = ("AttnProcessor2_0", "AttnProcessor")
+BLOCK_CHAIN = False  # resnets and samplers sit between the transformer blocks: guidance cannot share a prefix
 
 
 def family(model, pipe=None) -> str:
@@ -172,8 +174,55 @@ class Processor(DiffattnProcessor):
 
         ctx = self.context(layout)
         self.handle.state.forward.pop(("input", self.site), None)
-        out = self.handle.method.run_tokens(hidden_states, ctx, project, finish)  # [B, S, C]
+        handle = self.handle
+        perturb = handle.guide.at(self.layer) if handle.guide is not None else []
+        method_on = not handle.bypassed and handle.method.active(ctx)
+        if not perturb:
+            out = handle.method.run_tokens(hidden_states, ctx, project, finish)  # [B, S, C]
+        elif method_on:
+            out = self._guided_method(hidden_states, ctx, project, finish, perturb, attn)
+        else:
+            out = self._guided_dense(hidden_states, layout, project, finish, perturb)
         return out / attn.rescale_output_factor
+
+    def _guided_method(self, x, ctx, project, finish, perturb, attn):
+        """A U-Net method's call with weak rows: the method runs on every row, then the weak rows are
+        blended with the identity output ``to_out(V)`` after the out-projection. That is exact for
+        one u per layer (the projection is affine); head-level weights and SEG need the attention
+        output per head, which the U-Net methods' token paths (windows, merged tokens) do not expose."""
+        for _, p in perturb:
+            if p.kind != "blend" or len(set(p.u)) != 1:
+                raise NotImplementedError(
+                    f"diffattn {self.handle.method_name}: {'SEG' if p.kind == 'seg' else 'head-level guidance'} inside a "
+                    "U-Net method's calls is not supported (the method's token path has no per-head output); use "
+                    "pag/soft-pag/stg(mode='attention') with one u per layer, or guidance without a U-Net method"
+                )
+        out = self.handle.method.run_tokens(x, ctx, project, finish).clone()  # [B, S, C]
+        for rows, p in perturb:
+            u = p.u[0]
+            identity = attn.to_out[1](attn.to_out[0](attn.to_v(x[rows])))  # O = V, then the out-projection
+            out[rows] = (1 - u) * out[rows] + u * identity.to(out.dtype)
+        self.handle.guide.hits += 1
+        return out
+
+    def _guided_dense(self, x, layout, project, finish, perturb):
+        """The stock attention (``AttnProcessor2_0``'s maths) with the weak rows perturbed per head."""
+        handle = self.handle
+        handle.record(self.site, mode="dense", layout=layout)
+        query, key, value = project(x, "qkv")  # [B, H, N, D]
+        seg = [(rows, p) for rows, p in perturb if p.kind == "seg"]
+        if seg:
+            query = query.clone()
+            for rows, p in seg:
+                query[rows] = blur_queries(query[rows].transpose(1, 2), layout, p.sigma).transpose(1, 2)
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+        blend = [(rows, p) for rows, p in perturb if p.kind == "blend"]
+        if blend:
+            out = out.clone()
+            for rows, p in blend:
+                out[rows] = blend_identity(out[rows].transpose(1, 2), value[rows].transpose(1, 2), torch.tensor(p.u)).transpose(1, 2)
+        handle.guide.hits += 1
+        return finish(out)
 
 
 # -- structural steps: block inputs for token merging, RAU-Net -----------------------------------

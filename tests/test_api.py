@@ -177,11 +177,14 @@ LAYERS = {  # folder -> packages it may import (layers import downward only)
     "diffattn/patterns": {"diffattn.core", "diffattn.rules"},
     "kernels": {"diffattn.core", "diffattn.rules", "diffattn.patterns"},
     "diffattn/methods": {"diffattn.core", "diffattn.rules", "diffattn.patterns", "diffattn.kernels"},
-    "pipelines": {"diffattn.core", "diffattn.rules", "diffattn.patterns", "diffattn.kernels", "diffattn.methods"},
-    "lora": {"diffattn.core", "diffattn.rules", "diffattn.patterns", "diffattn.kernels", "diffattn.methods", "diffattn.pipelines", "diffattn"},
+    "diffattn/guidance": {"diffattn.core", "diffattn.rules", "diffattn.patterns", "diffattn.kernels", "diffattn.methods"},
+    "pipelines": {"diffattn.core", "diffattn.rules", "diffattn.patterns", "diffattn.kernels", "diffattn.methods", "diffattn.guidance"},
+    "lora": {"diffattn.core", "diffattn.rules", "diffattn.patterns", "diffattn.kernels", "diffattn.methods", "diffattn.guidance",
+             "diffattn.pipelines", "diffattn"},
 }
 SELF = {"diffattn/core": "diffattn.core", "diffattn/rules": "diffattn.rules", "diffattn/patterns": "diffattn.patterns",
-        "kernels": "diffattn.kernels", "diffattn/methods": "diffattn.methods", "pipelines": "diffattn.pipelines",
+        "kernels": "diffattn.kernels", "diffattn/methods": "diffattn.methods", "diffattn/guidance": "diffattn.guidance",
+        "pipelines": "diffattn.pipelines",
         "lora": "diffattn.lora"}
 
 

@@ -317,3 +317,130 @@ class BackendTester:
                     for i in range(int(desc.q_part_num[h, kb])):
                         qb, j = int(desc.q_part_idx[h, kb, i]), int(packed.q_part_slot[h, kb, i])
                         assert int(desc.part_idx[h, qb, j]) == kb, f"{name}: slot of ({qb}, {kb})"
+
+
+# -- guidance -----------------------------------------------------------------------------------
+
+class GuidanceTester:
+    """One class per model family: guidance on a model called alone (every row conditional, so the
+    output must be ``c + s (c - weak)``, the formula without CFG). Declare ``family`` and optionally
+    ``method`` / ``method_options`` (an attention method that guidance must compose with).
+    Checks: the output is the formula for SoftPAG, STG and SEG, and ``remove`` restores bit for bit;
+    the blend is linear in u (the core output at the perturbed layer under ``handle.weak``); joint
+    and separate batching agree; the shared prefix changes nothing and is used; STG's skipped block
+    hands its input on; out-of-range layers and heads name the valid range; composed with a method,
+    the output is that formula around the method's own outputs."""
+
+    family: Family
+    method: str | None = None
+    method_options: dict = {}
+
+    @pytest.fixture(scope="class")
+    def target(self):
+        return self.family.build()
+
+    def run(self, target):
+        with torch.no_grad():
+            return self.family.call(target, **self.family.shape)
+
+    def info(self, target):
+        from diffattn.pipelines.guidance import model_info
+
+        model = self.family.models(target)[0]
+        return model_info(model, diffattn._adapter_of(model), diffattn.detect_family(target))
+
+    def guided_and_weak(self, target, method, **options):
+        handle = diffattn.apply(target, method, **options)
+        try:
+            out = self.run(target)
+            with handle.weak():
+                weak = self.run(target)
+            summary = handle.summary()
+        finally:
+            handle.remove()
+        return out, weak, summary
+
+    def test_output_is_the_formula_and_remove_is_exact(self, target):
+        stock = self.run(target)
+        layer = self.info(target).layers // 2
+        for name, options in (("soft-pag", dict(u=0.7)), ("stg", {}), ("seg", dict(sigma=1.0))):
+            out, weak, summary = self.guided_and_weak(target, name, scale=2.0, layers=[layer], **options)
+            assert (weak - stock).abs().max() > 1e-5, f"{name}: the weak branch must differ from the model"
+            torch.testing.assert_close(out, stock + 2.0 * (stock - weak), atol=1e-5, rtol=1e-5)
+            assert summary["guidance"]["weak_forwards"] >= 1
+            assert torch.equal(self.run(target), stock), f"{name}: remove() did not restore the stock output bit for bit"
+        for model in self.family.models(target):
+            assert not hasattr(model, "_diffattn_handle") and "forward" not in vars(model)
+
+    def test_blend_is_linear_in_u(self, target):
+        layer = self.info(target).layers - 1
+        captured = {}
+        for u in (1.0, 0.5, 0.25):
+            with diffattn.apply(target, "soft-pag", u=u, layers=[layer]) as handle:
+                sites = [r["site"] for r in handle.report() if r["layer"] == layer]
+                with handle.weak(), handle.capture(sites) as kept:
+                    self.run(target)
+                captured[u] = {s: t.float() for s, t in kept.items()}
+        for site in captured[1.0]:
+            v, half = captured[1.0][site], captured[0.5][site]
+            o = 2 * half - v  # the unperturbed output, from u = 0.5 = (O + V) / 2
+            torch.testing.assert_close(captured[0.25][site], 0.75 * o + 0.25 * v, atol=1e-5, rtol=1e-4)
+
+    def test_joint_equals_separate_and_the_prefix_is_shared(self, target):
+        layer = self.info(target).layers - 1
+        outs = {}
+        for batch, share in (("joint", True), ("separate", False), ("separate", True)):
+            with diffattn.apply(target, "soft-pag", u=0.6, layers=[layer], batch=batch, share_prefix=share) as handle:
+                outs[batch, share] = self.run(target)
+                stats = handle.summary()["guidance"]
+            if batch == "separate" and share and layer > 0:
+                assert stats["prefix_blocks_reused"] > 0
+        torch.testing.assert_close(outs["joint", True], outs["separate", False], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(outs["separate", True], outs["separate", False], atol=1e-6, rtol=1e-6)
+
+    def test_skipped_block_hands_its_input_on(self, target):
+        from diffattn.pipelines.guidance import blocks_of
+
+        model = self.family.models(target)[0]
+        blocks = blocks_of(model, diffattn._adapter_of(model))
+        pairs = [l for l in sorted(blocks) if l + 1 in blocks and type(blocks[l][1]) is type(blocks[l + 1][1])
+                 and blocks[l][1] is not blocks[l + 1][1]]
+        if not pairs:
+            pytest.skip("no two consecutive blocks of one class")
+        layer = pairs[0]
+        seen = {}
+
+        def keep(name):
+            def hook(module, args, kwargs):
+                seen[name] = (kwargs.get("hidden_states", args[0] if args else None)).clone()
+            return hook
+
+        hooks = [blocks[layer][1].register_forward_pre_hook(keep("skipped"), with_kwargs=True),
+                 blocks[layer + 1][1].register_forward_pre_hook(keep("next"), with_kwargs=True)]
+        try:
+            with diffattn.apply(target, "stg", layers=[layer]) as handle, handle.weak():
+                self.run(target)
+        finally:
+            for h in hooks:
+                h.remove()
+        assert torch.equal(seen["skipped"], seen["next"])
+
+    def test_out_of_range_layers_and_heads_name_the_range(self, target):
+        info = self.info(target)
+        with pytest.raises(ValueError, match=rf"0\.\.{info.layers - 1}"):
+            diffattn.apply(target, "pag", layers=[info.layers])
+        with pytest.raises(ValueError, match=rf"heads 0\.\.{info.heads[0] - 1}"):
+            diffattn.apply(target, "headhunter", heads=[(0, info.heads[0])])
+        for model in self.family.models(target):
+            assert not hasattr(model, "_diffattn_handle")
+
+    def test_composes_with_the_method(self, target):
+        if self.method is None:
+            pytest.skip("no attention method declared for this family")
+        with diffattn.apply(target, self.method, **self.method_options) as handle:
+            alone = self.run(target)
+        layer = self.info(target).layers - 1
+        out, weak, summary = self.guided_and_weak(
+            target, self.method, **self.method_options, guidance=diffattn.guide("soft-pag", u=0.5, scale=1.5, layers=[layer]))
+        assert summary["method_calls"] > 0
+        torch.testing.assert_close(out, alone + 1.5 * (alone - weak), atol=1e-5, rtol=1e-5)

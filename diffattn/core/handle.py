@@ -189,6 +189,7 @@ class Handle:
         self._probes: dict[int, tuple] = {}
         self.removed = False
         self.bypassed = False  # every call runs the stock dense attention (a teacher forward)
+        self.guide: Any = None  # the guidance branches' runtime state (pipelines.guidance.Guide), or None
         self.captured: dict[str, Any] | None = None  # site -> core attention output, while capturing
         self._capture_sites: frozenset[str] = frozenset()
 
@@ -276,6 +277,16 @@ class Handle:
             yield out
         finally:
             self.captured, self._capture_sites = previous
+
+    @contextlib.contextmanager
+    def weak(self, branch: int = 0):
+        """Inside the block every forward of the handle's models is the weak model of guidance
+        branch ``branch`` alone (no extra branch, no combination): to look at what the weak branch
+        predicts, or to check the guided output against its formula."""
+        if self.guide is None:
+            raise ValueError(f"diffattn: {self.method_name!r} was applied without guidance; handle.weak() needs a guidance branch")
+        with self.guide.weak(branch):
+            yield self
 
     def keep(self, site: str, output) -> None:
         if self.captured is not None and site in self._capture_sites:
@@ -379,12 +390,15 @@ class Handle:
         weighted = [(r["density"], r["method_calls"]) for r in rows if r["density"] is not None and r["method_calls"]]
         density = sum(d * n for d, n in weighted) / sum(n for _, n in weighted) if weighted else None
         layouts = [r["layout"] for r in rows if r["layout"] is not None]
-        return {
+        out = {
             "method": self.method_name, "family": self.family, "method_calls": method,
             "dense_calls": sum(r["dense_calls"] for r in rows), "backends": backends, "density": density,
             "layout": self.state.layout if self.state.layout is not None else (layouts[-1] if layouts else None),
             "notes": sorted({n for r in rows for n in r["notes"]} | self._notes),
         }
+        if self.guide is not None:
+            out["guidance"] = {"branches": self.guide.names, **self.guide.stats}
+        return out
 
     def __repr__(self) -> str:
         names = [type(m).__name__ for m in self.models]
