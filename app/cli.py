@@ -9,6 +9,7 @@
     diffattn generate --lora runs/len4x --frames 113                                # uses it
     diffattn mask --model wan --height 720 --width 1280 --frames 81 --method radial # density + block map, no weights
     diffattn demo                                                                   # Gradio app on 127.0.0.1:7860
+    diffattn headhunter --rounds 2 --top-k 2 --out heads.json                      # head search (testbed video)
     diffattn generate --model /path/to/Wan2.1-T2V-1.3B-Diffusers --device cuda \\
         --height 480 --width 832 --frames 81 --steps 50 --out wan.mp4
 
@@ -492,12 +493,13 @@ def mask(argv) -> dict:
         raise SystemExit(f"diffattn mask: {exc}") from None
 
 
-USAGE = """usage: diffattn {generate,mask,demo,train} ...
+USAGE = """usage: diffattn {generate,mask,demo,train,headhunter} ...
 
   generate   a clip dense and with a method, compared (time, density, PSNR/SSIM, the judge)
   mask       a method's density and block-map picture at a model's size, without weights
   demo       the Gradio demo on 127.0.0.1 (needs the [app] extra)
   train      a trainer: `train clear` (CLEAR distillation) or `train length` (LoRA length extension)
+  headhunter the greedy attention-head search for HeadHunter guidance (writes a head list as JSON)
 
 `diffattn COMMAND --help` explains each command's options."""
 
@@ -507,13 +509,18 @@ def main(argv=None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0
-    if argv[0] not in ("generate", "mask", "demo", "train"):
+    if argv[0] not in ("generate", "mask", "demo", "train", "headhunter"):
         raise SystemExit(f"diffattn: unknown command {argv[0]!r}\n{USAGE}")
     if argv and argv[0] == "train":
         train(argv[1:])
         return 0
     if argv and argv[0] == "mask":
         mask(argv[1:])
+        return 0
+    if argv[0] == "headhunter":
+        from diffattn.app import headhunter
+
+        headhunter.main(argv[1:])
         return 0
     if argv and argv[0] == "demo":
         from diffattn.app import demo

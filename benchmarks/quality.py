@@ -7,9 +7,11 @@
     python benchmarks/quality.py --kinds video --methods "radial,neighborhood,neighborhood:kernel_size=(3,7,7)"
     python benchmarks/quality.py --kinds image-dit --sizes 128,256,512 --methods "clear,clear:lora='runs/clear'"
     python benchmarks/quality.py --kinds image-unet --sizes 128,256,512 --methods "hidiffusion,msw-msa,rau-net,tome,agent+tome"
+    python benchmarks/quality.py --kinds video --methods "pag,soft-pag:u=0.5,stg,seg,radial:guidance='soft-pag'"
 
 For each testbed pipeline (``diffattn_testbed.load_pipeline``) and each method (dense first, then
-every method in ``diffattn.methods()``, or the comma-separated ``--methods``, where an entry may
+every method in ``diffattn.methods()``, or the comma-separated ``--methods`` (guidance names too:
+``soft-pag:u=0.5``, ``radial:guidance='soft-pag'``), where an entry may
 carry options as ``name:option=value;option=value`` with Python literals; a method the pipeline's
 model does not support is listed as n/a with the reason; options come from the model family and the
 pipeline's declared defaults, as with ``diffattn.apply``), the same held-out prompts (seeds from ``training.EVAL_SEED``, never
@@ -51,6 +53,7 @@ class QualityConfig:
     json: str = ""
     methods: str = ""       # comma-separated methods after dense (default: every method in diffattn.methods())
     sizes: str = ""         # image kinds: comma-separated square sizes (default: the trained size); dense runs at each
+    cfg: float = 0.0        # CFG scale of every run (guidance_scale; FLUX: true_cfg_scale); 0: the pipeline's default, 1: CFG off
 
 
 def _generate(pipe, kind: str, prompts: list[str], seeds: list[int], batch: int, device: str, **call):
@@ -108,6 +111,8 @@ def evaluate(kind: str, cfg: QualityConfig) -> list[dict]:
     rows = []
     for size in sizes:
         call = {} if size is None else dict(height=size, width=size)
+        if cfg.cfg:
+            call["true_cfg_scale" if kind == "image-dit" else "guidance_scale"] = cfg.cfg
         rows += _evaluate_size(pipe, kind, judge, prompts, seeds, cfg, call, size)
     return rows
 
@@ -117,6 +122,8 @@ def _evaluate_size(pipe, kind, judge, prompts, seeds, cfg: QualityConfig, call: 
     rows, dense = [], None
     for method in ["dense", *_methods(cfg)]:
         row = {"kind": kind, "method": method, "pipeline": type(pipe).__mro__[2].__name__, "prompts": cfg.prompts}
+        if cfg.cfg:
+            row["cfg"] = cfg.cfg
         if size is not None:
             row["size"] = size
         handle = None
@@ -137,6 +144,9 @@ def _evaluate_size(pipe, kind, judge, prompts, seeds, cfg: QualityConfig, call: 
                     row["density"] = round(summary["density"], 4)  # mean over the sparse calls
                 row["sparse_calls"] = summary["method_calls"]
                 row["config"] = repr(handle.method.config)
+                if handle.guide is not None:  # guidance rows: the weak branch's config and what ran
+                    row["guidance"] = "; ".join(repr(c) for c in handle.guide.configs)
+                    row["weak_forwards"] = summary["guidance"]["weak_forwards"]
         finally:
             if handle is not None:
                 handle.remove()
@@ -154,7 +164,7 @@ def _evaluate_size(pipe, kind, judge, prompts, seeds, cfg: QualityConfig, call: 
 
 
 def table(rows: list[dict]) -> str:
-    cols = ["kind", "size", "method", "judge_color", "judge_shape", "judge_motion", "judge_count", "psnr_db", "ssim", "density", "s_per_sample", "note"]
+    cols = ["kind", "size", "cfg", "method", "judge_color", "judge_shape", "judge_motion", "judge_count", "psnr_db", "ssim", "density", "s_per_sample", "note"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         lines.append("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")

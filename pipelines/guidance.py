@@ -228,7 +228,12 @@ class GuidanceHook(ModelHook):
                 raise RuntimeError(f"diffattn guidance: the unconditional call's output {tuple(sample.shape)} does not match "
                                    f"the conditional call's {tuple(shift.shape)}")
             return _with_sample(out, sample + shift.to(sample.dtype))
-        guide.pending.pop(id(module), None)
+        if guide.pending.pop(id(module), None) is not None or (name is None and not _pipeline_cfg(handle.pipe)):
+            handle.note_once(
+                f"diffattn {guide.names}: no unconditional call (guidance-distilled model such as FLUX-dev or HunyuanVideo, "
+                "CFG off, or the model called alone): the output is eps_c + s (eps_c - eps_weak), and the weak branch doubles "
+                "the cost of each step in its window; smaller scales and a narrow steps= window are advised on distilled models"
+            )
         inputs = _bind(original, args, kwargs)
         timestep = _timestep(inputs) if any(c.adaptive for c in guide.configs) else None
         branches = [(c, p, c.scale_at(timestep)) for c, p in zip(guide.configs, self.plans) if c.in_window(state.step, state.num_steps)]
@@ -408,9 +413,21 @@ class RegistryHook:
             registry.invalidate_child_registries_cache()
 
 
+def check_pipeline(pipe) -> None:
+    """diffusers' PAG pipelines swap their own processors in at every call (``PAGMixin``), which would
+    silently replace diffattn's: refuse them."""
+    if pipe is not None and any(c.__name__ == "PAGMixin" for c in type(pipe).__mro__):
+        raise NotImplementedError(
+            f"diffattn: {type(pipe).__name__} is a diffusers PAG pipeline; it replaces the attention processors at every "
+            "call, which would drop diffattn's. Load the base pipeline (e.g. StableDiffusionXLPipeline) and use "
+            "diffattn.apply(pipe, 'pag', ...) (alone or as guidance= of a method)"
+        )
+
+
 def install_steps(model, handle, adapter, family: str, component: str = "") -> list:
     """The hooks guidance needs on ``model``: the branch hook, and block hooks for skips and the prefix."""
     guide = handle.guide
+    check_pipeline(handle.pipe)
     info = model_info(model, adapter, family)
     plans = [cfg.plan(info) for cfg in guide.configs]
     modes = {cfg.batch for cfg in guide.configs}

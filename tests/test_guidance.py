@@ -210,3 +210,49 @@ class TestHunyuan15Guidance(GuidanceTester):
 
 class TestSkyReelsGuidance(GuidanceTester):
     family = SKYREELS_V2
+
+
+# -- the head search ------------------------------------------------------------------------------
+
+def test_head_search_is_greedy_resumes_after_a_kill_and_loads(wan, tmp_path):
+    from diffattn.app.headhunter import candidate_pool, search
+
+    pool = candidate_pool(wan, "")[:4]
+    calls = []
+
+    def generate(pipe, prompts, seeds):
+        return _wan_call(pipe, frames=5, size=32, steps=1)
+
+    def objective(samples, prompts):
+        calls.append(1)
+        return float(samples.float().std())
+
+    args = dict(pool=pool, rounds=2, top_k=1, progress=False)
+    full = search(wan, generate, objective, ["a red circle"], [0], state_path=tmp_path / "a.json", **args)
+    state = json.loads((tmp_path / "a.json").read_text())
+    assert state["complete"] and len(calls) == 4 + 3
+    first = max(state["scores"][0], key=lambda k: state["scores"][0][k])
+    assert list(full[0]) == [int(v) for v in first.split(",")]  # round 1 takes the best-scored head
+    assert set(state["scores"][1]) == {f"{l},{h}" for l, h in pool if (l, h) != full[0]}  # round 2 scores the rest
+
+    class Killed(Exception):
+        pass
+
+    left = [5]
+
+    def dies(samples, prompts):
+        if not left[0]:
+            raise Killed
+        left[0] -= 1
+        return objective(samples, prompts)
+
+    with pytest.raises(Killed):
+        search(wan, generate, dies, ["a red circle"], [0], state_path=tmp_path / "b.json", **args)
+    calls.clear()
+    assert search(wan, generate, objective, ["a red circle"], [0], state_path=tmp_path / "b.json", **args) == full
+    assert len(calls) == 7 - 5  # only the heads not scored before the kill
+    assert guide("headhunter", heads=str(tmp_path / "a.json")).heads == tuple(full)
+    with pytest.raises(SystemExit, match="other settings"):
+        search(wan, generate, objective, ["a red circle"], [0], state_path=tmp_path / "a.json", **{**args, "rounds": 1})
+    with pytest.raises(ValueError, match="rounds=3 x top_k=2"):
+        search(wan, generate, objective, ["a red circle"], [0], pool=pool, rounds=3, top_k=2)

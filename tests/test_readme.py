@@ -70,6 +70,10 @@ def test_shell_command(index, tmp_path):
             from diffattn.app import demo
 
             demo.parser().parse_args(argv[2:])  # every flag exists (launching is tests/test_demo.py's)
+        elif argv[:2] == ["diffattn", "headhunter"]:
+            from diffattn.app import headhunter
+
+            headhunter.parser().parse_args(argv[2:])  # every flag exists (the search is test_guidance's)
         elif argv[:2] == ["diffattn", "mask"]:
             cli.mask([*argv[2:], "--out", str(tmp_path / "mask.png")])
         elif argv[0] == "diffattn":
