@@ -104,7 +104,7 @@ class DiffattnProcessor:
         handle = self.handle
         perturb = handle.guide.at(self.layer) if handle.guide is not None else []
         if perturb:
-            query, out = self._perturb_queries(query, layout, perturb), None
+            query = self._perturb_queries(query, layout, perturb)
             rows, p = perturb[0]
             if len(perturb) == 1 and p.full_identity and rows == slice(0, query.shape[0]):
                 out = value.clone()  # the whole batch is the weak branch with O = V: no attention to run

@@ -256,3 +256,16 @@ def test_head_search_is_greedy_resumes_after_a_kill_and_loads(wan, tmp_path):
         search(wan, generate, objective, ["a red circle"], [0], state_path=tmp_path / "a.json", **{**args, "rounds": 1})
     with pytest.raises(ValueError, match="rounds=3 x top_k=2"):
         search(wan, generate, objective, ["a red circle"], [0], pool=pool, rounds=3, top_k=2)
+
+
+def test_diffusers_pag_pipelines_are_refused():
+    from diffusers.pipelines.pag.pag_utils import PAGMixin
+
+    class PagPipeline(PAGMixin):  # stands in for e.g. StableDiffusionXLPAGPipeline
+        pass
+
+    pipe = PagPipeline()
+    pipe.transformer = HUNYUAN.build()
+    with pytest.raises(NotImplementedError, match="diffusers PAG pipeline"):
+        diffattn.apply(pipe, "pag")
+    assert not hasattr(pipe.transformer, "_diffattn_handle")
