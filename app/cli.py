@@ -4,6 +4,11 @@
     diffattn generate --prompt "a red circle moving right" --method radial --out clip.mp4 --seed 3
     diffattn generate --method neighborhood --kernel-size 3 7 7 --stride 1 2 2
     diffattn generate --method neighborhood --help                # that method's options
+    diffattn generate --guide soft-pag --guide-scale 1                             # radial with SoftPAG guidance
+    diffattn generate --method stg --help                                          # STG alone, its options
+    diffattn generate --pipeline image-dit --method clear --radius 4 --out image.png     # testbed FLUX
+    diffattn generate --pipeline image-unet --method hidiffusion --height 256 --width 256  # testbed SD at 2x
+    diffattn bench --model hunyuan --method radial --backward                      # kernels at a model's size (GPU)
     diffattn train clear --radius 4 --attn-every 1 --steps 200 --out runs/clear    # distil CLEAR (testbed FLUX)
     diffattn train length --frames 113 --self-generate 1024 --out runs/len4x        # 4x-length LoRA (testbed video)
     diffattn generate --lora runs/len4x --frames 113                                # uses it
@@ -13,8 +18,9 @@
     diffattn generate --model /path/to/Wan2.1-T2V-1.3B-Diffusers --device cuda \\
         --height 480 --width 832 --frames 81 --steps 50 --out wan.mp4
 
-``generate`` runs the pipeline twice with the same seed, dense and with the method, writes both
-clips (``clip.mp4`` and ``clip_dense.mp4``) and prints the time of each, the mask density and the
+``generate`` runs the pipeline twice with the same seed, dense and with the method (and the
+``--guide`` guidance, or the guidance alone), writes both clips (``clip.mp4`` and
+``clip_dense.mp4``; images: ``image.png`` and ``image_dense.png``) and prints the time of each, the mask density and the
 attention calls that ran sparse and dense (``handle.summary()``), and the
 method's quality against dense: PSNR and SSIM, and on the testbed pipeline the judge's reading of
 both clips (colour / shape / motion asked by the prompt, ``diffattn_testbed.judge``).
@@ -23,67 +29,69 @@ The embedded default is the testbed video pipeline (``diffattn_testbed.load_pipe
 a ``WanPipeline`` at toy width trained on procedural shapes, 128x128, 29 frames (8 latent frames of
 16x16 tokens), 25 steps. Its prompts use the caption words (``diffattn_testbed.shapes.VOCABULARY``);
 other words are refused. ``--model`` loads a real diffusers checkpoint from a local path (or the
-hub, when the machine can reach it); size, frames and steps then default to Wan's 480x832, 81, 50.
+hub, when the machine can reach it); its ``model_index.json`` says whether it is a video, image DiT
+or U-Net pipeline, and size, frames and steps default to the model card's (Wan 480x832, 81, 50;
+FLUX and SD3 1024², 28; SDXL 1024², SD 1.5 512², 50). ``--pipeline image-dit|image-unet`` picks the
+testbed FLUX or SD pipeline instead of the video one.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 
 import diffattn
+from diffattn.app import run as run_tools
 
 
 @dataclass(frozen=True)
 class GenerateConfig:
     prompt: str
-    method: str
+    method: str          # a diffattn method; "dense" (a dense-trained --lora); "none" (guidance alone)
     out: str
     seed: int
     model: str | None
-    height: int | None
-    width: int | None
-    frames: int | None
-    steps: int | None
-    guidance: float | None
+    pipeline: str        # "video", "image-dit" or "image-unet"
+    height: int
+    width: int
+    frames: int
+    steps: int
+    guidance: float      # the classifier-free guidance scale
     device: str
     backend: str
     fps: int
+    warmup: bool = False  # an untimed 1-step call of each before the timed runs (default on CUDA)
     lora: str | None = None
     lora_scale: float = 1.0
-    options: dict = field(default_factory=dict)  # the method's options the user set (the rest: defaults)
+    guide: str | None = None  # a guidance method (diffattn.guidance_methods())
+    options: dict = field(default_factory=dict)        # the method's options the user set (the rest: defaults)
+    guide_options: dict = field(default_factory=dict)  # the guidance's options the user set
 
 
 def _testbed(module: str):
-    """A module of the testbed distribution (the default pipeline, judge and metrics)."""
-    import importlib
-
-    try:
-        return importlib.import_module(f"diffattn_testbed.{module}")
-    except ImportError as exc:
-        raise SystemExit(
-            f"diffattn: the default job needs the testbed ({exc}); install it beside diffattn with "
-            "`pip install -e ./testbed` from a checkout"
-        ) from None
+    return run_tools.testbed(module)
 
 
 def _token(text: str):
-    """One value of a multi-valued option: true/false, an int or a float."""
+    """One value of a multi-valued option: true/false, an int, a float, or the text itself."""
     low = text.lower()
     if low in ("true", "yes", "on"):
         return True
     if low in ("false", "no", "off"):
         return False
-    try:
-        return int(text)
-    except ValueError:
-        return float(text)
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+OPTION = "option__"  # argparse dest prefix of the method's fields (kept apart from the command's own: seed)
 
 
 def _method_arguments(parser: argparse.ArgumentParser, method: str) -> list[str]:
@@ -92,63 +100,190 @@ def _method_arguments(parser: argparse.ArgumentParser, method: str) -> list[str]
     group = parser.add_argument_group(f"{method} options (default: the model family's; see diffattn.config_class({method!r}))")
     names = []
     for f in dataclasses.fields(diffattn.config_class(method)):
-        flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata.get("help", "")
         if f.metadata.get("nargs"):
-            group.add_argument(flag, dest=f.name, nargs="+", type=_token, default=None, metavar="V", help=f"{help_text} (one value or F Y X)")
+            spec = dict(nargs="+", type=_token, metavar="V", help=f"{help_text} (one value or F Y X)")
         elif isinstance(f.default, bool):
-            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            spec = dict(action=argparse.BooleanOptionalAction, help=help_text)
         elif isinstance(f.default, int):
-            group.add_argument(flag, dest=f.name, type=int, default=None, help=help_text)
+            spec = dict(type=int, help=help_text)
         else:
-            group.add_argument(flag, dest=f.name, type=float, default=None, help=help_text)
-        names.append(f.name)
+            spec = dict(type=float, help=help_text)
+        try:
+            group.add_argument("--" + f.name.replace("_", "-"), dest=OPTION + f.name, default=None, **spec)
+        except argparse.ArgumentError:  # named like one of the command's own flags (seed): --method-seed
+            group.add_argument("--method-" + f.name.replace("_", "-"), dest=OPTION + f.name, default=None, **spec)
+        names.append(OPTION + f.name)
     return names
 
 
+def documented_fields(cls) -> dict[str, str]:
+    """``{field: text}`` from the ``name: text`` lines of the docstrings of ``cls`` and its bases
+    (the guidance configs document their fields there)."""
+    import re
+
+    out: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        current = None
+        for line in (klass.__doc__ or "").splitlines():
+            match = re.match(r"^\s{4}(\w+):\s+(.*)$", line)
+            if match and match.group(1) in {f.name for f in dataclasses.fields(cls)}:
+                current = match.group(1)
+                out[current] = match.group(2).strip()
+            elif current and line.startswith(" " * 8) and line.strip():
+                out[current] += " " + line.strip()
+            else:
+                current = None
+    return {k: v.replace("%", "%%") for k, v in out.items()}
+
+
+GUIDE_ONLY_PYTHON = ("table",)  # a [layers][heads] weight table: diffattn.guide("headhunter", table=...) from Python
+
+
+def _guide_arguments(parser: argparse.ArgumentParser, name: str) -> list[str]:
+    """``--guide-<field>`` per field of the guidance config ``name``; returns the dest names."""
+    from diffattn.guidance import GUIDANCE
+
+    cls = GUIDANCE[name]
+    docs = documented_fields(cls)
+    group = parser.add_argument_group(f"{name} guidance options (default: the method's and the family's; "
+                                      f"see diffattn.guide({name!r}, ...))")
+    names = []
+    for f in dataclasses.fields(cls):
+        if f.name in GUIDE_ONLY_PYTHON:
+            continue
+        flag, dest = "--guide-" + f.name.replace("_", "-"), "guide_" + f.name
+        text = docs.get(f.name, "")
+        if f.name == "heads" and name == "headhunter":
+            text = "a head search's JSON (diffattn headhunter --out) or LAYER:HEAD pairs, e.g. 3:5 7:0"
+        if isinstance(f.default, bool):
+            group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=text)
+        elif isinstance(f.default, float):
+            group.add_argument(flag, dest=dest, type=float, default=None, help=text)
+        else:
+            group.add_argument(flag, dest=dest, nargs="+", type=_token, default=None, metavar="V", help=text)
+        names.append(dest)
+    return names
+
+
+def _guide_options(args: dict, names: list[str], guide: str) -> dict:
+    options = {}
+    for dest in names:
+        value = args.pop(dest)
+        if value is None:
+            continue
+        key = dest.removeprefix("guide_")
+        if key == "heads" and guide == "headhunter" and isinstance(value, list):
+            if len(value) == 1 and isinstance(value[0], str) and value[0].endswith(".json"):
+                value = value[0]
+            else:
+                try:
+                    value = [tuple(int(x) for x in str(v).split(":")) for v in value]
+                except ValueError:
+                    raise SystemExit(f"diffattn: --guide-heads takes LAYER:HEAD pairs (e.g. 3:5 7:0) or a JSON file, "
+                                     f"got {' '.join(map(str, value))[:80]}") from None
+        elif isinstance(value, list):
+            value = value[0] if len(value) == 1 else tuple(value)
+        options[key] = value
+    return options
+
+
+def _kind(model: str | None, pipeline: str | None) -> str:
+    """The pipeline kind: from ``--model``'s ``model_index.json`` where there is one, else ``--pipeline``."""
+    from pathlib import Path
+
+    if model is not None and Path(model).is_dir():
+        found = run_tools.kind_of_class(run_tools.pipeline_class(model))
+        if found is not None:
+            return found
+    return pipeline or "video"
+
+
 def _parse(argv) -> GenerateConfig:
+    from diffattn.guidance import GUIDANCE
+
     argv = list(argv)
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--method", default=None)
-    pre.add_argument("--lora", default=None)
+    for flag in ("--method", "--lora", "--guide", "--pipeline", "--model"):
+        pre.add_argument(flag, default=None)
     known = pre.parse_known_args(argv)[0]
-    method = known.method or (_lora_meta(known.lora)["method"] if known.lora else "radial")
+    kind = _kind(known.model, known.pipeline)
+    method = known.method or (_lora_meta(known.lora)["method"] if known.lora else run_tools.DEFAULT_METHOD.get(kind, "radial"))
+    guide = known.guide
+    if method in GUIDANCE:  # --method soft-pag: the guidance alone
+        if guide is not None:
+            raise SystemExit(f"diffattn: --method {method} is a guidance method; pass the sparse method with --method and the "
+                             f"guidance with --guide (or --method {method} alone)")
+        method, guide = "none", method
     parser = argparse.ArgumentParser(prog="diffattn", description="diffattn command line")
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser(
-        "generate", help="generate a clip dense and with a diffattn method, compare them",
-        description="Generate a clip dense and with a diffattn method and compare them. "
-                    "`diffattn generate --method NAME --help` lists that method's options.",
+        "generate", help="generate dense and with a diffattn method, compare them",
+        description="Generate a clip (or an image) dense and with a diffattn method and compare them. "
+                    "`diffattn generate --method NAME --help` lists that method's options, "
+                    "`--guide NAME --help` the guidance's.",
     )
-    gen.add_argument("--prompt", default="a red circle moving right on a dark blue background",
-                     help="what to generate (the testbed knows its caption words only)")
-    gen.add_argument("--method", default=method, help=f"one of {list(diffattn.methods())} (default: radial, or the --lora's)")
+    gen.add_argument("--prompt", default=None, help="what to generate (the testbed knows its caption words only; default: "
+                     "'a red circle moving right on a dark blue background', 'a red circle' for images)")
+    gen.add_argument("--pipeline", choices=run_tools.KINDS, default=None,
+                     help="the testbed pipeline: video (Wan, the default), image-dit (FLUX) or image-unet (SD); "
+                          "with --model the folder's model_index.json decides")
+    gen.add_argument("--method", default=method, help=f"one of {list(diffattn.methods())}, a guidance method alone "
+                     f"({', '.join(GUIDANCE)}), or none with --guide (default: radial for video, clear for image-dit, "
+                     "hidiffusion for image-unet, or the --lora's)")
+    gen.add_argument("--guide", default=None, choices=sorted(GUIDANCE),
+                     help="attention guidance added to the method run (its options: --guide NAME --help)")
     gen.add_argument("--lora", default=None, help="a LoRA folder from `diffattn train length` (its method, options and "
                      "trained length become the defaults; the dense reference runs without it)")
     gen.add_argument("--lora-scale", type=float, default=1.0, help="weight of the --lora")
-    gen.add_argument("--out", default="clip.mp4", help="the method's clip; the dense one goes beside it as *_dense.mp4")
+    gen.add_argument("--out", default=None, help="the method's clip (.mp4) or image (.png); the dense one goes beside it as "
+                     "*_dense.mp4 / *_dense.png (default clip.mp4 or image.png)")
     gen.add_argument("--seed", type=int, default=0, help="generator seed (the same for the dense and the method run)")
-    gen.add_argument("--model", default=None, help="local diffusers pipeline folder (default: the testbed video pipeline)")
-    gen.add_argument("--height", type=int, default=None, help="default: 128 on the testbed, 480 with --model")
-    gen.add_argument("--width", type=int, default=None, help="default: 128 on the testbed, 832 with --model")
-    gen.add_argument("--frames", type=int, default=None, help="pixel frames, 4k+1 for Wan (default: the --lora's trained length, else 29 testbed, 81 --model)")
-    gen.add_argument("--steps", type=int, default=None, help="default: 25 on the testbed, 50 with --model")
-    gen.add_argument("--guidance", type=float, default=None, help="default: the testbed pipeline's (DEFAULTS[\"video\"]), 5.0 with --model")
-    gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu (default: cuda if present)")
-    gen.add_argument("--backend", default="auto", choices=["auto", "triton", "flex", "sdpa"])
+    gen.add_argument("--model", default=None, help="local diffusers pipeline folder (default: the testbed pipeline)")
+    gen.add_argument("--height", type=int, default=None, help="pixels (default: the testbed's 128, 256 for image-unet; "
+                     "with --model the model card's: 480 Wan, 1024 FLUX / SD3 / SDXL, 512 SD 1.5)")
+    gen.add_argument("--width", type=int, default=None, help="pixels (default as --height; 832 for Wan)")
+    gen.add_argument("--frames", type=int, default=None, help="pixel frames of a video, 4k+1 for Wan (default: the --lora's "
+                     "trained length, else 29 testbed, 81 --model)")
+    gen.add_argument("--steps", type=int, default=None, help="denoising steps (default: 25 on the testbed; 50 with --model, "
+                     "28 for FLUX and SD3)")
+    gen.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the pipeline's; "
+                     "FLUX.1-dev: its distilled guidance)")
+    gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                     help="cuda or cpu (default: cuda if this machine has one)")
+    gen.add_argument("--backend", default="auto", choices=["auto", "triton", "flex", "sdpa"],
+                     help="attention backend of the method (auto: the fastest that can run each call)")
     gen.add_argument("--fps", type=int, default=16, help="frame rate of the written clips")
+    gen.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=None,
+                     help="run 1 untimed step dense and with the method first, so the times leave out kernel compilation "
+                          "and autotuning (default: on with CUDA, off on the CPU)")
     names = _method_arguments(gen, method) if method in diffattn.methods() else []
     if known.lora and method == "dense":
         names = []
+    guide_names = _guide_arguments(gen, guide) if guide in GUIDANCE else []
     args = vars(parser.parse_args(argv))
     options = _collect(args, names)
+    guide_options = _guide_options(args, guide_names, guide)
     values = {k: v for k, v in args.items() if k != "command"}
+    if values["warmup"] is None:
+        values["warmup"] = values["device"].startswith("cuda")
+    values["pipeline"], values["guide"], values["method"] = kind, guide, method if guide == known.method else values["method"]
+    if values["prompt"] is None:
+        values["prompt"] = "a red circle moving right on a dark blue background" if kind == "video" else "a red circle"
+    if values["out"] is None:
+        values["out"] = "clip.mp4" if kind == "video" else "image.png"
     if values["model"] is None:
-        d = _testbed("pipelines").DEFAULTS["video"]
-        fallback = dict(height=d["height"], width=d["width"], frames=d["num_frames"], steps=d["num_inference_steps"],
-                        guidance=d["guidance_scale"])
+        h, w, frames, steps, cfg_scale = run_tools.testbed_defaults(kind)
+        if kind == "image-unet":
+            h = w = 256  # HiDiffusion's job: twice the size the testbed U-Net was trained at (128)
+        fallback = dict(height=h, width=w, frames=frames, steps=steps, guidance=cfg_scale)
     else:
-        fallback = dict(height=480, width=832, frames=81, steps=50, guidance=5.0)
+        h, w, frames, steps, cfg_scale = run_tools.MODEL_DEFAULTS.get(run_tools.pipeline_class(values["model"])
+                                                                      if _is_dir(values["model"]) else None,
+                                                                      run_tools.MODEL_DEFAULTS["video"])
+        fallback = dict(height=h, width=w, frames=frames, steps=steps, guidance=cfg_scale)
+    if kind != "video":
+        fallback["frames"] = 1
     if values["lora"]:  # the LoRA's trained length and size, unless given
         meta = _lora_meta(values["lora"])
         for name in ("frames", "height", "width"):
@@ -160,7 +295,13 @@ def _parse(argv) -> GenerateConfig:
     for name, value in fallback.items():
         if values[name] is None:
             values[name] = value
-    return GenerateConfig(**values, options=options)
+    return GenerateConfig(**values, options=options, guide_options=guide_options)
+
+
+def _is_dir(path: str) -> bool:
+    from pathlib import Path
+
+    return Path(path).is_dir()
 
 
 def _lora_meta(path: str) -> dict:
@@ -179,10 +320,11 @@ def _check_prompt(cfg: GenerateConfig) -> None:
 
     unknown = unknown_words(cfg.prompt)
     if unknown:
+        example = "a red circle moving right on a dark blue background" if cfg.pipeline == "video" else "a red circle and a blue star"
         raise SystemExit(
             f"diffattn: the testbed pipeline does not know {unknown[:5]}{f' (and {len(unknown) - 5} more)' if len(unknown) > 5 else ''} "
             "(its tokenizer would read them as <unk>); "
-            f"use its caption words {list(VOCABULARY)}, e.g. 'a red circle moving right on a dark blue background', "
+            f"use its caption words {list(VOCABULARY)}, e.g. {example!r}, "
             "or pass --model for a real checkpoint"
         )
     try:
@@ -192,16 +334,46 @@ def _check_prompt(cfg: GenerateConfig) -> None:
 
 
 MAX_PROMPT_WORDS = 32  # the testbed's text length (TEXT_TOKENS); real models: their tokenizer's
+TESTBED_MULTIPLE = {"video": 16, "image-dit": 8, "image-unet": 8}  # WanPipeline's 16; FLUX 4x VAE x 2 packing; SD's 8
+TESTBED_GRID = {"video": "testbed", "image-dit": "testbed-flux"}  # the mask tool's presets of the testbed pipelines
+TESTBED_FAMILY = {"video": "wan2.1", "image-dit": "flux", "image-unet": "sd1.5"}
+
+
+def _method_fits(cfg: GenerateConfig, family: str) -> None:
+    if cfg.method in ("none", "dense"):
+        return
+    fits = diffattn.methods()[cfg.method]
+    if family not in fits:
+        fitting = [m for m, families in diffattn.methods().items() if family in families]
+        raise SystemExit(f"diffattn: {cfg.method} does not fit this {family} pipeline; methods for it: {fitting}")
+
+
+def _never_runs(config, steps: int, method: str) -> None:
+    dense_steps = getattr(config, "dense_steps", 0)
+    if dense_steps >= steps:
+        raise SystemExit(f"diffattn: --dense-steps {dense_steps} covers all {steps} steps, so {method} would never run; "
+                         "lower --dense-steps or raise --steps")
+
+
+def _size_guard(config, cfg: GenerateConfig, trained: int) -> None:
+    """U-Net methods run only from ``min_scale`` x the trained size (shorter side) on: say so before any run."""
+    scale = getattr(config, "min_scale", 0.0)
+    if scale and min(cfg.height, cfg.width) < scale * trained:
+        raise SystemExit(f"diffattn: {cfg.method} runs only from {scale:g}x the size the U-Net was trained at ({trained} px), "
+                         f"so never at {cfg.height}x{cfg.width}; use --height/--width >= {int(-(-scale * trained // 8) * 8)} "
+                         "or lower --min-scale")
 
 
 def _precheck(cfg: GenerateConfig) -> None:
     """The checks that need no model: device, paths, output file, prompt, method and its options,
-    steps and fps. Raises SystemExit with one line that says what to do."""
+    guidance options, steps and fps. Raises SystemExit with one line that says what to do."""
     import os
     from pathlib import Path
 
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("diffattn: --device cuda, but this machine has no CUDA GPU; use --device cpu")
+    if not cfg.device.startswith(("cuda", "cpu")):
+        raise SystemExit(f"diffattn: --device must be cuda (cuda:N) or cpu, got {cfg.device!r}")
     hub_id = cfg.model is not None and not Path(cfg.model).exists() and cfg.model.count("/") == 1 \
         and not cfg.model.startswith((".", "/", "~"))  # "owner/name": diffusers fetches it where the hub is reachable
     if cfg.model is not None and not hub_id:
@@ -209,15 +381,18 @@ def _precheck(cfg: GenerateConfig) -> None:
         if not folder.exists():
             raise SystemExit(f"diffattn: --model {cfg.model} does not exist; pass a local diffusers pipeline folder "
                              "(or a hub id owner/name)")
-        if not (folder / "model_index.json").is_file():
+        name = run_tools.pipeline_class(folder)
+        if name is None:
             raise SystemExit(f"diffattn: --model {cfg.model} is not a diffusers pipeline folder (no model_index.json)")
-        index = json.loads((folder / "model_index.json").read_text())
-        if index.get("_class_name") not in VIDEO_PIPELINES:
-            raise SystemExit(f"diffattn: generate runs video pipelines ({', '.join(VIDEO_PIPELINES)}); {cfg.model} is a "
-                             f"{index.get('_class_name')}; use diffattn.apply from Python for other pipelines")
+        kind = run_tools.kind_of_class(name)
+        if kind is None:
+            known = run_tools.VIDEO_PIPELINES + run_tools.IMAGE_DIT_PIPELINES + run_tools.UNET_PIPELINES
+            raise SystemExit(f"diffattn: generate runs the pipelines {', '.join(known)}; {cfg.model} is a {name}; "
+                             "use diffattn.apply from Python for other pipelines")
     out = Path(cfg.out)
-    if out.suffix.lower() != ".mp4":
-        raise SystemExit(f"diffattn: --out must end in .mp4, got {cfg.out!r}")
+    suffix = ".mp4" if cfg.pipeline == "video" else ".png"
+    if out.suffix.lower() != suffix:
+        raise SystemExit(f"diffattn: --out must end in {suffix} for the {cfg.pipeline} pipeline, got {cfg.out!r}")
     if not out.parent.is_dir():
         raise SystemExit(f"diffattn: the folder of --out ({out.parent}) does not exist; create it or pick another path")
     if not os.access(out.parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
@@ -226,151 +401,193 @@ def _precheck(cfg: GenerateConfig) -> None:
         raise SystemExit(f"diffattn: --fps must be >= 1, got {cfg.fps}")
     if cfg.steps < 1:
         raise SystemExit(f"diffattn: --steps must be >= 1, got {cfg.steps}")
+    if not cfg.prompt.strip():
+        raise SystemExit("diffattn: --prompt is empty; say what to generate")
     if len(cfg.prompt.split()) > MAX_PROMPT_WORDS and cfg.model is None:
         raise SystemExit(f"diffattn: the prompt has {len(cfg.prompt.split())} words; the testbed reads {MAX_PROMPT_WORDS} tokens "
                          "(shorten it)")
+    if cfg.method == "none" and cfg.guide is None:
+        raise SystemExit("diffattn: --method none runs nothing but dense; add --guide NAME or pick a method")
+    if cfg.guide is not None:
+        try:
+            diffattn.guide(cfg.guide, **cfg.guide_options)
+        except (ValueError, TypeError, OSError) as exc:
+            raise SystemExit(f"diffattn: {exc}") from None
+    if cfg.method not in ("dense", "none") and cfg.method not in diffattn.methods():
+        raise SystemExit(f"diffattn: unknown method {cfg.method!r}; available methods: {list(diffattn.methods())}")
+    if cfg.backend != "auto" and not _takes_backend(cfg.method):
+        from diffattn.methods import METHODS
+
+        kernels = [m for m in METHODS if _takes_backend(m)]
+        raise SystemExit(f"diffattn: --backend picks the attention kernel of {kernels}; {cfg.method} has none to pick "
+                         "(leave --backend out)")
+    if cfg.method == "dense" and not cfg.lora:
+        raise SystemExit("diffattn: --method dense is the reference run itself; pick a method (or --guide NAME)")
     if cfg.model is None:
         _check_prompt(cfg)
-        multiple = 16  # WanPipeline: height and width multiples of 16
+        multiple = TESTBED_MULTIPLE[cfg.pipeline]
         if cfg.height % multiple or cfg.width % multiple or cfg.height <= 0 or cfg.width <= 0:
             raise SystemExit(
                 f"diffattn: --height/--width must be positive multiples of {multiple} for this model, got "
                 f"{cfg.height}x{cfg.width} (e.g. {max(multiple, cfg.height // multiple * multiple)}x"
-                f"{max(multiple, cfg.width // multiple * multiple)}); the testbed model was trained at 128x128, 29 frames"
+                f"{max(multiple, cfg.width // multiple * multiple)}); the testbed model was trained at 128x128"
+                + (", 29 frames" if cfg.pipeline == "video" else "")
             )
-    if cfg.method == "dense" and cfg.lora:
-        return
-    if cfg.method not in diffattn.methods():
-        raise SystemExit(f"diffattn: unknown method {cfg.method!r}; available methods: {list(diffattn.methods())}")
-    from diffattn.methods import METHODS
+        if cfg.pipeline == "video" and (cfg.frames < 1 or (cfg.frames - 1) % 4):
+            raise SystemExit(f"diffattn: --frames must be 4k+1 for this model (1, 5, 9, ...), got {cfg.frames}")
+        family = TESTBED_FAMILY[cfg.pipeline]
+        _method_fits(cfg, family)
+        if cfg.method in ("dense", "none"):
+            return
+        from diffattn.methods import METHODS
 
-    family = "wan2.1" if cfg.model is None else None
-    if family is not None:
-        declared = _testbed("pipelines").METHOD_OPTIONS.get("video", {}).get(cfg.method, {})
+        declared = _testbed("pipelines").METHOD_OPTIONS.get(cfg.pipeline, {}).get(cfg.method, {})
         try:
-            config = METHODS[cfg.method].from_options(family, declared=declared, **cfg.options).config
+            method = METHODS[cfg.method].from_options(family, declared=declared, **cfg.options)
+            if cfg.pipeline in TESTBED_GRID and hasattr(method, "describe"):  # block-sparse: the grid fits the window
+                from diffattn.app import mask as mask_tool
+
+                method.check_layout(mask_tool.layout_of(TESTBED_GRID[cfg.pipeline], cfg.height, cfg.width, cfg.frames)[1])
         except (ValueError, TypeError, NotImplementedError) as exc:
             raise SystemExit(f"diffattn: {exc}") from None
-        if config.dense_steps >= cfg.steps:
-            raise SystemExit(f"diffattn: --dense-steps {config.dense_steps} covers all {cfg.steps} steps, so {cfg.method} would "
-                             "never run; lower --dense-steps or raise --steps")
+        _never_runs(method.config, cfg.steps, cfg.method)
+        if cfg.pipeline == "image-unet":
+            _size_guard(method.config, cfg, 128)  # the testbed U-Net's training size
 
 
-VIDEO_PIPELINES = ("WanPipeline", "HunyuanVideoPipeline", "SkyReelsV2Pipeline", "MochiPipeline", "CogVideoXPipeline",
-                   "LTXPipeline", "HunyuanVideo15Pipeline")
+def _takes_backend(method: str) -> bool:
+    from diffattn.methods import METHODS
+
+    return method in METHODS and "backend" in getattr(METHODS[method], "KNOBS", ())
+
+
+def _apply(pipe, cfg: GenerateConfig, **overrides):
+    """The method (and guidance, and LoRA) on ``pipe``, as ``diffattn.apply`` takes them."""
+    extra = {**cfg.options, **overrides}
+    if _takes_backend(cfg.method):
+        extra["backend"] = cfg.backend
+    if cfg.lora:
+        extra.update(lora=cfg.lora, lora_scale=cfg.lora_scale)
+    if cfg.method == "none":
+        return diffattn.apply(pipe, cfg.guide, **cfg.guide_options)
+    if cfg.guide is not None:
+        extra["guidance"] = diffattn.guide(cfg.guide, **cfg.guide_options)
+    return diffattn.apply(pipe, cfg.method, **extra)
 
 
 def _check(cfg: GenerateConfig, pipe) -> None:
-    if cfg.method == "dense" and cfg.lora:
-        pass  # a LoRA trained with dense attention: the second run is dense with the LoRA
-    elif cfg.method not in diffattn.methods():
-        raise SystemExit(f"diffattn: unknown method {cfg.method!r}; available methods: {list(diffattn.methods())}")
-    multiple = pipe.vae_scale_factor_spatial * diffattn.patch_size(pipe)[1]  # VAE x patchify
+    """The checks that need the loaded pipeline (before the first run): size multiple, frames, the
+    method fitting the model family, and the method and guidance applied once (their options against
+    this model), then removed."""
+    multiple = run_tools.size_multiple(pipe, cfg.pipeline)
     if cfg.height % multiple or cfg.width % multiple or cfg.height <= 0 or cfg.width <= 0:
         raise SystemExit(
             f"diffattn: --height/--width must be positive multiples of {multiple} for this model, got "
             f"{cfg.height}x{cfg.width} (e.g. {cfg.height // multiple * multiple or multiple}x{cfg.width // multiple * multiple or multiple})"
-            + ("; the testbed model was trained at 128x128, 29 frames" if cfg.model is None else "")
+            + ("; the testbed model was trained at 128x128" if cfg.model is None else "")
         )
-    temporal = pipe.vae_scale_factor_temporal
-    if cfg.frames < 1 or (cfg.frames - 1) % temporal:
-        raise SystemExit(
-            f"diffattn: --frames must be {temporal}k+1 for this model (1, {temporal + 1}, {2 * temporal + 1}, ...), got {cfg.frames}"
-        )
-    if cfg.steps < 1:
-        raise SystemExit(f"diffattn: --steps must be >= 1, got {cfg.steps}")
+    if cfg.pipeline == "video":
+        temporal = pipe.vae_scale_factor_temporal
+        if cfg.frames < 1 or (cfg.frames - 1) % temporal:
+            raise SystemExit(
+                f"diffattn: --frames must be {temporal}k+1 for this model (1, {temporal + 1}, {2 * temporal + 1}, ...), got {cfg.frames}"
+            )
+    _method_fits(cfg, diffattn.detect_family(pipe))
+    if cfg.method == "dense":
+        return
+    try:
+        handle = _apply(pipe, cfg)
+    except (ValueError, NotImplementedError, RuntimeError, TypeError) as exc:
+        raise SystemExit(f"diffattn: {exc}") from None
+    handle.remove()
+    if cfg.method != "none":
+        _never_runs(handle.method.config, cfg.steps, cfg.method)
+        if cfg.pipeline == "image-unet":
+            _size_guard(handle.method.config, cfg, pipe.unet.config.sample_size * pipe.vae_scale_factor)
 
 
-def _load(cfg: GenerateConfig):
-    if cfg.model is None:
-        return _testbed("pipelines").load_pipeline("video", device=cfg.device)
-    else:
-        from diffusers import DiffusionPipeline
-
-        dtype = torch.bfloat16 if cfg.device.startswith("cuda") else torch.float32
-        pipe = DiffusionPipeline.from_pretrained(cfg.model, torch_dtype=dtype)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(cfg.device)
+def _call_args(cfg: GenerateConfig) -> dict:
+    return dict(prompt=cfg.prompt, seed=cfg.seed, steps=cfg.steps, height=cfg.height, width=cfg.width, frames=cfg.frames,
+                cfg=cfg.guidance, device=cfg.device)
 
 
 def _run(pipe, cfg: GenerateConfig):
-    generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
-    if cfg.device.startswith("cuda"):
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    frames = pipe(
-        prompt=cfg.prompt, height=cfg.height, width=cfg.width, num_frames=cfg.frames,
-        num_inference_steps=cfg.steps, guidance_scale=cfg.guidance, generator=generator, output_type="np",
-    ).frames[0]
-    if cfg.device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return frames, time.perf_counter() - start  # [F, H, W, 3] floats in [0, 1]
+    return run_tools.call(pipe, cfg.pipeline, **_call_args(cfg))
 
 
 def generate(cfg: GenerateConfig) -> dict:
-    from diffusers.utils import export_to_video
-
-    metrics = _testbed("metrics")
-    psnr, ssim = metrics.psnr, metrics.ssim
-
-    _precheck(cfg)  # every input checked before any model loads or any clip is written
+    _precheck(cfg)  # every input checked before any model loads or any file is written
     shown = {**asdict(cfg), "prompt": cfg.prompt if len(cfg.prompt) <= 80 else cfg.prompt[:77] + "..."}
     print("diffattn generate", shown, flush=True)
-    pipe = _load(cfg)
+    try:
+        pipe = run_tools.load(cfg.model, cfg.pipeline, cfg.device)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:  # a broken or partial folder
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise SystemExit(f"diffattn: could not load --model {cfg.model}: {first}") from None
     _check(cfg, pipe)
-    dense_frames, dense_s = _run(pipe, cfg)
-    dense_path = cfg.out[:-4] + "_dense.mp4"
+    if cfg.warmup and cfg.method != "dense":
+        run_tools.warm_up(pipe, cfg.pipeline, lambda **o: _apply(pipe, cfg, **o), _call_args(cfg),
+                          takes_schedule=cfg.method != "none")
+    dense_media, dense_s = _run(pipe, cfg)
+    stem, suffix = cfg.out[:-4], cfg.out[-4:]
+    dense_path = f"{stem}_dense{suffix}"
+    label = cfg.method if cfg.guide is None else (cfg.guide if cfg.method == "none" else f"{cfg.method}+{cfg.guide}")
 
     # defaults come from the model family and the pipeline's own declaration, as in diffattn.apply
     if cfg.method == "dense":  # a dense-trained LoRA: diffusers loads it, attention stays stock
         pipe.load_lora_weights(cfg.lora, adapter_name="diffattn-dense")
         pipe.set_adapters(["diffattn-dense"], [cfg.lora_scale])
         try:
-            method_frames, method_s = _run(pipe, cfg)
+            method_media, method_s = _run(pipe, cfg)
         finally:
             pipe.delete_adapters("diffattn-dense")
         summary = {"density": None, "layout": None, "method_calls": 0, "dense_calls": None, "backends": {}}
     else:
-        lora = dict(lora=cfg.lora, lora_scale=cfg.lora_scale) if cfg.lora else {}
         try:
-            handle = diffattn.apply(pipe, cfg.method, backend=cfg.backend, **lora, **cfg.options)
+            handle = _apply(pipe, cfg)
         except (ValueError, NotImplementedError, RuntimeError) as exc:
             raise SystemExit(f"diffattn: {exc}") from None
         with handle:
             try:
-                method_frames, method_s = _run(pipe, cfg)
+                method_media, method_s = _run(pipe, cfg)
             except ValueError as exc:  # grid-dependent option checks run in the first forward's layout hook
                 raise SystemExit(f"diffattn: {exc}") from None
             summary = handle.summary()
-        print(f"{cfg.method} config: {handle.method.config}" + (f" with the LoRA {cfg.lora}" if cfg.lora else ""), flush=True)
-    density = summary["density"] if summary["density"] is not None else 1.0
-    export_to_video(list(dense_frames), dense_path, fps=cfg.fps)  # both written once both ran: no half output
-    export_to_video(list(method_frames), cfg.out, fps=cfg.fps)
+        if cfg.method != "none" and summary["method_calls"] == 0:
+            raise SystemExit(f"diffattn: {cfg.method} ran on no call at {cfg.height}x{cfg.width} over {cfg.steps} steps "
+                             f"(its step window, size guard or dense steps left everything stock: {handle.method.config}); "
+                             "change those options or the size")
+        what = f"{cfg.method} config: {handle.method.config}" if cfg.method != "none" else ""
+        if cfg.guide is not None:
+            what += f"{'; ' if what else ''}{cfg.guide}: {summary['guidance']}"
+        print(what + (f" with the LoRA {cfg.lora}" if cfg.lora else ""), flush=True)
+    run_tools.save(dense_media, cfg.pipeline, dense_path, cfg.fps)  # both written once both ran: no half output
+    run_tools.save(method_media, cfg.pipeline, cfg.out, cfg.fps)
 
+    compared = run_tools.compare(cfg.pipeline, cfg.prompt, dense_media, method_media, judged=cfg.model is None)
+    density = summary["density"]
     report = {
         "dense_seconds": round(dense_s, 3), "method_seconds": round(method_s, 3),
-        "speedup": round(dense_s / method_s, 3), "mask_density": round(density, 4),
-        "psnr_vs_dense_db": round(psnr(method_frames, dense_frames), 2),
-        "ssim_vs_dense": round(ssim(method_frames, dense_frames), 4),
-        "layout": repr(summary["layout"]), "clips": [cfg.out, dense_path],
+        "speedup": round(dense_s / method_s, 3), "mask_density": None if density is None else round(density, 4),
+        "psnr_vs_dense_db": round(compared["psnr"], 2), "ssim_vs_dense": round(compared["ssim"], 4),
+        "layout": repr(summary["layout"]), "files": [cfg.out, dense_path],
         "method_calls": summary["method_calls"], "dense_calls": summary["dense_calls"], "backends": summary["backends"],
     }
+    if "guidance" in summary:
+        report["guidance"] = summary["guidance"]
+    shown_density = "(no sparse attention)" if density is None else f"{density:.3f}"
     print(
         f"dense: {dense_s:.2f} s -> {dense_path}\n"
-        f"{cfg.method}: {method_s:.2f} s -> {cfg.out} (x{dense_s / method_s:.2f})\n"
-        f"{cfg.method} mask density {density:.3f} over {summary['layout']} "
-        f"({summary['method_calls']} sparse / {summary['dense_calls']} dense attention calls, backends {summary['backends']}), "
+        f"{label}: {method_s:.2f} s -> {cfg.out} (x{dense_s / method_s:.2f})\n"
+        f"{label} mask density {shown_density} over {summary['layout']} "
+        f"({summary['method_calls']} method / {summary['dense_calls']} stock attention calls, backends {summary['backends']}), "
         f"PSNR vs dense {report['psnr_vs_dense_db']} dB, SSIM {report['ssim_vs_dense']}",
         flush=True,
     )
-    if cfg.model is None:
-        judge_module = _testbed("judge")
-        load_judge, score = judge_module.load_judge, judge_module.score
-        judge = load_judge("video")
-        for name, frames in (("dense", dense_frames), (cfg.method, method_frames)):
-            report[f"judge_{name}"] = score(judge, frames[None], [cfg.prompt])["accuracy"]
-            found = ", ".join(f"{k} {v:.0%}" for k, v in report[f"judge_{name}"].items())
-            print(f"judge ({name}): prompt attributes found: {found}", flush=True)
+    for name, reading in zip(("dense", label), compared.get("judge", ())):
+        report[f"judge_{'dense' if name == 'dense' else 'method'}"] = reading
+        found = ", ".join(f"{k} {v:.0%}" for k, v in reading.items())
+        print(f"judge ({name}): prompt attributes found: {found}", flush=True)
     return report
 
 
@@ -466,8 +683,9 @@ def procedural_clips(count: int, seed: int):
 def _collect(args: dict, names: list[str]) -> dict:
     """The method options the user set (argparse values of ``_method_arguments``' names)."""
     options = {}
-    for name in names:
-        value = args.pop(name)
+    for dest in names:
+        value = args.pop(dest)
+        name = dest.removeprefix(OPTION)
         if value is not None:
             options[name] = value[0] if isinstance(value, list) and len(value) == 1 else tuple(value) if isinstance(value, list) else value
     return options
@@ -493,10 +711,38 @@ def mask(argv) -> dict:
         raise SystemExit(f"diffattn mask: {exc}") from None
 
 
-USAGE = """usage: diffattn {generate,mask,demo,train,headhunter} ...
+def bench(argv) -> list:
+    """``diffattn bench``: one attention call of a model at its real size on this GPU, every kernel."""
+    from diffattn.app import bench as bench_tool
+
+    args, options = bench_arguments(argv)
+    try:
+        return bench_tool.run(args, options)
+    except ValueError as exc:
+        raise SystemExit(f"diffattn bench: {exc}") from None
+
+
+def bench_arguments(argv):
+    """(argparse namespace, method options) of ``diffattn bench``'s command line."""
+    from diffattn.app import bench as bench_tool
+
+    argv = list(argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--method", default="radial")
+    method = pre.parse_known_args(argv)[0].method
+    parser = argparse.ArgumentParser(prog="diffattn bench", description=bench_tool.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench_tool.add_arguments(parser, method)
+    names = _method_arguments(parser, method) if method in diffattn.methods() else []
+    args = parser.parse_args(argv)
+    return args, _collect(vars(args), names)
+
+
+USAGE = """usage: diffattn {generate,mask,bench,demo,train,headhunter} ...
 
   generate   a clip dense and with a method, compared (time, density, PSNR/SSIM, the judge)
   mask       a method's density and block-map picture at a model's size, without weights
+  bench      time one attention call at a model's size on this GPU: dense cuDNN / FA2, Flex and ours
   demo       the Gradio demo on 127.0.0.1 (needs the [app] extra)
   train      a trainer: `train clear` (CLEAR distillation) or `train length` (LoRA length extension)
   headhunter the greedy attention-head search for HeadHunter guidance (writes a head list as JSON)
@@ -509,13 +755,16 @@ def main(argv=None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0
-    if argv[0] not in ("generate", "mask", "demo", "train", "headhunter"):
+    if argv[0] not in ("generate", "mask", "bench", "demo", "train", "headhunter"):
         raise SystemExit(f"diffattn: unknown command {argv[0]!r}\n{USAGE}")
     if argv and argv[0] == "train":
         train(argv[1:])
         return 0
     if argv and argv[0] == "mask":
         mask(argv[1:])
+        return 0
+    if argv[0] == "bench":
+        bench(argv[1:])
         return 0
     if argv[0] == "headhunter":
         from diffattn.app import headhunter

@@ -5,9 +5,11 @@
     diffattn demo --model /path/to/Wan2.1-T2V-1.3B-Diffusers --device cuda
     diffattn demo --host 0.0.0.0               # other machines may connect (only when asked); --share: a gradio.live link
 
-A user picks the pipeline (the testbed video Wan or image FLUX, or ``--model``), the method and its
-options (a JSON object prefilled with the config the method gets on that pipeline: the family's
-defaults and the pipeline's declared ones), prompt, seed, steps, size, frames and guidance.
+A user picks the pipeline (the testbed video Wan, image FLUX or SD U-Net, or ``--model``), the
+method and its options (a JSON object prefilled with the config the method gets on that pipeline:
+the family's defaults and the pipeline's declared ones), the attention guidance (PAG, SoftPAG,
+HeadHunter, STG, SEG: added to the method, or alone with method "none") and its options, prompt,
+seed, steps, size, frames and the CFG scale.
 "Generate" runs dense and the method on the same seed and shows both, with the time of each, the
 speed-up, the mask density, PSNR / SSIM against dense and, on the testbed, what the judge reads in
 each (the prompt's colour, shape, motion); the block map of the method at that size, the density
@@ -35,6 +37,7 @@ import torch
 
 import diffattn
 from diffattn.app import mask as mask_tool
+from diffattn.app import run as run_tools
 
 KINDS = {"video": "video (testbed WanPipeline, 29 frames at 128x128)", "image-dit": "image DiT (testbed FluxPipeline, 128x128)",
          "image-unet": "U-Net (testbed StableDiffusionPipeline, trained at 128x128: HiDiffusion is for 256)"}
@@ -55,13 +58,7 @@ LIMITS = Limits()
 
 
 def _testbed(module: str):
-    import importlib
-
-    try:
-        return importlib.import_module(f"diffattn_testbed.{module}")
-    except ImportError as exc:
-        raise SystemExit(f"diffattn demo: the default models need the testbed ({exc}); `pip install -e ./testbed`, "
-                         "or pass --model PATH") from None
+    return run_tools.testbed(module, "diffattn demo")
 
 
 class Models:
@@ -77,18 +74,17 @@ class Models:
 
     def get(self, kind: str):
         if kind not in self._pipes:
-            if kind == "custom":
-                from diffusers import DiffusionPipeline
-
-                dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
-                pipe = DiffusionPipeline.from_pretrained(self.model_path, torch_dtype=dtype).to(self.device)
-            else:
-                pipe = _testbed("pipelines").load_pipeline(kind, device=self.device)
-            self._pipes[kind] = pipe
+            self._pipes[kind] = run_tools.load(self.model_path if kind == "custom" else None, kind, self.device)
         return self._pipes[kind]
 
+    def pipeline_kind(self, kind: str) -> str:
+        """"video", "image-dit" or "image-unet" (a --model folder: from its model_index.json)."""
+        if kind != "custom":
+            return kind
+        return run_tools.kind_of_class(run_tools.pipeline_class(self.model_path)) or "video"
+
     def is_video(self, kind: str) -> bool:
-        return kind == "video" or (kind == "custom" and hasattr(self.get(kind), "vae_scale_factor_temporal"))
+        return self.pipeline_kind(kind) == "video"
 
 
 def method_names(models: Models, kind: str) -> list[str]:
@@ -110,7 +106,7 @@ def _family(models: Models, kind: str) -> str:
 
 def default_options(models: Models, kind: str, method: str) -> str:
     """The config ``method`` gets on ``kind``'s pipeline, as JSON (tuples as lists)."""
-    if not method:
+    if not method or method == "none":
         return "{}"
     from diffattn.methods import METHODS
 
@@ -172,39 +168,6 @@ class StepLog:
         return callback_kwargs
 
 
-def _run(pipe, video: bool, prompt: str, seed: int, steps: int, size: int, frames: int, guidance: float, device: str,
-         on_step=None):
-    call = dict(prompt=prompt, height=size, width=size, num_inference_steps=steps, output_type="np",
-                generator=torch.Generator("cpu").manual_seed(int(seed)))
-    if on_step is not None:
-        call["callback_on_step_end"] = on_step
-    if video:
-        call.update(num_frames=frames, guidance_scale=guidance)
-    elif any(c.__name__ == "FluxPipeline" for c in type(pipe).__mro__):  # FLUX.1-dev: guidance-distilled, CFG via true_cfg_scale
-        call.update(true_cfg_scale=guidance, negative_prompt="")
-    else:
-        call.update(guidance_scale=guidance)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    out = pipe(**call)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return np.asarray(out.frames[0] if video else out.images[0]), time.perf_counter() - start
-
-
-def _save(media: np.ndarray, video: bool, folder: Path, name: str) -> str:
-    if video:
-        from diffusers.utils import export_to_video
-
-        return export_to_video(list(media), str(folder / f"{name}.mp4"), fps=16)
-    import imageio.v3 as iio
-
-    path = folder / f"{name}.png"
-    iio.imwrite(path, (np.clip(media, 0, 1) * 255).round().astype(np.uint8))
-    return str(path)
-
-
 def mask_picture(models: Models, kind: str, method: str, options: dict, size: int, frames: int, folder: Path) -> tuple[str, str]:
     """(PNG path, one line: layout and density) of the block map at this size; for U-Net methods the
     MSW-MSA windows of the top attention level (those without windows have no mask to draw)."""
@@ -243,56 +206,93 @@ def window_picture(models: Models, kind: str, method: str, options: dict, size: 
                        "(unshifted; each call rolls them by 0, 1/4, 1/2 or 3/4 of a window); a token attends within its colour")
 
 
-def generate(models: Models, kind: str, method: str, options_text: str, prompt: str, seed: int, steps: int, size: int,
-             frames: int, guidance: float, folder: Path):
-    """Dense and ``method`` on the same seed: (dense file, method file, metrics Markdown, mask PNG,
-    its caption, per-layer rows, per-step rows)."""
+def default_guide_options(name: str) -> str:
+    """The options of guidance ``name`` as JSON (its defaults; None fields, the family's, left out)."""
+    if not name or name == "none":
+        return "{}"
+    from diffattn.guidance import GUIDANCE
+
+    config = diffattn.guide(name, heads=[(0, 0)]) if name == "headhunter" else GUIDANCE[name]()
+    values = {k: v for k, v in dataclasses.asdict(config).items() if v is not None}
+    if name == "headhunter":  # an example pair: a search's JSON (diffattn headhunter --out) or your own pairs
+        values["heads"] = [[0, 0]]
+    return json.dumps(values, indent=1)
+
+
+def _apply(pipe, method: str, options: dict, guide: str | None, guide_options: dict):
+    if method == "none":
+        return diffattn.apply(pipe, guide, **guide_options)
+    if guide is not None:
+        options = {**options, "guidance": diffattn.guide(guide, **guide_options)}
+    return diffattn.apply(pipe, method, **options)
+
+
+def generate(models: Models, kind: str, method: str, options_text: str, guide: str, guide_text: str, prompt: str, seed: int,
+             steps: int, size: int, frames: int, cfg_scale: float, folder: Path):
+    """Dense and ``method`` (with the ``guide`` guidance, or the guidance alone for method "none") on
+    the same seed: (dense file, method file, metrics Markdown, mask PNG, its caption, per-layer rows,
+    per-step rows)."""
     video = models.is_video(kind)
     check_inputs(models, kind, prompt, steps, size, frames, video)
-    if method not in method_names(models, kind):
-        raise ValueError(f"{method!r} does not fit this pipeline; choose one of {method_names(models, kind)}")
-    options = parse_options(options_text)
+    guide = None if guide in (None, "", "none") else guide
+    if method != "none" and method not in method_names(models, kind):
+        raise ValueError(f"{method!r} does not fit this pipeline; choose one of {method_names(models, kind)}, or none")
+    if method == "none" and guide is None:
+        raise ValueError("method none with guidance none is just dense; pick a method or a guidance")
+    options, guide_options = parse_options(options_text), parse_options(guide_text)
     steps, size, frames = int(steps), int(size), int(frames)
     pipe = models.get(kind)
     try:
-        handle = diffattn.apply(pipe, method, **options)  # options checked before the dense run
-    except (ValueError, NotImplementedError, TypeError) as exc:
+        handle = _apply(pipe, method, options, guide, guide_options)  # options checked before the dense run
+    except (ValueError, NotImplementedError, TypeError, OSError) as exc:
         raise ValueError(str(exc)) from None
     handle.remove()
-    if handle.method.config.dense_steps >= steps:
-        raise ValueError(f"dense_steps={handle.method.config.dense_steps} covers all {steps} steps: the method would never "
+    dense_steps = getattr(handle.method.config, "dense_steps", 0) if method != "none" else 0
+    if dense_steps >= steps:
+        raise ValueError(f"dense_steps={dense_steps} covers all {steps} steps: the method would never "
                          f"run; lower dense_steps or raise steps")
+    label = method if guide is None else (guide if method == "none" else f"{method}+{guide}")
     pipe.set_progress_bar_config(disable=False)
-    device = models.device
+    device, pkind = models.device, models.pipeline_kind(kind)
+    call = dict(prompt=prompt, seed=seed, steps=steps, height=size, width=size, frames=frames, cfg=cfg_scale, device=device)
     try:
-        dense, dense_s = _run(pipe, video, prompt, seed, steps, size, frames, guidance, device)
-        with diffattn.apply(pipe, method, **options) as handle:
+        if device.startswith("cuda"):  # untimed 1-step calls first: the times leave out compilation and autotuning
+            run_tools.warm_up(pipe, pkind, lambda **o: _apply(pipe, method, {**options, **o}, guide, guide_options), call,
+                              takes_schedule=method != "none")
+        dense, dense_s = run_tools.call(pipe, pkind, **call)
+        with _apply(pipe, method, options, guide, guide_options) as handle:
             per_step = StepLog(handle)
-            sparse, method_s = _run(pipe, video, prompt, seed, steps, size, frames, guidance, device, on_step=per_step)
+            sparse, method_s = run_tools.call(pipe, pkind, **call, on_step=per_step)
             summary, rows = handle.summary(), handle.report()
     finally:
         pipe.set_progress_bar_config(disable=True)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    metrics = _testbed("metrics") if kind in KINDS else None
-    lines = [f"| | dense | {method} |", "|---|---|---|",
-             f"| seconds (dense runs first: a session's first run also pays its warm-up) | {dense_s:.2f} | "
+    lines = [f"| | dense | {label} |", "|---|---|---|",
+             f"| seconds{' (after an untimed 1-step warm-up of each)' if device.startswith('cuda') else ''} | {dense_s:.2f} | "
              f"{method_s:.2f} (x{dense_s / method_s:.2f}) |"]
     density = summary["density"]
     lines.append(f"| mask density | 1.000 | {density:.3f} |" if density is not None else "| mask density | 1.000 | (no sparse call) |")
     lines.append(f"| attention calls sparse / dense | | {summary['method_calls']} / {summary['dense_calls']} |")
-    if metrics is not None:
-        lines.append(f"| PSNR / SSIM vs dense | | {metrics.psnr(sparse, dense):.2f} dB / {metrics.ssim(sparse, dense):.3f} |")
-        judge_mod = _testbed("judge")
-        judge = judge_mod.load_judge("video" if video else "image")
-        reads = [judge_mod.score(judge, x[None], [prompt])["accuracy"] for x in (dense, sparse)]
+    if "guidance" in summary:
+        g = summary["guidance"]
+        lines.append(f"| weak-branch forwards ({', '.join(g['branches'])}) | | {g['weak_forwards']} |")
+    compared = run_tools.compare(pkind, prompt, dense, sparse, judged=kind in KINDS)
+    lines.append(f"| PSNR / SSIM vs dense | | {compared['psnr']:.2f} dB / {compared['ssim']:.3f} |")
+    if "judge" in compared:
+        reads = compared["judge"]
         for key in reads[0]:
             lines.append(f"| judge: {key} | {reads[0][key]:.0%} | {reads[1][key]:.0%} |")
-    picture, caption = mask_picture(models, kind, method, options, size, frames, folder)
+    if method == "none":
+        picture, caption = None, f"{guide}: guidance only, no attention mask (the per-layer table shows the calls)"
+    else:
+        picture, caption = mask_picture(models, kind, method, options, size, frames, folder)
     table = [[r["site"], r["layer"], r["method_calls"], r["dense_calls"],
               "" if r["density"] is None else round(r["density"], 4)] for r in rows]
     stamp = f"{int(time.time() * 1000)}"
-    return (_save(dense, video, folder, f"dense_{stamp}"), _save(sparse, video, folder, f"{method}_{stamp}"),
+    suffix = "mp4" if video else "png"
+    return (run_tools.save(dense, pkind, folder / f"dense_{stamp}.{suffix}"),
+            run_tools.save(sparse, pkind, folder / f"{label}_{stamp}.{suffix}"),
             "\n".join(lines), picture, caption, table, per_step.rows)
 
 
@@ -303,22 +303,26 @@ def build(models: Models, *, max_queue: int = 8):
     folder = Path(tempfile.mkdtemp(prefix="diffattn-demo-"))
     kinds = models.kinds()
     first = next(iter(kinds))
-    first_methods = method_names(models, first) if first in KINDS else []
+    first_methods = (method_names(models, first) if first in KINDS else []) + ["none"]
 
     def on_kind(kind):
-        names = method_names(models, kind)
-        return gr.update(choices=names, value=names[0] if names else None), default_options(models, kind, names[0] if names else "")
+        names = method_names(models, kind) + ["none"]
+        return gr.update(choices=names, value=names[0]), default_options(models, kind, names[0])
 
     def on_method(kind, method):
         return default_options(models, kind, method)
 
-    def run(kind, method, options, prompt, seed, steps, size, frames, guidance, progress=gr.Progress(track_tqdm=True)):
+    def run(kind, method, options, guide, guide_options, prompt, seed, steps, size, frames, cfg_scale,
+            progress=gr.Progress(track_tqdm=True)):
         try:
-            return generate(models, kind, method, options, prompt, seed, steps, size, frames, guidance, folder)
+            return generate(models, kind, method, options, guide, guide_options, prompt, seed, steps, size, frames, cfg_scale,
+                            folder)
         except ValueError as exc:
             raise gr.Error(str(exc)) from None
 
     def show(kind, method, options, size, frames):
+        if method == "none":
+            return None, "method none: guidance only, no attention mask"
         try:
             check_inputs(models, kind, "a red circle" if kind in KINDS else "x", 1, size, frames, models.is_video(kind))
             return mask_picture(models, kind, method, parse_options(options), int(size), int(frames), folder)
@@ -335,8 +339,11 @@ def build(models: Models, *, max_queue: int = 8):
                 # (generate() checks that it fits the pipeline)
                 method = gr.Dropdown(choices=first_methods, value=first_methods[0] if first_methods else None, label="method",
                                      allow_custom_value=True)
-                options = gr.Code(value=default_options(models, first, first_methods[0]) if first_methods else "{}",
+                options = gr.Code(value=default_options(models, first, first_methods[0]) if first in KINDS else "{}",
                                   language="json", label="method options (the family's defaults; edit the JSON)")
+                guide = gr.Dropdown(choices=["none"] + sorted(diffattn.guidance_methods()), value="none",
+                                    label="attention guidance (added to the method; method none: guidance alone)")
+                guide_options = gr.Code(value="{}", language="json", label="guidance options (edit the JSON)")
                 prompt = gr.Textbox(value="a red circle moving right on a dark blue background", label="prompt",
                                     max_length=400)
                 with gr.Row():
@@ -345,7 +352,7 @@ def build(models: Models, *, max_queue: int = 8):
                 with gr.Row():
                     size = gr.Slider(LIMITS.min_size, LIMITS.max_size, value=128, step=LIMITS.size_step, label="size (square)")
                     frames = gr.Slider(5, LIMITS.max_frames, value=29, step=4, label="frames (video)")
-                guidance = gr.Slider(1.0, 10.0, value=3.0, step=0.5, label="guidance")
+                cfg_scale = gr.Slider(1.0, 10.0, value=3.0, step=0.5, label="CFG scale (classifier-free guidance)")
                 with gr.Row():
                     go = gr.Button("Generate", variant="primary")
                     stop = gr.Button("Stop")
@@ -377,7 +384,8 @@ def build(models: Models, *, max_queue: int = 8):
 
         kind.change(on_kind, kind, [method, options])
         method.change(on_method, [kind, method], options)
-        inputs = [kind, method, options, prompt, seed, steps, size, frames, guidance]
+        guide.change(default_guide_options, guide, guide_options)
+        inputs = [kind, method, options, guide, guide_options, prompt, seed, steps, size, frames, cfg_scale]
         event = go.click(run_and_route, inputs, [dense_out, method_out, dense_img, method_img, metrics, mask_img, mask_caption, layers, steps_table],
                          api_name="generate", concurrency_limit=1)
         stop.click(None, None, None, cancels=[event])

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from diffattn.app.bench import time_pair
 from diffattn.core.layout import TokenLayout
 from diffattn.kernels.block_sparse import block_sparse_attention, element_bits
 from diffattn.kernels.flex import FlexBackend
@@ -87,24 +88,8 @@ class Row:
     bwd_eff: float | None = None
 
 
-def _bench(fn, ms_warmup=50, ms_rep=300) -> float:
-    import triton
-
-    return triton.testing.do_bench(fn, warmup=ms_warmup, rep=ms_rep, return_mode="median")
-
-
 def _time_pair(attn, q, k, v, backward: bool):
-    fwd = _bench(lambda: attn(q, k, v))
-    if not backward:
-        return fwd, None
-    qg, kg, vg = (t.detach().requires_grad_(True) for t in (q, k, v))
-    do = torch.randn_like(q)
-
-    def step():
-        out = attn(qg, kg, vg)
-        torch.autograd.grad(out, (qg, kg, vg), do)
-
-    return fwd, _bench(step) - fwd
+    return time_pair(attn, q, k, v, backward, "cuda")  # (fwd ms, bwd ms or None), as diffattn bench times them
 
 
 WINDOWS = ("nb-time", "nb-3d", "nb-preset", "nb-gna")

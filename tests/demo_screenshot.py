@@ -27,6 +27,7 @@ def main() -> None:
     parser.add_argument("--out", default="demo.png")
     parser.add_argument("--chromium", default=shutil.which("chromium") or shutil.which("chromium-browser") or "chromium")
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--guide", default=None, help="also pick this attention guidance (e.g. soft-pag) before Generate")
     args = parser.parse_args()
     from diffattn.app.demo import Models, build
 
@@ -48,6 +49,9 @@ def main() -> None:
         page = browser.new_page(viewport={"width": 1400, "height": 1350})
         page.goto(url)
         page.get_by_label("steps").first.fill(str(args.steps))
+        if args.guide:
+            page.get_by_label("attention guidance").first.click()
+            page.get_by_role("option", name=args.guide, exact=True).click()
         start = time.perf_counter()
         page.get_by_role("button", name="Generate").click()
         page.wait_for_selector("text=mask density", timeout=300_000)

@@ -25,6 +25,20 @@ def test_generate_writes_both_clips_and_reports(tmp_path, capsys):
     assert "mask density" in printed and "PSNR vs dense" in printed and "judge (dense)" in printed
 
 
+def test_warmup_leaves_the_timed_runs_unchanged(tmp_path):
+    import imageio.v3 as iio
+
+    runs = {}
+    for flag in ("--warmup", "--no-warmup"):
+        cfg = cli._parse(["generate", flag, "--pipeline", "image-dit", "--steps", "2", "--out", str(tmp_path / f"{flag[2:]}.png")])
+        assert cfg.warmup == (flag == "--warmup")
+        runs[flag] = cli.generate(cfg)
+    assert runs["--warmup"]["method_calls"] == runs["--no-warmup"]["method_calls"] == 16  # the warm-up is not counted
+    for name in ("warmup", "no-warmup"):  # and changes no output (the warm-up handle is gone, the seed is the run's)
+        assert (iio.imread(tmp_path / "warmup.png") == iio.imread(tmp_path / f"{name}.png")).all()
+        assert (iio.imread(tmp_path / "warmup_dense.png") == iio.imread(tmp_path / f"{name}_dense.png")).all()
+
+
 def test_method_options_come_from_the_config_fields(tmp_path):
     cfg = cli._parse(["generate", "--method", "neighborhood", "--kernel-size", "3", "5", "5", "--stride", "1", "2", "1",
                       "--causal", "true", "false", "false", "--dense-steps", "0", "--out", str(tmp_path / "nb.mp4"), *SMALL])
@@ -33,6 +47,67 @@ def test_method_options_come_from_the_config_fields(tmp_path):
     assert report["method_calls"] > 0 and 0 < report["mask_density"] < 1
     radial = cli._parse(["generate", "--decay", "0.5", "--no-sink", "--block-size", "32"])
     assert radial.options == dict(decay=0.5, sink=False, block_size=32)
+
+
+def test_guidance_with_the_method_and_alone(tmp_path, capsys):
+    cfg = cli._parse(["generate", "--guide", "soft-pag", "--guide-scale", "1", "--guide-layers", "2", "3", "--dense-steps", "1",
+                      "--out", str(tmp_path / "g.mp4"), *SMALL])
+    assert cfg.method == "radial" and cfg.guide == "soft-pag" and cfg.guide_options == dict(scale=1.0, layers=(2, 3))
+    report = cli.generate(cfg)
+    assert report["guidance"]["weak_forwards"] == 2 and report["method_calls"] > 0  # one weak pass per step, radial ran
+    assert "radial+soft-pag: " in capsys.readouterr().out
+    alone = cli._parse(["generate", "--method", "headhunter", "--guide-heads", "1:0", "2:1", "--out", str(tmp_path / "h.mp4"), *SMALL])
+    assert alone.method == "none" and alone.guide == "headhunter" and alone.guide_options == dict(heads=[(1, 0), (2, 1)])
+    report = cli.generate(alone)
+    assert report["mask_density"] is None and report["method_calls"] == 0 and report["guidance"]["weak_forwards"] == 2
+    assert (tmp_path / "h.mp4").exists() and (tmp_path / "h_dense.mp4").exists()
+
+
+@pytest.mark.parametrize("pipeline, method, extra, count", [
+    ("image-dit", "clear", ["--radius", "2", "--steps", "2"], 16),          # 2 steps x (cond + uncond: true CFG) x 4 attention layers
+    ("image-unet", "hidiffusion", ["--method-seed", "1", "--steps", "4"], None),  # RAU-Net: the early steps (T1)
+])
+def test_image_pipelines_write_pngs(pipeline, method, extra, count, tmp_path):
+    cfg = cli._parse(["generate", "--pipeline", pipeline, "--out", str(tmp_path / "i.png"), *extra])
+    assert cfg.method == method and cfg.frames == 1 and (cfg.height == 256) == (pipeline == "image-unet")
+    report = cli.generate(cfg)
+    assert (tmp_path / "i.png").exists() and (tmp_path / "i_dense.png").exists()
+    assert report["method_calls"] > 0 and 0 < report["ssim_vs_dense"] <= 1 and "count" in report["judge_dense"]
+    if count is not None:
+        assert report["method_calls"] + report["dense_calls"] == count
+    if method == "hidiffusion":
+        assert cfg.options == {"seed": 1} and report["backends"].get("rau-net", 0) > 0
+
+
+def test_bench_times_every_kernel_and_checks_ours(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    rows = cli.bench(["--device", "cpu", "--model", "testbed", "--frames", "17", "--height", "64", "--width", "64",
+                      "--block-size", "32", "--dense-steps", "0", "--json", str(out)])
+    kernels = [r.kernel for r in rows]
+    assert kernels == ["SDPA math (dense)", "SDPA token mask (radial)", "diffattn Triton (radial)"]
+    ours = rows[-1]
+    assert 0 < ours.density < 1 and ours.fwd_ms > 0 and ours.max_err < 1e-4  # Triton (interpreted) == SDPA with the mask
+    assert len(__import__("json").loads(out.read_text())) == 3 and "| diffattn Triton (radial) |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--method", "tome"], "tome is not a block-sparse attention"),
+    (["--model", "nope"], "unknown --model 'nope'"),
+    (["--model", "wan", "--frames", "80"], "--frames must be 4k\\+1"),
+    (["--model", "flux", "--method", "radial"], "radial does not fit the flux family"),
+    (["--device", "cpu", "--json", "x.txt"], "--json must name a .json file"),
+    (["--heads", "0"], "--heads and --head-dim must be >= 1"),
+])
+def test_bench_bad_input(argv, match):
+    with pytest.raises(SystemExit, match=match):
+        cli.bench(argv)
+
+
+def test_bench_without_a_gpu_says_so():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(SystemExit, match="no CUDA GPU; bench times GPU kernels"):
+        cli.main(["bench"])
 
 
 def test_help_is_per_method(capsys):
@@ -68,25 +143,43 @@ def test_help_is_per_method(capsys):
         (["--steps", "0"], "steps must be >= 1"),
         (["--method", "neighborhood", "--kernel-size", "3", "3"], "one value or three"),
         (["--method", "neighborhood", "--kernel-size", "3", "20", "3", "--dense-steps", "0"], "kernel \\* dilation must be <= the grid length"),
+        (["--pipeline", "image-dit", "--method", "radial"], "radial does not fit this flux pipeline; methods for it: \\['clear', 'neighborhood'\\]"),
+        (["--pipeline", "image-dit", "--out", "x.mp4"], "--out must end in .png for the image-dit pipeline"),
+        (["--pipeline", "image-dit", "--height", "100"], "multiples of 8"),
+        (["--pipeline", "image-unet", "--method", "rau-net", "--height", "128", "--width", "128"],
+         "runs only from 1.5x the size the U-Net was trained at \\(128 px\\).*>= 192 or lower --min-scale"),
+        (["--pipeline", "image-unet", "--method", "tome", "--backend", "triton"], "--backend picks the attention kernel of"),
+        (["--guide", "soft-pag", "--guide-u", "2"], "u must be in"),
+        (["--method", "headhunter", "--guide-heads", "1-0"], "--guide-heads takes LAYER:HEAD pairs"),
+        (["--method", "headhunter"], "pass heads="),
+        (["--method", "none"], "--method none runs nothing but dense; add --guide NAME"),
+        (["--method", "soft-pag", "--guide", "stg"], "is a guidance method; pass the sparse method with --method"),
+        (["--device", "tpu"], "--device must be cuda"),
+        (["--prompt", "  "], "--prompt is empty"),
     ],
 )
 def test_bad_input_says_what_to_do(argv, match, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    cfg = cli._parse(["generate", *argv, *(SMALL if "--kernel-size" in argv else [])])
     with pytest.raises(SystemExit, match=match) as err:
-        cli.generate(cfg)
+        cli.generate(cli._parse(["generate", *argv, *(SMALL if "--kernel-size" in argv else [])]))
     assert len(str(err.value)) < 1000 and "\n" not in str(err.value)  # one line, never the whole input echoed
     assert not list(tmp_path.iterdir())  # no clip written
 
 
 def test_model_folder_checks_name_the_fix(tmp_path):
     (tmp_path / "empty").mkdir()
-    flux = tmp_path / "flux"
-    flux.mkdir()
-    (flux / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
-    for folder, match in ((tmp_path / "empty", "no model_index.json"), (flux, "is a FluxPipeline; use diffattn.apply")):
-        with pytest.raises(SystemExit, match=match):
-            cli.generate(cli._parse(["generate", "--model", str(folder), "--out", str(tmp_path / "c.mp4")]))
+    audio, flux = tmp_path / "audio", tmp_path / "flux"
+    for folder, name in ((audio, "AudioLDMPipeline"), (flux, "FluxPipeline")):
+        folder.mkdir()
+        (folder / "model_index.json").write_text(f'{{"_class_name": "{name}"}}')
+    for folder, out, match in ((tmp_path / "empty", "c.mp4", "no model_index.json"),
+                               (audio, "c.mp4", "is a AudioLDMPipeline; use diffattn.apply"),
+                               (flux, "c.mp4", "--out must end in .png for the image-dit pipeline"),  # the folder says image
+                               (flux, "c.png", "could not load --model .*flux: ")):  # a folder without its weights
+        with pytest.raises(SystemExit, match=match) as err:
+            cli.generate(cli._parse(["generate", "--model", str(folder), "--out", str(tmp_path / out)]))
+        assert "\n" not in str(err.value)
+    assert not list(tmp_path.glob("*.png")) and not list(tmp_path.glob("*.mp4"))
 
 
 def test_cuda_without_a_gpu_says_so(tmp_path):
@@ -99,6 +192,6 @@ def test_cuda_without_a_gpu_says_so(tmp_path):
 def test_top_level_help_lists_every_command(capsys):
     assert cli.main(["--help"]) == 0
     text = capsys.readouterr().out
-    assert all(f"  {c} " in text for c in ("generate", "mask", "demo", "train"))
+    assert all(f"  {c} " in text for c in ("generate", "mask", "bench", "demo", "train", "headhunter"))
     with pytest.raises(SystemExit, match="unknown command 'bogus'"):
         cli.main(["bogus"])

@@ -31,7 +31,7 @@ def client():
         demo.close()
 
 
-ARGS = dict(kind="video", method="radial", options='{"dense_steps": 1, "block_size": 64}',
+ARGS = dict(kind="video", method="radial", options='{"dense_steps": 1, "block_size": 64}', guide="none", guide_options="{}",
             prompt="a red circle moving right on a dark blue background", seed=0, steps=2, size=64, frames=9, guidance=3.0)
 
 
@@ -54,12 +54,26 @@ def test_generation_shows_dense_and_the_method_side_by_side(client):
     (dict(options='{"decay": -1}'), "decay"),
     (dict(options='{"dense_steps": 5}'), "never run"),
     (dict(options="{decay: 1"), "JSON object"),
+    (dict(method="none"), "just dense; pick a method or a guidance"),
+    (dict(guide="soft-pag", guide_options='{"u": 2}'), "u"),
+    (dict(guide="pag", guide_options='{"layers": [99]}'), "out of range"),
 ])
 def test_invalid_input_gets_one_clear_message(client, change, message):
     from gradio_client.exceptions import AppError
 
     with pytest.raises(AppError, match=message):
         client.predict(*{**ARGS, **change}.values(), api_name="/generate")
+
+
+def test_guidance_alone_and_with_the_method(client):
+    args = dict(ARGS, method="none", options="{}", guide="soft-pag", guide_options='{"scale": 1.0}')
+    dense, method, _, _, metrics, mask, caption, layers, steps = client.predict(*args.values(), api_name="/generate")
+    assert "| dense | soft-pag |" in metrics and "weak-branch forwards (soft-pag) | | 2 |" in metrics
+    assert mask is None and "guidance only" in caption
+    assert "| attention calls sparse / dense | | 0 / " in metrics  # no sparse method: every call stock
+    args = dict(ARGS, guide="stg", guide_options='{"scale": 1.0}')
+    dense, method, _, _, metrics, mask, caption, layers, steps = client.predict(*args.values(), api_name="/generate")
+    assert "| dense | radial+stg |" in metrics and "weak-branch forwards (stg)" in metrics and mask.endswith(".png")
 
 
 def test_mask_view(client):

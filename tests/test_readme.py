@@ -76,9 +76,16 @@ def test_shell_command(index, tmp_path):
             headhunter.parser().parse_args(argv[2:])  # every flag exists (the search is test_guidance's)
         elif argv[:2] == ["diffattn", "mask"]:
             cli.mask([*argv[2:], "--out", str(tmp_path / "mask.png")])
+        elif argv[:2] == ["diffattn", "bench"]:
+            args, options = cli.bench_arguments(argv[2:])  # every flag exists and parses (timing needs a GPU)
+            from diffattn.app import bench
+
+            for model in args.model:  # and the case is valid: grid, method, options
+                size = __import__("diffattn.app.mask", fromlist=["MODELS"]).MODELS[model].size
+                bench.check_case(model, args.method, args.height or size[0], args.width or size[1], args.frames or size[2], options)
         elif argv[0] == "diffattn":
             cfg = cli._parse(argv[1:])  # every flag exists and parses
-            assert cfg.method in ("radial", "neighborhood")
+            assert cfg.method in (*__import__("diffattn").methods(), "none")
         elif argv[:2] == ["python", "-m"]:
             subprocess.run([sys.executable, *argv[1:]], cwd=tmp_path, check=True, capture_output=True, timeout=300)
         elif argv[0] == "python" and argv[1].startswith("benchmarks/"):
