@@ -189,11 +189,13 @@ def parse_caption(text: str) -> list[dict]:
     Inverse of ``Clip.caption``: ``"a red circle moving right and a blue star on a black background"``
     gives ``[{"color": "red", "shape": "circle", "motion": "right"}, {"color": "blue", "shape":
     "star", "motion": None}]`` (``None``: the prompt names no motion). The background clause is
-    optional. Raises ``ValueError`` naming the expected form when an object phrase does not parse.
+    optional. Raises ``ValueError`` naming the expected form when an object phrase or the background
+    clause does not parse.
     """
     words = text.lower().replace(",", " ").split()
-    if " on " in f" {' '.join(words)} ":  # drop the background clause: "... on a <background> [<texture>] background"
+    if " on " in f" {' '.join(words)} ":  # the background clause: "... on a <background> [<texture>] background"
         cut = len(words) - 1 - words[::-1].index("on")
+        _check_background(words[cut + 1:], text)
         words = words[:cut]
     phrases, current = [], []
     for w in words:
@@ -222,6 +224,21 @@ def parse_caption(text: str) -> list[dict]:
     if len(set(colors)) != len(colors):
         raise ValueError(f"{text!r} names a color twice; testbed scenes give every object its own color")
     return objects
+
+
+def _check_background(clause: list[str], text: str) -> None:
+    """``clause`` (the words after the last "on") must read ``a <background> [<texture>] background``."""
+    body = clause[1:] if clause[:1] == ["a"] else clause
+    if body[-1:] == ["background"]:
+        body = body[:-1]
+        if body and body[-1] in TEXTURES:
+            body = body[:-1]
+        if " ".join(body) in BACKGROUNDS:
+            return
+    raise ValueError(
+        f"cannot read the background from {'on ' + ' '.join(clause)!r} in {text!r}: the testbed understands "
+        f"'on a <background> [<texture>] background' at the end, backgrounds {sorted(BACKGROUNDS)}, textures {list(TEXTURES)}"
+    )
 
 
 def unknown_words(text: str) -> list[str]:

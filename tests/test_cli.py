@@ -139,6 +139,7 @@ def test_help_is_per_method(capsys):
         (["--prompt", " ".join(f"w{i}" for i in range(30))], "does not know \\['w0', 'w1', 'w2', 'w3', 'w4'\\] \\(and 25 more\\)"),
         (["--prompt", "a red zebra moving right"], "does not know \\['zebra'\\].*caption words"),
         (["--prompt", "a red circle and a red star"], "color twice"),
+        (["--prompt", "a red circle moving right on a dark blue background star"], "cannot read the background"),
         (["--frames", "30"], "4k\\+1"),
         (["--steps", "0"], "steps must be >= 1"),
         (["--method", "neighborhood", "--kernel-size", "3", "3"], "one value or three"),

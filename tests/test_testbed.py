@@ -181,9 +181,13 @@ def test_captions_parse_back_to_their_labels():
         assert [(o["color"], o["shape"], o["motion"]) for o in got] == [(o.color, o.shape, o.motion) for o in clip.objects]
         assert unknown_words(clip.caption) == []
     assert parse_caption("A Red circle moving right") == [{"color": "red", "shape": "circle", "motion": "right"}]
+    assert parse_caption("a red circle on a black checkered background") == [{"color": "red", "shape": "circle", "motion": None}]
     assert unknown_words("a red zebra") == ["zebra"]
     for bad, match in [("a circle", "cannot read"), ("a red circle moving sideways", "unknown motion"),
-                       ("a red circle and a red star", "color twice")]:
+                       ("a red circle and a red star", "color twice"),
+                       ("a red circle on a dark blue background star", "cannot read the background"),
+                       ("a red circle moving right on a blue circle", "cannot read the background"),
+                       ("a red circle on a background", "cannot read the background")]:
         with pytest.raises(ValueError, match=match):
             parse_caption(bad)
 
