@@ -36,9 +36,9 @@ from diffattn.app import mask as mask_tool
 from diffattn.core.context import AttnContext
 
 # heads x head size per preset: the largest public config of the family (Wan2.1-14B, HunyuanVideo 13B,
-# Mochi 1, CogVideoX-5B, LTX-Video, FLUX.1-dev, SD3.5-Large; the testbed's own)
+# Mochi 1, CogVideoX-5B, LTX-Video, LTX-2 19B's video stream, FLUX.1-dev, SD3.5-Large; the testbed's own)
 HEADS = {"wan": (40, 128), "wan2.2": (40, 128), "hunyuan": (24, 128), "mochi": (24, 128), "cogvideox": (48, 64),
-         "ltx": (32, 64), "flux": (24, 128), "sd3": (38, 64), "testbed": (2, 32), "testbed-flux": (2, 32)}
+         "ltx": (32, 64), "ltx2": (32, 128), "flux": (24, 128), "sd3": (38, 64), "testbed": (2, 32), "testbed-flux": (2, 32)}
 
 
 @dataclass

@@ -30,8 +30,9 @@ a ``WanPipeline`` at toy width trained on procedural shapes, 128x128, 29 frames 
 16x16 tokens), 25 steps. Its prompts use the caption words (``diffattn_testbed.shapes.VOCABULARY``);
 other words are refused. ``--model`` loads a real diffusers checkpoint from a local path (or the
 hub, when the machine can reach it); its ``model_index.json`` says whether it is a video, image DiT
-or U-Net pipeline, and size, frames and steps default to the model card's (Wan 480x832, 81, 50;
-FLUX and SD3 1024², 28; SDXL 1024², SD 1.5 512², 50). ``--pipeline image-dit|image-unet`` picks the
+or U-Net pipeline, and size, frames and steps default to the pipeline's (Wan 480x832, 81, 50;
+HunyuanVideo 720p, 129; LTX-2 512x768, 121, 30; FLUX and SD3 1024², 28; SDXL 1024², SD 1.5 512², 50;
+``run.MODEL_DEFAULTS``). ``--pipeline image-dit|image-unet`` picks the
 testbed FLUX or SD pipeline instead of the video one.
 """
 
@@ -479,7 +480,11 @@ def _check(cfg: GenerateConfig, pipe) -> None:
     """The checks that need the loaded pipeline (before the first run): size multiple, frames, the
     method fitting the model family, and the method and guidance applied once (their options against
     this model), then removed."""
-    multiple = run_tools.size_multiple(pipe, cfg.pipeline)
+    try:
+        multiple = run_tools.size_multiple(pipe, cfg.pipeline)
+        temporal = run_tools.vae_factors(pipe)[1] if cfg.pipeline == "video" else 1
+    except NotImplementedError as exc:
+        raise SystemExit(str(exc)) from None
     if cfg.height % multiple or cfg.width % multiple or cfg.height <= 0 or cfg.width <= 0:
         raise SystemExit(
             f"diffattn: --height/--width must be positive multiples of {multiple} for this model, got "
@@ -487,7 +492,6 @@ def _check(cfg: GenerateConfig, pipe) -> None:
             + ("; the testbed model was trained at 128x128" if cfg.model is None else "")
         )
     if cfg.pipeline == "video":
-        temporal = pipe.vae_scale_factor_temporal
         if cfg.frames < 1 or (cfg.frames - 1) % temporal:
             raise SystemExit(
                 f"diffattn: --frames must be {temporal}k+1 for this model (1, {temporal + 1}, {2 * temporal + 1}, ...), got {cfg.frames}"

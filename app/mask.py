@@ -41,6 +41,7 @@ MODELS = {
     "mochi": ModelGrid("mochi", 16, 6, text=256, text_position="after", size=(480, 848, 163)),
     "cogvideox": ModelGrid("cogvideox", 16, 4, text=226, text_position="before", size=(480, 720, 49)),
     "ltx": ModelGrid("ltx", 32, 8, size=(512, 704, 121)),
+    "ltx2": ModelGrid("ltx2", 32, 8, size=(512, 768, 121)),  # the video stream (audio attention stays stock)
     "flux": ModelGrid("flux", 16, 0, text=512, text_position="before", size=(1024, 1024, 1)),
     "sd3": ModelGrid("sd3", 16, 0, text=333, text_position="after", size=(1024, 1024, 1)),
     "testbed": ModelGrid("wan2.1", 8, 4, size=(128, 128, 29)),  # the testbed video pipeline (4x VAE, patch 2)

@@ -14,14 +14,18 @@ import torch
 import diffattn
 
 VIDEO_PIPELINES = ("WanPipeline", "HunyuanVideoPipeline", "SkyReelsV2Pipeline", "MochiPipeline", "CogVideoXPipeline",
-                   "LTXPipeline", "HunyuanVideo15Pipeline")
+                   "LTXPipeline", "LTX2Pipeline", "HunyuanVideo15Pipeline")
 IMAGE_DIT_PIPELINES = ("FluxPipeline", "Flux2Pipeline", "StableDiffusion3Pipeline")
 UNET_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 KINDS = ("video", "image-dit", "image-unet")  # the testbed pipelines (diffattn_testbed.load_pipeline)
 
 # (height, width, frames, steps, CFG scale) when the user leaves them out: the model cards' defaults
 MODEL_DEFAULTS = {
-    "video": (480, 832, 81, 50, 5.0),  # Wan2.1 T2V; other video families take their own sizes via --height/--width
+    "video": (480, 832, 81, 50, 5.0),  # Wan2.1 T2V (also WanPipeline's own defaults)
+    "HunyuanVideoPipeline": (720, 1280, 129, 50, 6.0), "SkyReelsV2Pipeline": (544, 960, 97, 50, 6.0),
+    "MochiPipeline": (480, 848, 163, 64, 4.5), "CogVideoXPipeline": (480, 720, 49, 50, 6.0),
+    "LTXPipeline": (512, 704, 161, 50, 3.0), "LTX2Pipeline": (512, 768, 121, 30, 3.0),
+    "HunyuanVideo15Pipeline": (480, 848, 121, 50, 6.0),
     "FluxPipeline": (1024, 1024, 1, 28, 3.5), "Flux2Pipeline": (1024, 1024, 1, 28, 4.0),
     "StableDiffusion3Pipeline": (1024, 1024, 1, 28, 7.0),
     "StableDiffusionXLPipeline": (1024, 1024, 1, 50, 5.0), "StableDiffusionPipeline": (512, 512, 1, 50, 7.5),
@@ -84,10 +88,21 @@ def is_testbed(pipe) -> bool:
     return getattr(pipe, "testbed_kind", "") != ""
 
 
+def vae_factors(pipe) -> tuple[int, int]:
+    """(spatial, temporal) VAE compression of a video pipeline (each family names them its own way)."""
+    for spatial, temporal in (("vae_scale_factor_spatial", "vae_scale_factor_temporal"),  # Wan, HunyuanVideo, CogVideoX
+                              ("vae_spatial_compression_ratio", "vae_temporal_compression_ratio"),  # LTX, LTX-2
+                              ("vae_spatial_scale_factor", "vae_temporal_scale_factor")):  # Mochi
+        if hasattr(pipe, spatial) and hasattr(pipe, temporal):
+            return int(getattr(pipe, spatial)), int(getattr(pipe, temporal))
+    raise NotImplementedError(f"diffattn: {type(pipe).__name__} names no VAE compression diffattn knows; use diffattn.apply "
+                              "from Python with your own sizes")
+
+
 def size_multiple(pipe, kind: str) -> int:
     """Height and width must be multiples of this (the pipeline's own check, or its silent resize)."""
     if kind == "video":
-        multiple = pipe.vae_scale_factor_spatial * diffattn.patch_size(pipe)[1]  # VAE x patchify
+        multiple = vae_factors(pipe)[0] * diffattn.patch_size(pipe)[1]  # VAE x patchify
         return max(multiple, 16) if any(c.__name__ in ("WanPipeline", "SkyReelsV2Pipeline") for c in type(pipe).__mro__) else multiple
     if kind == "image-unet":
         return 8  # StableDiffusion(XL)Pipeline.check_inputs
@@ -154,4 +169,4 @@ def compare(kind: str, prompt: str, dense: np.ndarray, other: np.ndarray, judged
 
 __all__ = ["DEFAULT_METHOD", "IMAGE_DIT_PIPELINES", "KINDS", "MODEL_DEFAULTS", "UNET_PIPELINES", "VIDEO_PIPELINES", "call",
            "compare", "is_testbed", "kind_of_class", "load", "pipeline_class", "save", "size_multiple", "testbed", "warm_up",
-           "testbed_defaults"]
+           "testbed_defaults", "vae_factors"]

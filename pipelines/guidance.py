@@ -428,6 +428,8 @@ def install_steps(model, handle, adapter, family: str, component: str = "") -> l
     """The hooks guidance needs on ``model``: the branch hook, and block hooks for skips and the prefix."""
     guide = handle.guide
     check_pipeline(handle.pipe)
+    if getattr(adapter, "NO_GUIDANCE", None):
+        raise NotImplementedError(adapter.NO_GUIDANCE)
     info = model_info(model, adapter, family)
     plans = [cfg.plan(info) for cfg in guide.configs]
     modes = {cfg.batch for cfg in guide.configs}

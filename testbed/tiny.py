@@ -244,6 +244,37 @@ def ltx_inputs(batch: int = 2, frames: int = 4, size: int = 8, text: int = 6, ti
     )
 
 
+def tiny_ltx2_transformer(seed: int = 0, *, layers: int = 2, gated: bool = True, perturbed: bool = False):
+    """An ``LTX2VideoTransformer3DModel`` (audio-video: six attentions per block; ``gated``: LTX-2.3's
+    per-head output gates; ``perturbed``: its STG-capable processor)."""
+    from diffusers import LTX2VideoTransformer3DModel
+
+    torch.manual_seed(seed)
+    return LTX2VideoTransformer3DModel(
+        in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=16,
+        cross_attention_dim=32, audio_in_channels=4, audio_out_channels=4, audio_num_attention_heads=2,
+        audio_attention_head_dim=8, audio_cross_attention_dim=16, num_layers=layers, caption_channels=32,
+        base_height=256, base_width=256, gated_attn=gated, audio_gated_attn=gated, perturbed_attn=perturbed,
+    ).eval()
+
+
+def ltx2_inputs(batch: int = 2, frames: int = 4, size: int = 8, text: int = 6, audio: int = 5, timestep: int = 900,
+                seed: int = 1, **extra):
+    """Keyword inputs of one LTX-2 transformer forward (packed video [B, F*H*W, C] and audio [B, A, C]
+    latents, padded text masked in the last sample); ``extra`` passes on (STG's arguments)."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(batch, text)
+    mask[-1, text - 2:] = 0
+    return dict(
+        hidden_states=torch.randn(batch, frames * size * size, 8, generator=g),
+        audio_hidden_states=torch.randn(batch, audio, 4, generator=g),
+        encoder_hidden_states=torch.randn(batch, text, 32, generator=g),
+        audio_encoder_hidden_states=torch.randn(batch, text, 32, generator=g), timestep=torch.full((batch,), float(timestep)),
+        encoder_attention_mask=mask, audio_encoder_attention_mask=mask, num_frames=frames, height=size, width=size,
+        audio_num_frames=audio, return_dict=False, **extra,
+    )
+
+
 def tiny_skyreels_v2_transformer(seed: int = 0, *, layers: int = 2):
     """A ``SkyReelsV2Transformer3DModel`` (Wan2.1-based)."""
     from diffusers import SkyReelsV2Transformer3DModel

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from diffattn_testbed.tiny import (
-    cogvideox_inputs, flux2_inputs, flux_inputs, ltx_inputs, tiny_cogvideox_transformer, tiny_ltx_transformer,
+    cogvideox_inputs, flux2_inputs, flux_inputs, ltx2_inputs, ltx_inputs, tiny_cogvideox_transformer, tiny_ltx2_transformer, tiny_ltx_transformer,
     hunyuan_video15_inputs, mochi_inputs, tiny_hunyuan_video15_transformer, tiny_mochi_transformer, tiny_skyreels_v2_transformer, sd3_inputs, tiny_flux2_transformer, tiny_flux_transformer, tiny_hunyuan_transformer, tiny_sd3_transformer, tiny_wan_pipeline,
 )
 from testers import Family
@@ -77,6 +77,19 @@ LTX = Family(
     call=lambda model, **kw: model(**ltx_inputs(**kw)).sample, models=lambda model: [model],
     shape=dict(frames=4, size=8), other_shape=dict(frames=3, size=6, text=4), small=dict(frames=3, size=5, text=3),
     ours=lambda key: ".attn1." in key,
+)
+
+
+def ltx2_call(model, **kw):
+    """Both streams' outputs, video and audio, as one [B, N] tensor (the audio must come out unchanged too)."""
+    video, audio = model(**ltx2_inputs(**kw))
+    return torch.cat([video.flatten(1), audio.flatten(1)], 1)
+
+
+LTX2 = Family(
+    name="ltx2", build=tiny_ltx2_transformer, call=ltx2_call, models=lambda model: [model],
+    shape=dict(frames=4, size=8), other_shape=dict(frames=3, size=6, text=4), small=dict(frames=3, size=5, text=3),
+    ours=lambda key: key.endswith(".attn1.processor"),
 )
 
 

@@ -1,8 +1,9 @@
 """Every (model family x method) pair runs the whole AdapterTester checklist (tests/testers.py)."""
 
 import pytest
+import torch
 
-from families import COGVIDEOX, FLUX, FLUX2, HUNYUAN, HUNYUAN15, LTX, MOCHI, SD3, SD_UNET, SDXL_UNET, SKYREELS_V2, WAN
+from families import COGVIDEOX, FLUX, FLUX2, HUNYUAN, HUNYUAN15, LTX, LTX2, MOCHI, SD3, SD_UNET, SDXL_UNET, SKYREELS_V2, WAN
 from testers import AdapterTester
 
 pytestmark = pytest.mark.cpu
@@ -109,6 +110,19 @@ class TestLTXNeighborhood(AdapterTester):
     full = dict(dense_steps=0, dense_layers=0, kernel_size=(4, 8, 8))
 
 
+class TestLTX2Radial(AdapterTester):  # the video self-attention; audio, text and cross-modal attentions stay stock
+    family, method = LTX2, "radial"
+    sparse = dict(dense_steps=0, dense_layers=0, block_size=16, decay=0.3)
+    full = dict(dense_steps=0, dense_layers=0, block_size=64, decay=1000.0)
+    full_shape = dict(frames=4, size=16)
+
+
+class TestLTX2Neighborhood(AdapterTester):
+    family, method = LTX2, "neighborhood"
+    sparse = dict(dense_steps=0, dense_layers=0, kernel_size=(3, 3, 5))
+    full = dict(dense_steps=0, dense_layers=0, kernel_size=(4, 8, 8))
+
+
 class TestSkyReelsV2Radial(AdapterTester):
     family, method = SKYREELS_V2, "radial"
     sparse = dict(dense_steps=0, dense_layers=0, block_size=32, decay=0.5)
@@ -200,3 +214,34 @@ class TestSDXLAgent(AdapterTester):
     family, method = SDXL_UNET, "agent"
     sparse = dict(agents="pool", end=1.0)
     full = None
+
+
+def test_ltx2_perturbed_processor_keeps_the_pipelines_stg():
+    """LTX-2.3's STG-capable processor: the mirror matches it with STG on one block for one sample,
+    for all samples (V, no attention), and radial changes only the unperturbed attention."""
+    import diffattn
+    from diffattn_testbed.tiny import ltx2_inputs, tiny_ltx2_transformer
+
+    model = tiny_ltx2_transformer(perturbed=True)
+    for mask in (torch.tensor([1.0, 0.0]).view(2, 1, 1), torch.zeros(2, 1, 1)):
+        inputs = ltx2_inputs(spatio_temporal_guidance_blocks=[1], perturbation_mask=mask)
+        with torch.no_grad():
+            stock = model(**inputs)
+            with diffattn.apply(model, "radial", dense_steps=10_000):  # dense schedule: the mirror itself
+                mirrored = model(**inputs)
+            with diffattn.apply(model, "radial", dense_steps=0, dense_layers=0, block_size=16, decay=0.3, backend="sdpa") as handle:
+                sparse = model(**inputs)
+        for a, b in zip(stock, mirrored):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+        assert handle.summary()["method_calls"] == (2 if mask.sum() > 0 else 1)  # block 1 perturbed for all: V, no call
+        assert (sparse[0] - stock[0]).abs().max() > 1e-5
+
+
+def test_ltx2_refuses_diffattn_guidance_naming_its_own_stg():
+    import diffattn
+    from diffattn_testbed.tiny import tiny_ltx2_transformer
+
+    model = tiny_ltx2_transformer()
+    with pytest.raises(NotImplementedError, match="LTX-2 pipelines run their own STG"):
+        diffattn.apply(model, "stg")
+    assert not any(type(p).__module__.startswith("diffattn") for p in model.attn_processors.values())

@@ -26,8 +26,8 @@ def test_listings_say_which_method_fits_which_family():
     for name in ("msw-msa", "rau-net", "hidiffusion", "tome", "agent"):
         assert diffattn.methods()[name] == ("sd1.5", "sd2.1", "sdxl", "sdxl-turbo"), name
     assert diffattn.methods()["neighborhood"] == (
-        "wan2.1", "wan2.2", "skyreels_v2", "hunyuan_video", "hunyuan_video15", "mochi", "cogvideox", "ltx", "flux", "flux2", "sd3")
-    assert diffattn.methods()["radial"] == ("wan2.1", "wan2.2", "skyreels_v2", "hunyuan_video", "hunyuan_video15", "mochi", "cogvideox", "ltx")
+        "wan2.1", "wan2.2", "skyreels_v2", "hunyuan_video", "hunyuan_video15", "mochi", "cogvideox", "ltx", "ltx2", "flux", "flux2", "sd3")
+    assert diffattn.methods()["radial"] == ("wan2.1", "wan2.2", "skyreels_v2", "hunyuan_video", "hunyuan_video15", "mochi", "cogvideox", "ltx", "ltx2")
     assert diffattn.methods()["clear"] == ("flux", "flux2", "sd3")
     models = diffattn.supported_models()
     assert models["WanTransformer3DModel"] == {"families": ("wan2.1", "wan2.2"), "methods": ["neighborhood", "radial"]}

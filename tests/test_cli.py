@@ -196,3 +196,17 @@ def test_top_level_help_lists_every_command(capsys):
     assert all(f"  {c} " in text for c in ("generate", "mask", "bench", "demo", "train", "headhunter"))
     with pytest.raises(SystemExit, match="unknown command 'bogus'"):
         cli.main(["bogus"])
+
+
+def test_vae_factors_read_every_video_familys_names():
+    from types import SimpleNamespace
+
+    from diffattn.app import run
+
+    assert run.vae_factors(SimpleNamespace(vae_scale_factor_spatial=8, vae_scale_factor_temporal=4)) == (8, 4)  # Wan
+    assert run.vae_factors(SimpleNamespace(vae_spatial_compression_ratio=32, vae_temporal_compression_ratio=8)) == (32, 8)  # LTX
+    assert run.vae_factors(SimpleNamespace(vae_spatial_scale_factor=8, vae_temporal_scale_factor=6)) == (8, 6)  # Mochi
+    with pytest.raises(NotImplementedError, match="names no VAE compression"):
+        run.vae_factors(SimpleNamespace())
+    assert {run.kind_of_class(n) for n in ("LTX2Pipeline", "MochiPipeline", "FluxPipeline", "StableDiffusionXLPipeline")} == {
+        "video", "image-dit", "image-unet"}

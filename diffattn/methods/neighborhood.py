@@ -18,7 +18,7 @@ stride = round(s * extent / base), clamped to [1, window]):
 - Wan2.1 / Wan2.2: the same relative extent and stride on Wan's 720p grid (21, 45, 80): window
   (13, 23, 24), stride (11, 8, 8). No published Wan preset exists; this carries the one published
   training-free video setting over by grid fraction.
-- SkyReels-V2 (a Wan2.1 fine-tune) and LTX-Video: Wan's preset by grid fraction.
+- SkyReels-V2 (a Wan2.1 fine-tune), LTX-Video and LTX-2 (its video stream): Wan's preset by grid fraction.
 - HunyuanVideo-1.5, Mochi and CogVideoX: HunyuanVideo's preset by grid fraction (both joint MM-DiTs with full 3-D attention).
 - FLUX.1 / FLUX.2 / SD3 (images, 2-D): window (80, 80), stride (16, 16) on FLUX's 4K grid (256, 256), the
   GNA paper's FLUX setting (research §3.2, about 90 % sparse), rescaled to each grid (FLUX.2 and
@@ -51,6 +51,7 @@ PRESETS = {
     "cogvideox": ((30, 48, 80), (18, 24, 24), (16, 8, 8)),  # HunyuanVideo's GNA setting by grid fraction
     "skyreels_v2": ((21, 45, 80), (13, 23, 24), (11, 8, 8)),  # Wan2.1's
     "ltx": ((21, 45, 80), (13, 23, 24), (11, 8, 8)),  # Wan's by grid fraction
+    "ltx2": ((21, 45, 80), (13, 23, 24), (11, 8, 8)),  # Wan's by grid fraction (the video self-attention)
     "flux": ((1, 256, 256), (1, 80, 80), (1, 16, 16)),
     "flux2": ((1, 256, 256), (1, 80, 80), (1, 16, 16)),
     "sd3": ((1, 256, 256), (1, 80, 80), (1, 16, 16)),
@@ -131,13 +132,14 @@ class NeighborhoodAttention(BlockSparseMethod):
 
     name = "neighborhood"
     Config = NeighborhoodConfig
-    FAMILIES = ("wan2.1", "wan2.2", "skyreels_v2", "hunyuan_video", "hunyuan_video15", "mochi", "cogvideox", "ltx", "flux", "flux2", "sd3")
+    FAMILIES = ("wan2.1", "wan2.2", "skyreels_v2", "hunyuan_video", "hunyuan_video15", "mochi", "cogvideox", "ltx", "ltx2", "flux", "flux2", "sd3")
     FAMILY_DEFAULTS = {
         "hunyuan_video15": dict(dense_steps=12, dense_layers=0),
         "mochi": dict(dense_steps=12, dense_layers=0),
         "cogvideox": dict(dense_steps=12, dense_layers=0),
         "skyreels_v2": dict(dense_steps=12, dense_layers=1),
         "ltx": dict(dense_steps=12, dense_layers=1),
+        "ltx2": dict(dense_steps=7, dense_layers=1),  # 7 of LTX2Pipeline's 30 default steps (radial's 12 of 50)
         "flux": dict(dense_steps=6, dense_layers=0),
         "flux2": dict(dense_steps=6, dense_layers=0),
         "sd3": dict(dense_steps=6, dense_layers=0),

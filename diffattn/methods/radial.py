@@ -58,7 +58,7 @@ class Radial(BlockSparseMethod):
 
     name = "radial"
     Config = RadialConfig
-    FAMILIES = ("wan2.1", "wan2.2", "skyreels_v2", "hunyuan_video", "hunyuan_video15", "mochi", "cogvideox", "ltx")  # video DiTs with frame-major tokens
+    FAMILIES = ("wan2.1", "wan2.2", "skyreels_v2", "hunyuan_video", "hunyuan_video15", "mochi", "cogvideox", "ltx", "ltx2")  # video DiTs with frame-major tokens
     # research/radial.md §2.1: the reference scripts' settings per family
     FAMILY_DEFAULTS = {
         "wan2.1": dict(dense_steps=12, dense_layers=1, decay=0.2, block_size=128, sink=True),
@@ -77,6 +77,9 @@ class Radial(BlockSparseMethod):
         # no reference setting: LTX is Wan-like (self-attention + text cross-attention) with small frames
         # (352 tokens at 512 x 704), so it takes Wan2.2's small-frame setting (block 64, decay 0.8)
         "ltx": dict(dense_steps=12, dense_layers=1, decay=0.8, block_size=64, sink=True),
+        # LTX-2's video stream is LTX's layout (384 tokens per frame at 512 x 768): LTX's setting, with
+        # the warm-up scaled to LTX2Pipeline's 30-step default (7 of 30: the reference's 12 of 50)
+        "ltx2": dict(dense_steps=7, dense_layers=1, decay=0.8, block_size=64, sink=True),
     }
 
     @staticmethod
