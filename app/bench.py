@@ -6,7 +6,7 @@ with the method's blocks, same inputs, one run; the table printed.
     diffattn bench --model hunyuan --method radial --backward   # HunyuanVideo 720p 129 frames, fwd + bwd
     diffattn bench --model wan --height 480 --width 832 --heads 12 --method neighborhood --kernel-size 9 15 25
     diffattn bench --model flux --height 2048 --width 2048 --method clear --radius 16
-    diffattn bench --model wan flux                             # several models, each at its default size
+    diffattn bench --model wan hunyuan flux --method neighborhood  # several models, each at its default size
 
 The token grid comes from the model preset (``diffattn mask``'s: VAE compression, patch size, text
 tokens), the heads and head size from ``HEADS`` (the largest public config of the family; change
@@ -237,13 +237,21 @@ def run(args, options: dict) -> list[Row]:
 
     if args.json and not args.json.endswith(".json"):
         raise ValueError(f"--json must name a .json file, got {args.json!r}")
+    if args.json:
+        import os
+        from pathlib import Path
+
+        folder = Path(args.json).parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise ValueError(f"the folder of --json ({folder}) does not exist or is not writable; create it or pick another path")
     cases = []
     for model in args.model:  # every case checked before any kernel runs
         if model not in mask_tool.MODELS:
             raise ValueError(f"unknown --model {model!r}; one of {sorted(mask_tool.MODELS)}")
         size = mask_tool.MODELS[model].size
-        h, w = args.height or size[0], args.width or size[1]
-        frames = args.frames or (size[2] if mask_tool.MODELS[model].temporal else 1)
+        h = args.height if args.height is not None else size[0]
+        w = args.width if args.width is not None else size[1]
+        frames = args.frames if args.frames is not None else (size[2] if mask_tool.MODELS[model].temporal else 1)
         heads = args.heads if args.heads is not None else HEADS[model][0]
         head_dim = args.head_dim if args.head_dim is not None else HEADS[model][1]
         if heads < 1 or head_dim < 1:

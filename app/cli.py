@@ -102,14 +102,19 @@ def _method_arguments(parser: argparse.ArgumentParser, method: str) -> list[str]
     names = []
     for f in dataclasses.fields(diffattn.config_class(method)):
         help_text = f.metadata.get("help", "")
+        declared = str(f.type)  # the annotation ("int | None", "str"; a string under postponed annotations)
         if f.metadata.get("nargs"):
             spec = dict(nargs="+", type=_token, metavar="V", help=f"{help_text} (one value or F Y X)")
-        elif isinstance(f.default, bool):
+        elif isinstance(f.default, bool) or "bool" in declared:
             spec = dict(action=argparse.BooleanOptionalAction, help=help_text)
-        elif isinstance(f.default, int):
+        elif isinstance(f.default, str) or declared.startswith("str") or "Literal" in declared:
+            spec = dict(type=str, help=help_text)
+        elif (isinstance(f.default, int) or "int" in declared) and "float" not in declared:
             spec = dict(type=int, help=help_text)
-        else:
+        elif "float" in declared or isinstance(f.default, float):
             spec = dict(type=float, help=help_text)
+        else:  # anything else (tuples, unions of types): read each value as it reads
+            spec = dict(type=_token, help=help_text)
         try:
             group.add_argument("--" + f.name.replace("_", "-"), dest=OPTION + f.name, default=None, **spec)
         except argparse.ArgumentError:  # named like one of the command's own flags (seed): --method-seed
@@ -194,7 +199,10 @@ def _kind(model: str | None, pipeline: str | None) -> str:
     from pathlib import Path
 
     if model is not None and Path(model).is_dir():
-        found = run_tools.kind_of_class(run_tools.pipeline_class(model))
+        try:
+            found = run_tools.kind_of_class(run_tools.pipeline_class(model))
+        except ValueError:
+            return pipeline or "video"  # _precheck says what is wrong with the folder
         if found is not None:
             return found
     return pipeline or "video"
@@ -279,8 +287,7 @@ def _parse(argv) -> GenerateConfig:
             h = w = 256  # HiDiffusion's job: twice the size the testbed U-Net was trained at (128)
         fallback = dict(height=h, width=w, frames=frames, steps=steps, guidance=cfg_scale)
     else:
-        h, w, frames, steps, cfg_scale = run_tools.MODEL_DEFAULTS.get(run_tools.pipeline_class(values["model"])
-                                                                      if _is_dir(values["model"]) else None,
+        h, w, frames, steps, cfg_scale = run_tools.MODEL_DEFAULTS.get(_class_or_none(values["model"]),
                                                                       run_tools.MODEL_DEFAULTS["video"])
         fallback = dict(height=h, width=w, frames=frames, steps=steps, guidance=cfg_scale)
     if kind != "video":
@@ -299,10 +306,13 @@ def _parse(argv) -> GenerateConfig:
     return GenerateConfig(**values, options=options, guide_options=guide_options)
 
 
-def _is_dir(path: str) -> bool:
+def _class_or_none(path: str) -> str | None:
     from pathlib import Path
 
-    return Path(path).is_dir()
+    try:
+        return run_tools.pipeline_class(path) if Path(path).is_dir() else None
+    except ValueError:
+        return None  # _precheck reports the broken index
 
 
 def _lora_meta(path: str) -> dict:
@@ -382,7 +392,10 @@ def _precheck(cfg: GenerateConfig) -> None:
         if not folder.exists():
             raise SystemExit(f"diffattn: --model {cfg.model} does not exist; pass a local diffusers pipeline folder "
                              "(or a hub id owner/name)")
-        name = run_tools.pipeline_class(folder)
+        try:
+            name = run_tools.pipeline_class(folder)
+        except ValueError as exc:
+            raise SystemExit(f"diffattn: --model {cfg.model}: {exc}") from None
         if name is None:
             raise SystemExit(f"diffattn: --model {cfg.model} is not a diffusers pipeline folder (no model_index.json)")
         kind = run_tools.kind_of_class(name)
@@ -422,6 +435,15 @@ def _precheck(cfg: GenerateConfig) -> None:
         kernels = [m for m in METHODS if _takes_backend(m)]
         raise SystemExit(f"diffattn: --backend picks the attention kernel of {kernels}; {cfg.method} has none to pick "
                          "(leave --backend out)")
+    if cfg.method == "dense" and cfg.guide is not None:
+        raise SystemExit("diffattn: this LoRA was trained with dense attention; --guide needs a diffattn method run "
+                         "(leave --guide out, or train the LoRA with a method)")
+    if cfg.device.startswith("cuda:") and torch.cuda.is_available():
+        index = cfg.device.split(":", 1)[1]
+        if not index.isdigit() or int(index) >= torch.cuda.device_count():
+            raise SystemExit(f"diffattn: --device {cfg.device}: this machine has CUDA devices 0..{torch.cuda.device_count() - 1}")
+    if cfg.model is not None:
+        run_tools.testbed("metrics")  # PSNR / SSIM against dense come from the testbed's metrics: say so before any run
     if cfg.method == "dense" and not cfg.lora:
         raise SystemExit("diffattn: --method dense is the reference run itself; pick a method (or --guide NAME)")
     if cfg.model is None:
@@ -527,11 +549,17 @@ def generate(cfg: GenerateConfig) -> dict:
         pipe = run_tools.load(cfg.model, cfg.pipeline, cfg.device)
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:  # a broken or partial folder
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        raise SystemExit(f"diffattn: could not load --model {cfg.model}: {first}") from None
+        what = f"--model {cfg.model}" if cfg.model is not None else f"the testbed {cfg.pipeline} pipeline"
+        raise SystemExit(f"diffattn: could not load {what}: {first}") from None
     _check(cfg, pipe)
     if cfg.warmup and cfg.method != "dense":
-        run_tools.warm_up(pipe, cfg.pipeline, lambda **o: _apply(pipe, cfg, **o), _call_args(cfg),
-                          takes_schedule=cfg.method != "none")
+        overrides = {} if cfg.method == "none" else dict(run_tools.SCHEDULE_OFF)
+        if cfg.lora:  # a LoRA fixes the options it was trained with (its dense layers): the warm-up keeps them
+            overrides = {k: v for k, v in overrides.items() if k not in _lora_meta(cfg.lora).get("options", {})}
+        try:
+            run_tools.warm_up(pipe, cfg.pipeline, lambda **o: _apply(pipe, cfg, **o), _call_args(cfg), overrides)
+        except ValueError as exc:  # grid-dependent option checks run in the first forward's layout hook
+            raise SystemExit(f"diffattn: {exc}") from None
     dense_media, dense_s = _run(pipe, cfg)
     stem, suffix = cfg.out[:-4], cfg.out[-4:]
     dense_path = f"{stem}_dense{suffix}"

@@ -258,7 +258,7 @@ def generate(models: Models, kind: str, method: str, options_text: str, guide: s
     try:
         if device.startswith("cuda"):  # untimed 1-step calls first: the times leave out compilation and autotuning
             run_tools.warm_up(pipe, pkind, lambda **o: _apply(pipe, method, {**options, **o}, guide, guide_options), call,
-                              takes_schedule=method != "none")
+                              run_tools.SCHEDULE_OFF if method != "none" else {})
         dense, dense_s = run_tools.call(pipe, pkind, **call)
         with _apply(pipe, method, options, guide, guide_options) as handle:
             per_step = StepLog(handle)

@@ -45,9 +45,18 @@ def kind_of_class(name: str | None) -> str | None:
 
 
 def pipeline_class(folder: str | Path) -> str | None:
-    """The ``_class_name`` of a local diffusers pipeline folder (None without ``model_index.json``)."""
+    """The ``_class_name`` of a local diffusers pipeline folder (None without ``model_index.json``);
+    raises ValueError for an index that is not a JSON object."""
     index = Path(folder) / "model_index.json"
-    return json.loads(index.read_text()).get("_class_name") if index.is_file() else None
+    if not index.is_file():
+        return None
+    try:
+        data = json.loads(index.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{index} is not valid JSON ({exc}); fix or replace the pipeline folder") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{index} is not a JSON object; fix or replace the pipeline folder")
+    return data.get("_class_name")
 
 
 def testbed(module: str, who: str = "diffattn"):
@@ -131,15 +140,17 @@ def call(pipe, kind: str, *, prompt: str, seed: int, steps: int, height: int, wi
     return np.asarray(out.frames[0] if kind == "video" else out.images[0]), time.perf_counter() - start
 
 
-def warm_up(pipe, kind: str, apply, call_args: dict, takes_schedule: bool) -> None:
+SCHEDULE_OFF = dict(dense_steps=0, last_dense_steps=0, dense_layers=0)  # the warm-up's: the method on every call
+
+
+def warm_up(pipe, kind: str, apply, call_args: dict, overrides: dict) -> None:
     """One untimed 1-step call dense and one with the method, so that neither timed run pays CUDA's,
     cuDNN's and Triton's first-call costs (kernel compilation and autotuning: seconds, which at the
-    testbed's sizes would be most of the method's time). The method's warm-up runs it on every step
-    and layer (``dense_steps=0``, ``dense_layers=0``: the timed run's schedule would leave a 1-step
-    call dense); ``apply(**overrides)`` installs it and returns the handle."""
+    testbed's sizes would be most of the method's time). ``overrides`` (usually ``SCHEDULE_OFF``) make
+    the method run on that one step, which the timed run's schedule would leave dense;
+    ``apply(**overrides)`` installs it and returns the handle (removed again, also on errors)."""
     quick = {**call_args, "steps": 1}
     call(pipe, kind, **quick)
-    overrides = dict(dense_steps=0, last_dense_steps=0, dense_layers=0) if takes_schedule else {}
     with apply(**overrides):
         call(pipe, kind, **quick)
 
@@ -168,5 +179,5 @@ def compare(kind: str, prompt: str, dense: np.ndarray, other: np.ndarray, judged
 
 
 __all__ = ["DEFAULT_METHOD", "IMAGE_DIT_PIPELINES", "KINDS", "MODEL_DEFAULTS", "UNET_PIPELINES", "VIDEO_PIPELINES", "call",
-           "compare", "is_testbed", "kind_of_class", "load", "pipeline_class", "save", "size_multiple", "testbed", "warm_up",
+           "compare", "is_testbed", "kind_of_class", "load", "pipeline_class", "save", "size_multiple", "testbed", "warm_up", "SCHEDULE_OFF",
            "testbed_defaults", "vae_factors"]

@@ -34,9 +34,9 @@ def test_warmup_leaves_the_timed_runs_unchanged(tmp_path):
         assert cfg.warmup == (flag == "--warmup")
         runs[flag] = cli.generate(cfg)
     assert runs["--warmup"]["method_calls"] == runs["--no-warmup"]["method_calls"] == 16  # the warm-up is not counted
-    for name in ("warmup", "no-warmup"):  # and changes no output (the warm-up handle is gone, the seed is the run's)
-        assert (iio.imread(tmp_path / "warmup.png") == iio.imread(tmp_path / f"{name}.png")).all()
-        assert (iio.imread(tmp_path / "warmup_dense.png") == iio.imread(tmp_path / f"{name}_dense.png")).all()
+    # and changes no output (the warm-up handle is gone, the seed is the run's)
+    assert (iio.imread(tmp_path / "warmup.png") == iio.imread(tmp_path / "no-warmup.png")).all()
+    assert (iio.imread(tmp_path / "warmup_dense.png") == iio.imread(tmp_path / "no-warmup_dense.png")).all()
 
 
 def test_method_options_come_from_the_config_fields(tmp_path):
@@ -97,6 +97,8 @@ def test_bench_times_every_kernel_and_checks_ours(tmp_path, capsys):
     (["--model", "flux", "--method", "radial"], "radial does not fit the flux family"),
     (["--device", "cpu", "--json", "x.txt"], "--json must name a .json file"),
     (["--heads", "0"], "--heads and --head-dim must be >= 1"),
+    (["--model", "wan", "--height", "0"], "positive multiples of 16"),
+    (["--device", "cpu", "--json", "/no/such/folder/b.json"], "does not exist or is not writable"),
 ])
 def test_bench_bad_input(argv, match):
     with pytest.raises(SystemExit, match=match):
@@ -156,6 +158,8 @@ def test_help_is_per_method(capsys):
         (["--method", "none"], "--method none runs nothing but dense; add --guide NAME"),
         (["--method", "soft-pag", "--guide", "stg"], "is a guidance method; pass the sparse method with --method"),
         (["--device", "tpu"], "--device must be cuda"),
+        (["--pipeline", "image-unet", "--method", "hidiffusion", "--shifts", "sideways"], "shifts"),
+        (["--pipeline", "image-unet", "--method", "agent", "--pool", "0"], "pool"),
         (["--prompt", "  "], "--prompt is empty"),
     ],
 )
@@ -181,6 +185,27 @@ def test_model_folder_checks_name_the_fix(tmp_path):
             cli.generate(cli._parse(["generate", "--model", str(folder), "--out", str(tmp_path / out)]))
         assert "\n" not in str(err.value)
     assert not list(tmp_path.glob("*.png")) and not list(tmp_path.glob("*.mp4"))
+
+
+def test_method_options_are_typed_from_their_fields():
+    cfg = cli._parse(["generate", "--pipeline", "image-unet", "--method", "agent", "--agents", "pool", "--pool", "2", "--fp32"])
+    assert cfg.options == dict(agents="pool", pool=2, fp32=True) and isinstance(cfg.options["pool"], int)
+    cfg = cli._parse(["generate", "--pipeline", "image-unet", "--shifts", "cyclic", "--no-aggressive"])
+    assert cfg.options == dict(shifts="cyclic", aggressive=False)
+
+
+def test_broken_model_index_and_dense_lora_guidance_say_what_to_do(tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "model_index.json").write_text("{not json")
+    with pytest.raises(SystemExit, match="model_index.json is not valid JSON"):
+        cli.generate(cli._parse(["generate", "--model", str(broken), "--out", str(tmp_path / "c.mp4")]))
+    lora = tmp_path / "dense_lora"
+    lora.mkdir()
+    (lora / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    (lora / "diffattn.json").write_text('{"method": "dense", "kind": "lora", "options": {}, "frames": 29}')
+    with pytest.raises(SystemExit, match="trained with dense attention; --guide needs a diffattn method"):
+        cli.generate(cli._parse(["generate", "--lora", str(lora), "--guide", "stg", "--out", str(tmp_path / "c.mp4")]))
 
 
 def test_cuda_without_a_gpu_says_so(tmp_path):
