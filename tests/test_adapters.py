@@ -245,3 +245,24 @@ def test_ltx2_refuses_diffattn_guidance_naming_its_own_stg():
     with pytest.raises(NotImplementedError, match="LTX-2 pipelines run their own STG"):
         diffattn.apply(model, "stg")
     assert not any(type(p).__module__.startswith("diffattn") for p in model.attn_processors.values())
+
+
+def test_ltx2_split_rope_mirror_and_a_full_window_equal_stock():
+    """rope_type="split" (the other RoPE layout LTX-2 checkpoints use): the mirror is the stock
+    processor, and a window covering the whole grid gives the dense output."""
+    import diffattn
+    from diffattn_testbed.tiny import ltx2_inputs, tiny_ltx2_transformer
+
+    model = tiny_ltx2_transformer()
+    model = type(model)(**{**model.config, "rope_type": "split"}).eval()
+    inputs = ltx2_inputs()
+    with torch.no_grad():
+        stock = model(**inputs)
+        with diffattn.apply(model, "radial", dense_steps=10_000):
+            mirrored = model(**inputs)
+        with diffattn.apply(model, "neighborhood", dense_steps=0, dense_layers=0, kernel_size=(4, 8, 8), backend="sdpa") as handle:
+            full = model(**inputs)
+    assert handle.summary()["method_calls"] == 2
+    for a, b, c in zip(stock, mirrored, full):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-5)
