@@ -491,11 +491,7 @@ def _apply(pipe, cfg: GenerateConfig, **overrides):
         extra["backend"] = cfg.backend
     if cfg.lora:
         extra.update(lora=cfg.lora, lora_scale=cfg.lora_scale)
-    if cfg.method == "none":
-        return diffattn.apply(pipe, cfg.guide, **cfg.guide_options)
-    if cfg.guide is not None:
-        extra["guidance"] = diffattn.guide(cfg.guide, **cfg.guide_options)
-    return diffattn.apply(pipe, cfg.method, **extra)
+    return run_tools.apply(pipe, cfg.method, extra, cfg.guide, cfg.guide_options)
 
 
 def _check(cfg: GenerateConfig, pipe) -> None:
@@ -723,20 +719,25 @@ def _collect(args: dict, names: list[str]) -> dict:
     return options
 
 
-def mask(argv) -> dict:
-    """``diffattn mask``: density and block-map picture of a method at a model's size (no weights)."""
-    from diffattn.app import mask as mask_tool
-
+def _tool_arguments(argv, prog: str, tool):
+    """(argparse namespace, method options) of a tool command (``mask``, ``bench``): the tool's own
+    flags plus one per field of the ``--method``'s config."""
     argv = list(argv)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--method", default="radial")
     method = pre.parse_known_args(argv)[0].method
-    parser = argparse.ArgumentParser(prog="diffattn mask", description=mask_tool.__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    mask_tool.add_arguments(parser, method)
+    parser = argparse.ArgumentParser(prog=prog, description=tool.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    tool.add_arguments(parser, method)
     names = _method_arguments(parser, method) if method in diffattn.methods() else []
     args = parser.parse_args(argv)
-    options = _collect(vars(args), names)
+    return args, _collect(vars(args), names)
+
+
+def mask(argv) -> dict:
+    """``diffattn mask``: density and block-map picture of a method at a model's size (no weights)."""
+    from diffattn.app import mask as mask_tool
+
+    args, options = _tool_arguments(argv, "diffattn mask", mask_tool)
     try:
         return mask_tool.run(args, options)
     except ValueError as exc:
@@ -758,16 +759,7 @@ def bench_arguments(argv):
     """(argparse namespace, method options) of ``diffattn bench``'s command line."""
     from diffattn.app import bench as bench_tool
 
-    argv = list(argv)
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--method", default="radial")
-    method = pre.parse_known_args(argv)[0].method
-    parser = argparse.ArgumentParser(prog="diffattn bench", description=bench_tool.__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    bench_tool.add_arguments(parser, method)
-    names = _method_arguments(parser, method) if method in diffattn.methods() else []
-    args = parser.parse_args(argv)
-    return args, _collect(vars(args), names)
+    return _tool_arguments(argv, "diffattn bench", bench_tool)
 
 
 USAGE = """usage: diffattn {generate,mask,bench,demo,train,headhunter} ...

@@ -219,14 +219,6 @@ def default_guide_options(name: str) -> str:
     return json.dumps(values, indent=1)
 
 
-def _apply(pipe, method: str, options: dict, guide: str | None, guide_options: dict):
-    if method == "none":
-        return diffattn.apply(pipe, guide, **guide_options)
-    if guide is not None:
-        options = {**options, "guidance": diffattn.guide(guide, **guide_options)}
-    return diffattn.apply(pipe, method, **options)
-
-
 def generate(models: Models, kind: str, method: str, options_text: str, guide: str, guide_text: str, prompt: str, seed: int,
              steps: int, size: int, frames: int, cfg_scale: float, folder: Path):
     """Dense and ``method`` (with the ``guide`` guidance, or the guidance alone for method "none") on
@@ -243,7 +235,7 @@ def generate(models: Models, kind: str, method: str, options_text: str, guide: s
     steps, size, frames = int(steps), int(size), int(frames)
     pipe = models.get(kind)
     try:
-        handle = _apply(pipe, method, options, guide, guide_options)  # options checked before the dense run
+        handle = run_tools.apply(pipe, method, options, guide, guide_options)  # options checked before the dense run
     except (ValueError, NotImplementedError, TypeError, OSError) as exc:
         raise ValueError(str(exc)) from None
     handle.remove()
@@ -257,10 +249,10 @@ def generate(models: Models, kind: str, method: str, options_text: str, guide: s
     call = dict(prompt=prompt, seed=seed, steps=steps, height=size, width=size, frames=frames, cfg=cfg_scale, device=device)
     try:
         if device.startswith("cuda"):  # untimed 1-step calls first: the times leave out compilation and autotuning
-            run_tools.warm_up(pipe, pkind, lambda **o: _apply(pipe, method, {**options, **o}, guide, guide_options), call,
+            run_tools.warm_up(pipe, pkind, lambda **o: run_tools.apply(pipe, method, {**options, **o}, guide, guide_options), call,
                               run_tools.SCHEDULE_OFF if method != "none" else {})
         dense, dense_s = run_tools.call(pipe, pkind, **call)
-        with _apply(pipe, method, options, guide, guide_options) as handle:
+        with run_tools.apply(pipe, method, options, guide, guide_options) as handle:
             per_step = StepLog(handle)
             sparse, method_s = run_tools.call(pipe, pkind, **call, on_step=per_step)
             summary, rows = handle.summary(), handle.report()

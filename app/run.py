@@ -93,6 +93,17 @@ def load(model: str | None, kind: str, device: str):
     return pipe
 
 
+def apply(pipe, method: str, options: dict, guide: str | None = None, guide_options: dict | None = None):
+    """``method`` with ``options`` and, when given, the ``guide`` guidance on ``pipe`` (the handle);
+    method "none" applies the guidance alone."""
+    guide_options = guide_options or {}
+    if method == "none":
+        return diffattn.apply(pipe, guide, **guide_options)
+    if guide is not None:
+        options = {**options, "guidance": diffattn.guide(guide, **guide_options)}
+    return diffattn.apply(pipe, method, **options)
+
+
 def is_testbed(pipe) -> bool:
     return getattr(pipe, "testbed_kind", "") != ""
 
@@ -178,6 +189,6 @@ def compare(kind: str, prompt: str, dense: np.ndarray, other: np.ndarray, judged
     return out
 
 
-__all__ = ["DEFAULT_METHOD", "IMAGE_DIT_PIPELINES", "KINDS", "MODEL_DEFAULTS", "UNET_PIPELINES", "VIDEO_PIPELINES", "call",
+__all__ = ["DEFAULT_METHOD", "apply", "IMAGE_DIT_PIPELINES", "KINDS", "MODEL_DEFAULTS", "UNET_PIPELINES", "VIDEO_PIPELINES", "call",
            "compare", "is_testbed", "kind_of_class", "load", "pipeline_class", "save", "size_multiple", "testbed", "warm_up", "SCHEDULE_OFF",
            "testbed_defaults", "vae_factors"]

@@ -20,11 +20,15 @@ import argparse
 import json
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import diffattn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/e2e.py, run as a script or imported
+import e2e  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -124,19 +128,10 @@ def build(case: Case, device: str = "cuda", **override):
 
 
 def time_forward(model, inputs, repeats: int) -> float:
-    with torch.no_grad(), sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                                       SDPBackend.MATH], set_priority=True):
-        model(**inputs)  # warm-up: compilation, autotuning, descriptions
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            model(**inputs)
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+    """e2e.py's timing (warm-up, then the median of ``repeats`` CUDA-event timed forwards), SDPA with cuDNN first."""
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                      SDPBackend.MATH], set_priority=True):
+        return e2e.time_forward(model, inputs, repeats)
 
 
 def run(name: str, repeats: int, methods: list[str]) -> list[dict]:

@@ -40,16 +40,18 @@ def patch_size(model) -> tuple[int, int, int]:
     return (model.config.patch_size_t, model.config.patch_size, model.config.patch_size)
 
 
-def grid(model, hidden_states: torch.Tensor, inputs=None) -> TokenLayout | str:
+def grid(model, hidden_states: torch.Tensor, inputs=None, name: str = "ltx", extra: str = "conditioning tokens?") -> TokenLayout | str:
+    """The packed tokens' grid from ``num_frames`` / ``height`` / ``width`` (latent units), or why not
+    (LTX-2's adapter shares it: ``name`` and ``extra`` word its notes)."""
     inputs = inputs or {}
     frames, height, width = (inputs.get(k) for k in ("num_frames", "height", "width"))
     if frames is None or height is None or width is None:
-        return "diffattn ltx: the transformer was called without num_frames / height / width; running dense"
+        return f"diffattn {name}: the transformer was called without num_frames / height / width; running dense"
     p_t, p, _ = patch_size(model)
     layout = TokenLayout(int(frames) // p_t, int(height) // p, int(width) // p)
     if layout.video_tokens != hidden_states.shape[1]:
-        return (f"diffattn ltx: {hidden_states.shape[1]} tokens but num_frames x height x width gives "
-                f"{layout.video_tokens} (conditioning tokens?); running dense")
+        return (f"diffattn {name}: {hidden_states.shape[1]} tokens but num_frames x height x width gives "
+                f"{layout.video_tokens} ({extra}); running dense")
     return layout
 
 

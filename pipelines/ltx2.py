@@ -34,7 +34,11 @@ from diffusers.models.transformers.transformer_ltx2 import apply_interleaved_rot
 
 from diffattn.core.layout import TokenLayout
 
+from . import ltx
 from .base import DiffattnProcessor
+from .ltx import patch_size, targets  # the same block list and patchify as LTX-Video
+
+__all__ = ["FAMILIES", "MODEL_CLASSES", "NO_GUIDANCE", "Processor", "family", "grid", "patch_size", "targets"]
 
 MODEL_CLASSES = ("LTX2VideoTransformer3DModel",)
 FAMILIES = ("ltx2",)
@@ -50,27 +54,10 @@ def family(model, pipe=None) -> str:
     return "ltx2"
 
 
-def targets(model) -> dict[str, int]:
-    return {f"transformer_blocks.{i}.attn1.processor": i for i in range(len(model.transformer_blocks))}
-
-
-def patch_size(model) -> tuple[int, int, int]:
-    return (model.config.patch_size_t, model.config.patch_size, model.config.patch_size)
-
-
 def grid(model, hidden_states: torch.Tensor, inputs=None) -> TokenLayout | str:
-    inputs = inputs or {}
-    if inputs.get("video_self_attention_mask") is not None:
+    if (inputs or {}).get("video_self_attention_mask") is not None:
         return "diffattn ltx2: a video_self_attention_mask was passed (IC-LoRA reference tokens); running dense"
-    frames, height, width = (inputs.get(k) for k in ("num_frames", "height", "width"))
-    if frames is None or height is None or width is None:
-        return "diffattn ltx2: the transformer was called without num_frames / height / width; running dense"
-    p_t, p, _ = patch_size(model)
-    layout = TokenLayout(int(frames) // p_t, int(height) // p, int(width) // p)
-    if layout.video_tokens != hidden_states.shape[1]:
-        return (f"diffattn ltx2: {hidden_states.shape[1]} video tokens but num_frames x height x width gives "
-                f"{layout.video_tokens} (keyframe or reference tokens?); running dense")
-    return layout
+    return ltx.grid(model, hidden_states, inputs, name="ltx2", extra="keyframe or reference tokens?")
 
 
 def _rope(attn, x: torch.Tensor, freqs) -> torch.Tensor:
