@@ -43,7 +43,8 @@ from diffattn.pipelines.base import layout_hook
 
 __version__ = "0.1.0"
 __all__ = [
-    "Handle", "TokenLayout", "apply", "attention_modules", "attn_processors", "config_class", "detect_family", "families",
+    "Handle", "TokenLayout", "apply", "attention_modules", "attn_processors", "config_class", "cp_plan", "detect_family",
+    "enable_parallelism", "families",
     "guidance_methods", "guide", "methods", "patch_size", "processors", "remove", "set_attn_processors", "supported_models",
 ]
 
@@ -215,7 +216,7 @@ def _install(target, method: str, options: dict, set_processors: bool) -> tuple[
             steps += guidance_branch.install_steps(model, handle, adapter, family, name)  # the weak branch (diffusers hooks)
         steps += [
             ProcessorSwap(model, new, original, set_now=set_processors),
-            ForwardHook(model, layout_hook(handle, adapter.grid)),
+            ForwardHook(model, layout_hook(handle, adapter.grid, getattr(adapter, "forward_facts", None))),
             Marker(model, handle),
         ]
         dicts[id(model)] = new
@@ -258,6 +259,51 @@ def remove(target) -> None:
         raise ValueError(f"diffattn.remove: nothing to remove, diffattn is not applied to {type(target).__name__}")
     for handle in handles.values():
         handle.remove()
+
+
+def cp_plan(model: torch.nn.Module) -> dict:
+    """The context-parallel plan ``model.enable_parallelism(config=..., cp_plan=...)`` needs: the
+    diffusers model's own ``_cp_plan`` (Wan, LTX, LTX-2, FLUX.1/2), diffattn's (HunyuanVideo), or
+    NotImplementedError saying why the family has none (Mochi, CogVideoX, ...)."""
+    adapter = _adapter_of(model)
+    if adapter is None:
+        raise NotImplementedError(f"diffattn does not support {type(model).__name__}; supported model classes: {sorted(ADAPTERS)}")
+    if getattr(model, "_cp_plan", None) is not None:
+        return model._cp_plan
+    if hasattr(adapter, "cp_plan"):
+        return adapter.cp_plan(model)
+    processor = adapter.Processor
+    why = getattr(processor, "NO_CP", None) if isinstance(processor, type) else None
+    raise NotImplementedError(why or f"diffattn: {type(model).__name__} has no context-parallel plan in diffusers or diffattn")
+
+
+def enable_parallelism(target, config) -> None:
+    """``model.enable_parallelism(config=config)`` on every model of ``target`` diffattn supports,
+    with ``cp_plan(model)`` where diffusers has no plan, keeping the attention the plan does not
+    split on its full input (HunyuanVideo's text refiner). ``config``: diffusers'
+    ``ContextParallelConfig(ulysses_degree=..., ring_degree=...)`` (or a ``ParallelConfig``).
+
+    For a diffattn plan (HunyuanVideo) diffattn must be applied first: its processors rebuild the
+    padded-text mask of each rank, which the stock ones would get wrong. For models with a diffusers
+    plan, ``model.enable_parallelism`` and ``diffattn.apply`` work in either order as well.
+    """
+    components, _ = _components(target)
+    for _, model in components:
+        adapter = _adapter_of(model)
+        own = getattr(model, "_cp_plan", None) is not None
+        plan = None if own else cp_plan(model)
+        handle = getattr(model, HANDLE_ATTR, None)
+        if not own and (handle is None or not handle.live_on(model)):
+            raise RuntimeError(
+                f"diffattn: {type(model).__name__}'s context-parallel plan is diffattn's and needs diffattn's processors "
+                "(they rebuild each rank's padded-text mask): call diffattn.apply(...) first"
+            )
+        model.enable_parallelism(config=config, cp_plan=plan)
+        for name in getattr(adapter, "CP_LOCAL", ()):
+            for module in model.get_submodule(name).modules():
+                processor = getattr(module, "processor", None)
+                if processor is not None and getattr(processor, "_parallel_config", None) is not None:
+                    processor._parallel_config = None
 
 
 def patch_size(target) -> tuple[int, int, int]:

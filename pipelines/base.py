@@ -28,6 +28,9 @@ from diffattn.core.context import AttnContext
 from diffattn.core.handle import Handle
 from diffattn.core.layout import TokenLayout
 from diffattn.guidance.perturb import blend_identity, blur_queries
+from diffattn.kernels import select
+
+from . import parallel
 
 
 class DiffattnProcessor:
@@ -40,6 +43,12 @@ class DiffattnProcessor:
 
     _attention_backend = None
     _parallel_config = None
+    # whether the model's forward builds a padded-text key mask from its (split) sequence length: then
+    # under context parallelism every call with padded text runs through ``pipelines.parallel``
+    masks_text = False
+    # why this family cannot run under context parallelism (None: it can; ``pipelines.parallel``)
+    NO_CP: str | None = ("diffattn: this model family has no context-parallel support (no diffusers _cp_plan and "
+                         "no diffattn plan); run it on one GPU per process")
 
     def __init__(self, handle: Handle, layer: int, stock=None, site: str = ""):
         self.handle = handle
@@ -69,12 +78,10 @@ class DiffattnProcessor:
             )
         return layout
 
-    def check_parallel(self) -> None:
-        if self._parallel_config is not None:
-            raise NotImplementedError(
-                f"diffattn {self.handle.method_name}: diffusers context parallelism is not supported for "
-                "sparse steps yet; call transformer.enable_parallelism only without diffattn, or remove diffattn"
-            )
+    def cp_world(self) -> int:
+        """The number of ranks one attention call's sequence is split over (1: no context parallelism)."""
+        cp = parallel.cp_config(self._parallel_config)
+        return 1 if cp is None else parallel.degree(cp)
 
     def guided(self) -> bool:
         """Whether the running forward has weak guidance rows perturbed at this layer."""
@@ -103,8 +110,10 @@ class DiffattnProcessor:
         ctx = self.context(layout)
         handle = self.handle
         perturb = handle.guide.at(self.layer) if handle.guide is not None else []
+        cp = parallel.cp_config(self._parallel_config)
         if perturb:
-            query = self._perturb_queries(query, layout, perturb)
+            if cp is None:
+                query = self._perturb_queries(query, layout, perturb)
             rows, p = perturb[0]
             if len(perturb) == 1 and p.full_identity and rows == slice(0, query.shape[0]):
                 out = value.clone()  # the whole batch is the weak branch with O = V: no attention to run
@@ -112,8 +121,10 @@ class DiffattnProcessor:
                 handle.record(self.site, mode="dense", layout=layout, note="guidance: identity attention (no kernel run)")
                 handle.keep(self.site, out)
                 return out
-        if method_ok and not handle.bypassed and handle.method.active(ctx):
-            self.check_parallel()
+        run_method = method_ok and not handle.bypassed and handle.method.active(ctx)
+        if cp is not None:
+            out = self._attend_parallel(cp, query, key, value, layout, ctx, perturb, attention_mask, kv_len, run_method, dense_note)
+        elif run_method:
             if kv_len is not None:
                 ctx = dataclasses.replace(ctx, kv_len=kv_len())
             out = handle.method(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), ctx)  # [B, H, S, D]
@@ -133,6 +144,86 @@ class DiffattnProcessor:
             out = self._perturb_output(out, value, perturb)
         handle.keep(self.site, out)
         return out
+
+    def _attend_parallel(self, cp, query, key, value, layout: TokenLayout, ctx: AttnContext, perturb, attention_mask,
+                         kv_len, run_method: bool, dense_note: str | None) -> torch.Tensor:
+        """One call under diffusers' context parallelism (``pipelines.parallel``): query/key/value
+        are this rank's slices ``[B, S / degree, heads, D]``; returns the same slice of the output.
+        ``kv_len`` must give the valid-key counts in the layout's order (the full sequence)."""
+        handle, name = self.handle, self.handle.method_name
+        if self.NO_CP:
+            raise NotImplementedError(self.NO_CP)
+        parallel.check_config(cp, name)
+        world = parallel.degree(cp)
+        seg = [(rows, p) for rows, p in perturb if p.kind == "seg"]
+        valid = kv_len() if kv_len is not None and (run_method or perturb or self.masks_text) else None
+        if valid is not None and bool((valid >= layout.seq_len).all()):
+            valid = None  # no padded key: the stock path is exact
+        if not run_method and valid is None and not seg and (cp.ring_degree == 1 or parallel.backend_rings(self._attention_backend)):
+            # dense without a mask to rebuild: diffusers' own context-parallel attention
+            if dense_note is not None:
+                handle.note_once(dense_note)
+            handle.record(self.site, mode="dense", layout=layout, note=dense_note)
+            handle.record_parallel(self.site, mode="diffusers", degree=world)
+            return dispatch_attention_fn(
+                query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
+                backend=self._attention_backend, parallel_config=self._parallel_config,
+            )
+        parallel.check_split(layout, world, query.shape[1], name)
+        if seg and cp.ring_degree > 1:
+            raise NotImplementedError(
+                f"diffattn {name}: SEG blurs the queries over the whole grid, which a ring rank does not hold; "
+                "use Ulysses context parallelism (ContextParallelConfig(ulysses_degree=N)) with SEG"
+            )
+        method = handle.method if run_method else None
+        if method is not None and not hasattr(method, "description") and cp.ring_degree > 1:
+            raise NotImplementedError(f"diffattn {name}: ring context parallelism needs a block-sparse method; use Ulysses")
+        q, k, v = (parallel.ulysses_in(t, cp) for t in (query, key, value))  # [B, S_group, h, D]
+        ctx = dataclasses.replace(ctx, kv_len=valid, heads=parallel.head_range(cp, q.shape[2]))
+        dev = q.device
+        if cp.ring_degree == 1:  # Ulysses: the full sequence in the layout's order
+            order = handle.cache(("cp-order", layout, world, str(dev)), lambda: parallel.group_positions(layout, cp, 0, dev))
+            inverse = handle.cache(("cp-inverse", layout, world, str(dev)), lambda: torch.argsort(order))
+            q, k, v = (t.index_select(1, inverse) for t in (q, k, v))
+            if seg:
+                q = self._perturb_queries(q, layout, seg)
+            out = self._core(q, k, v, layout, ctx, method, dense_note)
+            handle.record_parallel(self.site, mode="ulysses", degree=cp.ulysses_degree)
+            return parallel.ulysses_out(out.index_select(1, order), cp)
+        me = cp._ring_local_rank
+        if method is not None:
+            sparsity = method.description(ctx, dev)
+            plan_key = ("cp-ring", method.describe_key(layout), cp.ring_degree, cp.ulysses_degree, me, str(dev))
+        else:
+            sparsity = handle.cache(("cp-dense", layout, str(dev)), lambda: parallel.dense_rows(layout))
+            plan_key = ("cp-ring-dense", layout, cp.ring_degree, cp.ulysses_degree, me, str(dev))
+        plan = handle.cache(plan_key, lambda: parallel.ring_plan(
+            sparsity, layout, [parallel.group_positions(layout, cp, j, dev) for j in range(cp.ring_degree)], me))
+
+        def run(qf, kf, vf):  # [B, h, S, D] in the layout's order
+            if method is not None:
+                return method(qf, kf, vf, ctx, rows=(plan_key, plan.rows))
+            handle.record(self.site, mode="dense", layout=layout, note=dense_note)
+            backend, _ = select.choose("auto", qf, plan.rows)
+            return backend.run(qf, kf, vf, plan.rows, kv_len=valid, cache=handle.cache, key=plan_key,
+                               text_key_start=layout.video_tokens if valid is not None else None)
+
+        out = parallel.ring_attention(q, k, v, layout, plan, cp._ring_mesh.get_group(), run)
+        handle.record_parallel(self.site, mode="ring" if cp.ulysses_degree == 1 else "ulysses+ring", degree=world,
+                               keys_moved=plan.tokens_moved, keys_all_gather=plan.tokens_dense)
+        return parallel.ulysses_out(out, cp)
+
+    def _core(self, q, k, v, layout: TokenLayout, ctx: AttnContext, method, dense_note) -> torch.Tensor:
+        """Full-sequence attention [B, S, h, D] in the layout's order (Ulysses): the method, or dense
+        attention with the valid-key mask of ``ctx.kv_len``."""
+        if method is not None:
+            return method(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), ctx).transpose(1, 2)
+        self.handle.record(self.site, mode="dense", layout=layout, note=dense_note)
+        mask = None
+        if ctx.kv_len is not None:
+            valid = ctx.kv_len.to(q.device)
+            mask = (torch.arange(k.shape[1], device=q.device)[None, :] < valid[:, None])[:, None, None, :]
+        return dispatch_attention_fn(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False, backend=self._attention_backend)
 
     def _perturb_queries(self, query, layout: TokenLayout, perturb) -> torch.Tensor:
         seg = [(rows, p) for rows, p in perturb if p.kind == "seg"]
@@ -199,12 +290,16 @@ def zero_padded_text(out: torch.Tensor, video_tokens: int, counts: torch.Tensor)
     return torch.where(keep, out, torch.zeros_like(out))
 
 
-def layout_hook(handle: Handle, grid):
+def layout_hook(handle: Handle, grid, facts=None):
     """The forward pre-hook that records the layout and step before every forward of a model.
 
     ``grid(model, hidden_states, inputs)`` gets the forward's keyword inputs (positional ones by
     name) and returns the ``TokenLayout`` of the call, or a string saying why this forward has no
     layout a method can use (its attention then runs the stock path, with that note).
+
+    ``facts(model, inputs)``, when the adapter has one, returns tensors of the full (unsplit)
+    inputs the processors need under context parallelism (HunyuanVideo's valid text counts); they
+    go to ``handle.state.forward``. The hook runs before diffusers' context-parallel split hooks.
 
     Compile-friendly: it reads shapes and the scheduler's step counter (host ints), never a tensor
     value, unless the method's schedule depends on the step and no scheduler is known (then one
@@ -222,5 +317,7 @@ def layout_hook(handle: Handle, grid):
         hidden_states = inputs["hidden_states"] if "hidden_states" in inputs else inputs["sample"]  # U-Nets: sample
         handle.state.live = handle.installed(module)  # structural hooks act only when the processors are set
         handle.begin_forward(grid(module, hidden_states, inputs), inputs.get("timestep"))
+        if facts is not None:
+            handle.state.forward.update(facts(module, inputs))
 
     return hook

@@ -66,6 +66,8 @@ def Processor(handle, layer: int, stock=None, site: str = ""):  # noqa: N802 - t
 
 
 class JointProcessor(DiffattnProcessor):
+    NO_CP = None  # context parallelism: pipelines.parallel
+
     ip = None
 
     def __call__(
@@ -112,13 +114,13 @@ class JointProcessor(DiffattnProcessor):
         layout, note = self.handle.state.layout, self.handle.state.no_layout
         if layout is None and note is None:
             layout = self.video_layout()  # raises: the layout hook did not run
-        if layout is not None and layout.seq_len != query.shape[1]:
-            note = (f"diffattn flux: this attention has {query.shape[1]} tokens but the forward's layout {layout!r} "
+        if layout is not None and layout.seq_len != query.shape[1] * self.cp_world():
+            note = (f"diffattn flux: this attention has {query.shape[1] * self.cp_world()} tokens but the forward's layout {layout!r} "
                     f"has {layout.seq_len}; running dense")
         if attention_mask is not None:
             note = "diffattn flux: an explicit attention_mask was passed; running dense"
         hidden_states = self.attend(
-            query, key, value, layout if layout is not None else TokenLayout(1, 1, query.shape[1]),
+            query, key, value, layout if layout is not None else TokenLayout(1, 1, query.shape[1] * self.cp_world()),
             attention_mask=attention_mask, method_ok=note is None, dense_note=note,
         )
         hidden_states = hidden_states.flatten(2, 3)
@@ -155,6 +157,9 @@ class IPProcessor(JointProcessor, torch.nn.Module):
     """Where diffusers' ``FluxIPAdapterAttnProcessor`` was: its IP weights (``to_k_ip``, ``to_v_ip``,
     ``scale``) stay in the module tree under the same names, so ``.to()``, offloading and
     ``state_dict`` see them as before."""
+
+    NO_CP = ("diffattn flux: FLUX's context-parallel plan does not split IP-adapter image tokens; unload the "
+             "IP-adapter or run without context parallelism")
 
     def __init__(self, handle, layer: int, stock, site: str = ""):
         torch.nn.Module.__init__(self)

@@ -74,6 +74,8 @@ def Processor(handle, layer: int, stock=None, site: str = ""):  # noqa: N802 - t
 class DoubleProcessor(DiffattnProcessor):
     """``Flux2Attention`` (double-stream blocks): called as (attn, hidden, encoder, mask, rope)."""
 
+    NO_CP = None  # context parallelism: pipelines.parallel
+
     def _layout(self, seq: int, note: str | None):
         layout, why = self.handle.state.layout, self.handle.state.no_layout
         if layout is None and why is None:
@@ -124,7 +126,7 @@ class DoubleProcessor(DiffattnProcessor):
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
 
         mask_note = "diffattn flux2: an explicit attention_mask was passed; running dense" if attention_mask is not None else None
-        layout, note = self._layout(query.shape[1], mask_note)
+        layout, note = self._layout(query.shape[1] * self.cp_world(), mask_note)
         hidden_states = self.attend(query, key, value, layout, attention_mask=attention_mask,
                                     method_ok=note is None, dense_note=note)
         hidden_states = hidden_states.flatten(2, 3).to(query.dtype)

@@ -41,6 +41,40 @@ def grid(model, hidden_states: torch.Tensor, inputs=None) -> TokenLayout:
     return TokenLayout(frames // p_t, height // p, width // p)
 
 
+# Attention that stays on every rank's full input under context parallelism: the text refiner runs
+# before the plan splits the text.
+CP_LOCAL = ("context_embedder",)
+
+
+def cp_plan(model) -> dict:
+    """diffattn's context-parallel plan (diffusers 0.42 has none for HunyuanVideo): the patch
+    embedding's video tokens, the refined text and the RoPE tables split over the sequence, the
+    output gathered. Only for diffattn's processors: the forward builds its padded-text mask from
+    the split lengths, which they rebuild from the full mask (``forward_facts``)."""
+    from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
+
+    if getattr(model.config, "image_condition_type", None) == "token_replace":
+        raise NotImplementedError(
+            "diffattn hunyuan_video: the I2V token-replace model modulates the first frame's tokens by position in "
+            "every block, which a sequence split moves to rank 0 only; run it without context parallelism"
+        )
+    split_out = ContextParallelInput(split_dim=1, expected_dims=3, split_output=True)
+    rope = ContextParallelInput(split_dim=0, expected_dims=2, split_output=True)
+    return {
+        "rope": {0: rope, 1: rope},
+        "x_embedder": {0: split_out},
+        "context_embedder": {0: split_out},
+        "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3),
+    }
+
+
+def forward_facts(model, inputs) -> dict:
+    """The valid text tokens per sample, from the forward's full ``encoder_attention_mask`` [B, T]
+    (under context parallelism the mask the forward builds covers the rank's slice only)."""
+    mask = inputs.get("encoder_attention_mask")
+    return {} if mask is None else {"text_valid": mask.sum(1, dtype=torch.int32)}
+
+
 def _valid_keys(attention_mask: torch.Tensor | None, batch: int, seq: int) -> torch.Tensor | None:
     """[B, 1, 1, S] bool prefix mask -> [B] int32 valid-key counts (None: no mask)."""
     if attention_mask is None:
@@ -54,6 +88,10 @@ def _valid_keys(attention_mask: torch.Tensor | None, batch: int, seq: int) -> to
 
 
 class Processor(DiffattnProcessor):
+    NO_CP = None  # context parallelism: pipelines.parallel
+
+    masks_text = True
+
     def __call__(
         self,
         attn,
@@ -101,11 +139,13 @@ class Processor(DiffattnProcessor):
             value = torch.cat([value, encoder_value], dim=1)
 
         video = self.video_layout()
-        layout = TokenLayout(video.frames, video.rows, video.cols, text_tokens, "after" if text_tokens else "none")
-        hidden_states = self.attend(
-            query, key, value, layout, attention_mask=attention_mask,
-            kv_len=lambda: _valid_keys(attention_mask, query.shape[0], query.shape[1]),
-        )
+        world = self.cp_world()  # context parallelism: this rank holds 1/world of the video and of the text
+        layout = TokenLayout(video.frames, video.rows, video.cols, text_tokens * world, "after" if text_tokens else "none")
+        if world == 1:
+            kv_len = lambda: _valid_keys(attention_mask, query.shape[0], query.shape[1])  # noqa: E731
+        else:
+            kv_len = lambda: self._split_valid_keys(layout)  # noqa: E731
+        hidden_states = self.attend(query, key, value, layout, attention_mask=attention_mask, kv_len=kv_len)
         hidden_states = hidden_states.flatten(2, 3)
         hidden_states = hidden_states.to(query.dtype)
 
@@ -120,3 +160,9 @@ class Processor(DiffattnProcessor):
             if getattr(attn, "to_add_out", None) is not None:
                 encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
         return hidden_states, encoder_hidden_states
+
+    def _split_valid_keys(self, layout: TokenLayout) -> torch.Tensor | None:
+        counts = self.handle.state.forward.get("text_valid")
+        if counts is None:
+            return None
+        return (layout.video_tokens + counts).to(torch.int32)

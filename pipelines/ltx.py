@@ -56,6 +56,8 @@ def grid(model, hidden_states: torch.Tensor, inputs=None, name: str = "ltx", ext
 
 
 class Processor(DiffattnProcessor):
+    NO_CP = None  # context parallelism: pipelines.parallel
+
     def __init__(self, handle, layer: int, stock=None, site: str = ""):
         if stock is not None and type(stock).__name__ != "LTXVideoAttnProcessor":
             raise NotImplementedError(
@@ -87,7 +89,7 @@ class Processor(DiffattnProcessor):
             layout = self.video_layout()  # raises: the layout hook did not run
         if attention_mask is not None:
             note = "diffattn ltx: an explicit attention_mask was passed; running dense"
-        hidden_states = self.attend(query, key, value, layout if layout is not None else TokenLayout(1, 1, sequence_length),
+        hidden_states = self.attend(query, key, value, layout if layout is not None else TokenLayout(1, 1, sequence_length * self.cp_world()),
                                     attention_mask=attention_mask, method_ok=note is None, dense_note=note)
         hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
         hidden_states = attn.to_out[0](hidden_states)

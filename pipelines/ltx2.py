@@ -69,6 +69,8 @@ def _rope(attn, x: torch.Tensor, freqs) -> torch.Tensor:
 
 
 class Processor(DiffattnProcessor):
+    NO_CP = None  # context parallelism: pipelines.parallel
+
     def __init__(self, handle, layer: int, stock=None, site: str = ""):
         if stock is not None and type(stock).__name__ not in STOCK:
             raise NotImplementedError(
@@ -108,7 +110,7 @@ class Processor(DiffattnProcessor):
                 layout = self.video_layout()  # raises: the layout hook did not run
             if attention_mask is not None:
                 note = "diffattn ltx2: an explicit attention_mask was passed; running dense"
-            out = self.attend(query, key, heads_value, layout if layout is not None else TokenLayout(1, 1, sequence_length),
+            out = self.attend(query, key, heads_value, layout if layout is not None else TokenLayout(1, 1, sequence_length * self.cp_world()),
                               attention_mask=attention_mask, method_ok=note is None, dense_note=note)
             out = out.flatten(2, 3).to(query.dtype)
             if perturbation_mask is not None:  # STG per sample: 0 -> V, 1 -> attention

@@ -58,6 +58,8 @@ def _apply_rotary(hidden_states, freqs_cos, freqs_sin):
 
 
 class Processor(DiffattnProcessor):
+    NO_CP = None  # context parallelism: pipelines.parallel
+
     def __call__(
         self,
         attn,

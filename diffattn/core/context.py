@@ -31,6 +31,8 @@ class AttnContext:
     native:     U-Nets: the (rows, cols) latent the model was trained at (``sample_size``), else None.
     block_input: U-Nets, when the method asked for it: the transformer block's input ``[B, S, C]``
                 (token merging's similarity metric), else None.
+    heads:      under Ulysses context parallelism, the (start, stop) heads of the full attention that
+                this call's q/k/v heads are (per-head descriptions follow their heads), else None.
     """
 
     layout: TokenLayout
@@ -46,3 +48,4 @@ class AttnContext:
     latent: tuple[int, int] | None = None
     native: tuple[int, int] | None = None
     block_input: torch.Tensor | None = None
+    heads: tuple[int, int] | None = None

@@ -102,6 +102,14 @@ class ProcessorSwap:
             set_attn_processors(self.model, self.new)
 
     def undo(self) -> None:
+        # diffusers' set_attention_backend / enable_parallelism called while ours were installed set
+        # these convention attributes on our processors only; the restored ones take them over
+        for key, ours in self.new.items():
+            stock = self.original.get(key)
+            for name in ("_attention_backend", "_parallel_config"):
+                value = getattr(ours, name, None)
+                if stock is not ours and value is not None and hasattr(stock, name) and getattr(stock, name) is None:
+                    setattr(stock, name, value)
         set_attn_processors(self.model, self.original)
 
 
@@ -167,6 +175,7 @@ class _Site:
     layout: TokenLayout | None = None
     density: float | None = None
     notes: list[str] = field(default_factory=list)
+    parallel: dict | None = None  # the last context-parallel call: mode, degree, key tokens moved
 
 
 class Handle:
@@ -366,6 +375,13 @@ class Handle:
         if note and note not in entry.notes:
             entry.notes.append(note)
 
+    def record_parallel(self, site: str, **facts) -> None:
+        """How the last call at ``site`` ran under context parallelism (``mode``, ``degree``; the
+        ring's ``keys_moved`` vs ``keys_all_gather`` tokens per rank)."""
+        entry = self._sites.get(site)
+        if entry is not None:
+            entry.parallel = dict(facts)
+
     def report(self) -> list[dict]:
         """Per attention call site: calls, how many ran the method and how many the stock dense
         path, the backends used, the last layout and density, and every fallback note (why)."""
@@ -373,7 +389,7 @@ class Handle:
             {
                 "site": key, "layer": s.layer, "calls": s.calls, "method_calls": s.method_calls,
                 "dense_calls": s.dense_calls, "backends": dict(s.backends), "layout": s.layout,
-                "density": s.density, "notes": list(s.notes),
+                "density": s.density, "notes": list(s.notes), "parallel": s.parallel,
             }
             for key, s in self._sites.items()
         ]

@@ -10,7 +10,7 @@ by ``kernels.select`` (reasons logged once and recorded in the handle's report),
 from __future__ import annotations
 
 from dataclasses import astuple
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Hashable
 
 import torch
 
@@ -95,18 +95,32 @@ class BlockSparseMethod:
         """Fraction of the score matrix computed on method calls for ``layout`` (text included)."""
         return self.describe(layout, "cpu").density
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext,
+                 rows: tuple[Hashable, BlockSparsity] | None = None) -> torch.Tensor:
+        """q, k, v [B, H, S, D] in the layout's order -> [B, H, S, D]. ``rows``: (cache key, the
+        description to run instead): a context-parallel ring rank's query rows of ``description``."""
         layout = ctx.layout
         if q.shape[-2] != layout.seq_len or k.shape[-2] != layout.seq_len:  # [B, H, S, D]
             raise ValueError(
                 f"{self.name}: attention over {q.shape[-2]} queries / {k.shape[-2]} keys but the layout "
-                f"{layout!r} has {layout.seq_len} tokens (is the sequence split across GPUs without "
-                f"Ulysses? {self.name} needs the full sequence per head)"
+                f"{layout!r} has {layout.seq_len} tokens (is the sequence split across GPUs outside "
+                f"diffattn's processors? {self.name} needs the full sequence per head)"
             )
         sparsity = self.description(ctx, q.device)
+        density = sparsity.density
         key = self.describe_key(layout) + (str(q.device),)
         order = ctx.cache(("order",) + key, lambda: self.token_order(layout, q.device))
         extra = self.extra_tokens(q, k, v, layout)
+        if rows is not None:
+            if order is not None or extra is not None:
+                raise NotImplementedError(
+                    f"{self.name}: ring context parallelism runs the rows of the layout's order; this config "
+                    "reorders tokens or appends pooled keys (reorder / down_factor): use Ulysses "
+                    "(ContextParallelConfig(ulysses_degree=N)), or reorder=False and down_factor=1"
+                )
+            key, sparsity = key + (rows[0],), rows[1]
+        if ctx.heads is not None and sparsity.heads > 1:  # Ulysses: this rank's heads of a per-head description
+            key, sparsity = key + (("heads",) + tuple(ctx.heads)), sparsity.select_heads(*ctx.heads)
         kv_len = ctx.kv_len
         if extra is not None and kv_len is not None:
             raise NotImplementedError(
@@ -131,7 +145,7 @@ class BlockSparseMethod:
         if reasons:
             note = f"diffattn {self.name}: using backend {backend.name!r} ({'; '.join(reasons)})"
             ctx.note(note)
-        ctx.record(ctx.site, mode="method", layout=layout, backend=backend.name, density=sparsity.density, note=note)
+        ctx.record(ctx.site, mode="method", layout=layout, backend=backend.name, density=density, note=note)
         out = backend.run(q, k, v, sparsity, kv_len=kv_len, cache=ctx.cache, key=key,
                           text_key_start=self.text_key_start(layout) if kv_len is not None else None)
         if extra is not None:

@@ -17,10 +17,15 @@ kernel; the last key block is listed as partial so that full blocks never need a
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+
+_LISTS = ("full_num", "full_idx", "part_num", "part_idx", "q_full_num", "q_full_idx", "q_part_num", "q_part_idx",
+          "mask", "partial", "rule_params")
 
 
 @dataclass(frozen=True, eq=False)
@@ -61,14 +66,14 @@ class BlockSparsity:
     def num_kv_blocks(self) -> int:
         return self.q_full_num.shape[1]
 
+    def select_heads(self, start: int, stop: int) -> "BlockSparsity":
+        """The description of heads ``start:stop`` (a shared one, ``heads == 1``, is returned as is)."""
+        if self.heads == 1:
+            return self
+        return dataclasses.replace(self, **{name: getattr(self, name)[start:stop] for name in _LISTS if name != "rule_params"})
+
     def to(self, device) -> "BlockSparsity":
-        moved = {
-            name: getattr(self, name).to(device)
-            for name in (
-                "full_num", "full_idx", "part_num", "part_idx",
-                "q_full_num", "q_full_idx", "q_part_num", "q_part_idx", "mask", "partial", "rule_params",
-            )
-        }
+        moved = {name: getattr(self, name).to(device) for name in _LISTS}
         return BlockSparsity(
             self.q_len, self.kv_len, self.block_m, self.block_n, rule=self.rule,
             density=self.density, full_share=self.full_share, **moved,

@@ -1,0 +1,181 @@
+"""Context parallelism (``pipelines.parallel``): Ulysses, the sparse ring and both, on diffusers'
+machinery, against one process; gloo over 2 and 4 CPU processes (``tests/cp_worker.py``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import diffattn
+from diffattn.core.layout import TokenLayout
+from diffattn.methods.radial import Radial
+from diffattn.patterns.blocks import expand_block_mask
+from diffattn.pipelines import parallel
+
+WORKER = Path(__file__).with_name("cp_worker.py")
+TOL = 1e-5  # fp32, relative to the largest value
+
+
+def _launch(world: int, cases: list[str], tmp: Path, timeout: float = 300) -> list[subprocess.CompletedProcess]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    init = tmp / "init"
+    procs = [
+        subprocess.Popen([sys.executable, str(WORKER), "--rank", str(r), "--world", str(world), "--init", str(init),
+                          "--out", str(tmp), *cases], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        for r in range(world)
+    ]
+    done = []
+    for p in procs:
+        out, _ = p.communicate(timeout=timeout)
+        done.append(subprocess.CompletedProcess(p.args, p.returncode, out))
+    return done
+
+
+def _results(world: int, cases: list[str], tmp: Path) -> dict[str, list[dict]]:
+    runs = _launch(world, cases, tmp)
+    for r, run in enumerate(runs):
+        assert run.returncode == 0, f"rank {r} failed:\n{run.stdout[-4000:]}"
+    return {case: [json.loads((tmp / f"{case}.rank{r}.json").read_text()) for r in range(world)] for case in cases}
+
+
+def _check(results: dict[str, list[dict]]) -> None:
+    for case, ranks in results.items():
+        for row in ranks:
+            assert row["out"] <= TOL and row["grad_input"] <= TOL and row["grad_params"] <= TOL, row
+            assert not row["missing_grads"], row
+            assert row["method_calls"] >= 1 and row["dense_calls"] >= 1, row  # layer 0 dense, layer 1 sparse
+            mode = case.split("-")[2]
+            u, r = (int(x) for x in mode[1:].split("r"))
+            sparse = row["parallel"][-1]
+            assert sparse["mode"] == ("ulysses" if r == 1 else "ring" if u == 1 else "ulysses+ring"), row
+            assert sparse["degree"] == u * r
+            if r > 1:
+                assert sparse["keys_moved"] <= sparse["keys_all_gather"], row
+
+
+WORLD2 = ["wan-radial-u2r1", "wan-radial-u1r2", "wan-neighborhood-u1r2", "hunyuan-radial-u2r1", "hunyuan-radial-u1r2",
+          "flux-clear-u2r1", "flux-neighborhood2d-u1r2"]
+WORLD4 = ["wan-radial-u4r1", "wan-radial-u1r4", "wan-radial-u2r2", "hunyuan-radial-u1r4", "hunyuan-radial-u2r2"]
+
+
+def test_two_processes_equal_one(tmp_path):
+    """Ulysses and ring, Wan (diffusers' plan, enable_parallelism before apply), HunyuanVideo
+    (diffattn's plan, padded text) and FLUX (text first, split): forward and gradients equal the
+    single-process run; the dense layer goes through diffusers' path (or ours for padded text)."""
+    results = _results(2, WORLD2, tmp_path)
+    _check(results)
+    wan = results["wan-radial-u2r1"][0]["parallel"]
+    assert wan[0]["mode"] == "diffusers"  # Wan's dense layer: the stock context-parallel attention
+    hunyuan = results["hunyuan-radial-u2r1"][0]["parallel"]
+    assert hunyuan[0]["mode"] == "ulysses"  # padded text: the dense layer rebuilds each rank's mask here
+    # the sparse ring moves fewer keys than an all-gather ring: radial's rank 0 (frames 0-3) needs none
+    ring = results["wan-radial-u1r2"]
+    assert ring[0]["parallel"][-1]["keys_moved"] < ring[0]["parallel"][-1]["keys_all_gather"]
+
+
+def test_four_processes_equal_one(tmp_path):
+    _check(_results(4, WORLD4, tmp_path))
+
+
+def test_failing_rank_raises_everywhere(tmp_path):
+    """Rank 1 raises in its second attention call; every rank ends with an error (gloo's peer
+    closes its connection; the worker's process group has a timeout), none hangs."""
+    start = time.monotonic()
+    runs = _launch(2, ["fail"], tmp_path, timeout=120)
+    assert all(run.returncode != 0 for run in runs), [run.stdout[-2000:] for run in runs]
+    assert "injected failure on rank 1" in runs[1].stdout
+    assert "Error" in runs[0].stdout
+    assert time.monotonic() - start < 120
+
+
+# -- single-process pieces ---------------------------------------------------------------------
+
+def _radial(layout, **options):
+    method = Radial.from_options("wan2.1", dense_steps=0, dense_layers=0, block_size=16, **options)
+    return method.describe(layout, "cpu")
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+@pytest.mark.parametrize("text", [0, 6])
+def test_ring_plan_covers_every_needed_key(world, text):
+    """Every key a rank's query rows attend (token mask of the full description) is local or
+    received; nothing else is received; the placeholder rows never reach beyond the video."""
+    layout = TokenLayout(6, 4, 8, text * world, "after" if text else "none")
+    sparsity = _radial(layout, decay=0.3)
+    members = [parallel.positions(layout, world, r, "cpu") for r in range(world)]
+    token = expand_block_mask(sparsity.mask.any(0), layout.seq_len, layout.seq_len, sparsity.block_m, sparsity.block_n)
+    for me in range(world):
+        plan = parallel.ring_plan(sparsity, layout, members, me)
+        have = torch.zeros(layout.seq_len, dtype=torch.bool)
+        have[torch.cat([plan.mine, *plan.recv])] = True
+        rows_blocks = torch.zeros(sparsity.mask.shape[1], dtype=torch.bool)
+        rows_blocks[plan.mine // sparsity.block_m] = True
+        needed = token[rows_blocks.repeat_interleave(sparsity.block_m)[: layout.seq_len]].any(0)
+        assert bool(have[needed].all())
+        assert int(have.sum()) == int((needed | torch.isin(torch.arange(layout.seq_len), plan.mine)).sum())
+        assert plan.tokens_moved == sum(int(r.numel()) for r in plan.recv)
+        # sends mirror receives: what rank j gets from me is what I send to j
+        other = [parallel.ring_plan(sparsity, layout, members, j) for j in range(world)]
+        for j in range(world):
+            if j != me:
+                assert torch.equal(plan.mine[plan.send[j]], other[j].recv[me])
+        rows = plan.rows
+        assert bool((rows.mask[:, rows_blocks] == sparsity.mask[:, rows_blocks]).all())
+
+
+def test_positions_and_split_errors():
+    layout = TokenLayout(4, 2, 2, 4, "after")  # 16 video + 4 text
+    pos = [parallel.positions(layout, 2, r, "cpu").tolist() for r in range(2)]
+    assert pos == [list(range(0, 8)) + [16, 17], list(range(8, 16)) + [18, 19]]
+    flux = TokenLayout(1, 4, 4, 4, "before")
+    assert parallel.positions(flux, 2, 1, "cpu").tolist() == [2, 3] + list(range(12, 20))
+    with pytest.raises(ValueError, match="must divide by 3"):
+        parallel.check_split(layout, 3, 6, "radial")
+    with pytest.raises(NotImplementedError, match="equal slices"):
+        parallel.check_config(SimpleNamespace(ulysses_anything=True, ring_anything=False), "radial")
+
+
+def test_traffic_counts_bytes():
+    layout = TokenLayout(16, 8, 8)
+    sparsity = _radial(layout, decay=0.2)
+    row = parallel.traffic(sparsity, layout, 4, heads=2, head_dim=8)
+    per_token = 2 * 2 * 8 * 2
+    assert row["dense_bytes"] == (layout.seq_len - layout.seq_len // 4) * per_token
+    assert 0 <= row["sparse_bytes_mean"] <= row["sparse_bytes_max"] <= row["dense_bytes"]
+    assert 0.0 < row["saved"] < 1.0  # far frames need only the sink and thin bands
+
+
+def test_cp_plans_and_refusals():
+    from diffattn_testbed.tiny import tiny_hunyuan_transformer, tiny_mochi_transformer, tiny_wan_transformer
+
+    wan = tiny_wan_transformer()
+    assert diffattn.cp_plan(wan) is type(wan)._cp_plan
+    hunyuan = tiny_hunyuan_transformer()
+    plan = diffattn.cp_plan(hunyuan)
+    assert set(plan) == {"rope", "x_embedder", "context_embedder", "proj_out"}
+    with pytest.raises(NotImplementedError, match="per-sample loop"):
+        diffattn.cp_plan(tiny_mochi_transformer())
+    with pytest.raises(RuntimeError, match="call diffattn.apply"):
+        diffattn.enable_parallelism(hunyuan, object())  # before apply: refused before diffusers is called
+
+
+def test_remove_hands_parallel_config_to_the_stock_processors():
+    """enable_parallelism after apply sets the config on diffattn's processors; remove() gives it
+    to the restored stock ones, so the model stays context-parallel."""
+    from diffattn_testbed.tiny import tiny_wan_transformer
+
+    model = tiny_wan_transformer()
+    handle = diffattn.apply(model, "radial")
+    marker = SimpleNamespace(context_parallel_config=None)
+    for proc in model.attn_processors.values():
+        proc._parallel_config = marker  # what enable_parallelism does to every processor
+    handle.remove()
+    assert all(p._parallel_config is marker for p in model.attn_processors.values())
