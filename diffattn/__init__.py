@@ -26,6 +26,7 @@ marker) -> one ``Handle`` that undoes them in reverse.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import torch
@@ -44,7 +45,7 @@ from diffattn.pipelines.base import layout_hook
 __version__ = "0.1.0"
 __all__ = [
     "Handle", "TokenLayout", "apply", "attention_modules", "attn_processors", "config_class", "cp_plan", "detect_family",
-    "enable_parallelism", "families",
+    "disable_parallelism", "enable_parallelism", "families",
     "guidance_methods", "guide", "methods", "patch_size", "processors", "remove", "set_attn_processors", "supported_models",
 ]
 
@@ -298,12 +299,52 @@ def enable_parallelism(target, config) -> None:
                 f"diffattn: {type(model).__name__}'s context-parallel plan is diffattn's and needs diffattn's processors "
                 "(they rebuild each rank's padded-text mask): call diffattn.apply(...) first"
             )
-        model.enable_parallelism(config=config, cp_plan=plan)
+        with _cpu_process_group():
+            model.enable_parallelism(config=config, cp_plan=plan)
         for name in getattr(adapter, "CP_LOCAL", ()):
             for module in model.get_submodule(name).modules():
                 processor = getattr(module, "processor", None)
                 if processor is not None and getattr(processor, "_parallel_config", None) is not None:
                     processor._parallel_config = None
+
+
+def disable_parallelism(target) -> None:
+    """Undo ``enable_parallelism``: diffusers' split hooks of the plan removed, every attention
+    processor and the model back to no parallel config (diffusers 0.42 has no inverse of its own)."""
+    from diffusers.hooks.context_parallel import remove_context_parallel
+
+    components, _ = _components(target)
+    for _, model in components:
+        if getattr(model, "_parallel_config", None) is None:
+            continue
+        remove_context_parallel(model, cp_plan(model))
+        for module in model.modules():
+            processor = getattr(module, "processor", None)
+            if processor is not None and getattr(processor, "_parallel_config", None) is not None:
+                processor._parallel_config = None
+        handle = getattr(model, HANDLE_ATTR, None)
+        if handle is not None:  # the stock processors a later remove() restores
+            for step in handle._steps:
+                for processor in getattr(step, "original", {}).values():
+                    if getattr(processor, "_parallel_config", None) is not None:
+                        processor._parallel_config = None
+        model._parallel_config = None
+
+
+@contextlib.contextmanager
+def _cpu_process_group():
+    """diffusers 0.42's ``_resolve_parallel_config`` computes ``rank % torch.accelerator.device_count()``,
+    a division by zero in a CPU-only process (a gloo group: tests, CPU clusters). There the count
+    reads 1 for the duration of the call; with an accelerator nothing changes."""
+    if torch.accelerator.device_count() > 0:
+        yield
+        return
+    count = torch.accelerator.device_count
+    torch.accelerator.device_count = lambda: 1
+    try:
+        yield
+    finally:
+        torch.accelerator.device_count = count
 
 
 def patch_size(target) -> tuple[int, int, int]:

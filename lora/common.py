@@ -334,11 +334,43 @@ def make_accelerator(mixed_precision: str, out: Path, log):
 
     # the main process encodes the data and renders validation samples while the others wait at a
     # barrier: NCCL's default 10-minute watchdog would kill them first
+    # cpu=True where there is no accelerator: accelerate then runs torchrun's processes as one gloo
+    # group (MULTI_CPU); without it each CPU process trains alone
     accelerator = Accelerator(mixed_precision=mixed_precision, log_with="tensorboard" if tensorboard else None,
+                              cpu=not torch.accelerator.is_available(),
                               project_dir=str(Path(out) / "logs"), kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=8))])
     if not tensorboard and accelerator.is_main_process:
         log("tensorboard is not installed (pip install diffattn[train]); logging to log.jsonl only")
     return accelerator
+
+
+def parse_context_parallel(text: str, name: str) -> tuple[int, int]:
+    """``"ulysses=2"``, ``"ring=2"``, ``"ulysses=2,ring=2"`` -> (ulysses, ring); ``""`` -> (1, 1)."""
+    degrees = {"ulysses": 1, "ring": 1}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or key.strip() not in degrees or not value.strip().isdigit() or int(value) < 1:
+            raise ValueError(f"{name}: context_parallel is 'ulysses=N', 'ring=N' or 'ulysses=N,ring=M' (N, M >= 1), got {text!r}")
+        degrees[key.strip()] = int(value)
+    return degrees["ulysses"], degrees["ring"]
+
+
+def enable_sequence_parallel(model, accelerator, ulysses: int, ring: int, name: str) -> tuple[int, int]:
+    """diffusers' context parallelism (``diffattn.enable_parallelism``) over groups of
+    ``ulysses * ring`` consecutive processes; the groups are data-parallel to each other. Returns
+    (data-parallel rank, data-parallel world): every process of a group trains on the same batch
+    and holds its part of the sequence."""
+    import diffattn
+    from diffusers import ContextParallelConfig
+    from torch.distributed.device_mesh import init_device_mesh
+
+    degree, world = ulysses * ring, accelerator.num_processes
+    if world % degree:
+        raise ValueError(f"{name}: context_parallel degree {degree} (ulysses={ulysses}, ring={ring}) must divide the "
+                         f"{world} processes (accelerate launch --num_processes)")
+    mesh = init_device_mesh(accelerator.device.type, (world // degree, ring, ulysses), mesh_dim_names=("dp", "ring", "ulysses"))
+    diffattn.enable_parallelism(model, ContextParallelConfig(ring_degree=ring, ulysses_degree=ulysses, mesh=mesh))
+    return accelerator.process_index // degree, world // degree
 
 
 def deadline_reached(accelerator, deadline: float | None) -> bool:

@@ -68,8 +68,8 @@ import diffattn
 from diffattn.core.weights import LORA_NAME, write_meta
 
 from .common import (
-    Killed, RunLog, RunOptions, batch_indices, check_resume, config_from_argv, deadline_reached, load_checkpoint, make_accelerator, now,
-    save_checkpoint, warmup_lr,
+    Killed, RunLog, RunOptions, batch_indices, check_resume, config_from_argv, deadline_reached, enable_sequence_parallel, load_checkpoint,
+    make_accelerator, now, parse_context_parallel, save_checkpoint, warmup_lr,
 )
 from .video_data import BadClip, DataReport, check_caption, fit, folder_clips
 
@@ -110,6 +110,7 @@ class LengthConfig(RunOptions):
     validate_every: int = 0       # 0: no validation samples
     validation_prompt: str = ""   # "": the first training caption
     validation_steps: int = 0     # 0: the pipeline's default
+    context_parallel: str = ""    # sequence parallelism for long clips: "ulysses=N", "ring=N" or both ("ulysses=2,ring=2")
 
     def __post_init__(self):
         super().__post_init__()
@@ -128,6 +129,7 @@ class LengthConfig(RunOptions):
         if self.method != "dense" and self.method not in diffattn.methods():
             raise ValueError(f"length: unknown method {self.method!r}; use 'dense' or one of {list(diffattn.methods())}")
         parse_options(self.method_options)
+        parse_context_parallel(self.context_parallel, "length")
 
 
 def parse_options(text: str) -> dict:
@@ -479,6 +481,8 @@ def train(cfg: LengthConfig, *, pipe=None, clips=None, _stop_after: int | None =
              for name, m in pipe.components.items() if isinstance(m, torch.nn.Module)}
     checkpointing = bool(getattr(model, "is_gradient_checkpointing", False))
     handle = wrapped = None
+    ulysses, ring = parse_context_parallel(cfg.context_parallel, "length")
+    sequence_parallel = ulysses * ring > 1
     try:
         for m in pipe.components.values():
             if isinstance(m, torch.nn.Module):
@@ -493,11 +497,15 @@ def train(cfg: LengthConfig, *, pipe=None, clips=None, _stop_after: int | None =
         if cfg.method != "dense":
             handle = diffattn.apply(model, cfg.method, backend=cfg.backend, dense_steps=0, last_dense_steps=0, **options)
             options = trained_options(handle)
+        group = (accelerator.process_index, accelerator.num_processes)  # (data-parallel rank, world)
+        if sequence_parallel:
+            group = enable_sequence_parallel(model, accelerator, ulysses, ring, "length")
         latent_frames = data["latents"].shape[2]
         log(f"{type(model).__name__}: {sum(p.numel() for p in trainable) / 1e6:.2f} M trainable (LoRA r={cfg.lora_rank}, "
             f"alpha={lora_config.lora_alpha}, {len(targets)} projections), method {cfg.method} {options}, "
             f"{data['latents'].shape[0]} clips of {cfg.frames} frames ({latent_frames} latent) at {height}x{width}, "
-            f"caption dropout {dropout}")
+            f"caption dropout {dropout}"
+            + (f", sequence parallel over {ulysses * ring} processes (ulysses {ulysses}, ring {ring})" if sequence_parallel else ""))
         optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_lr(s, 1.0, cfg.warmup))
         start = load_checkpoint(out, model, optimizer, scheduler, world=accelerator.num_processes)
@@ -505,7 +513,7 @@ def train(cfg: LengthConfig, *, pipe=None, clips=None, _stop_after: int | None =
             log(f"resuming at step {start}")
         wrapped, optimizer = accelerator.prepare(model, optimizer)
         step = _loop(cfg, accelerator, wrapped, optimizer, scheduler, trainable, family, data, captions, shift, dropout,
-                     guided, start, pipe, model, height, width, limit, log, _stop_after)
+                     guided, start, pipe, model, height, width, limit, log, _stop_after, group, ulysses * ring)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process and step >= cfg.steps:
             _export(out, pipe, accelerator.unwrap_model(wrapped), cfg, lora_config, options, height, width, latent_frames, limit)
@@ -517,6 +525,8 @@ def train(cfg: LengthConfig, *, pipe=None, clips=None, _stop_after: int | None =
             accelerator.unwrap_model(wrapped, keep_fp32_wrapper=False)
         if handle is not None:
             handle.remove()
+        if sequence_parallel:
+            diffattn.disable_parallelism(model)
         if getattr(model, "peft_config", None):
             model.unload_lora()  # ours was the only adapter (others are refused above)
         if cfg.gradient_checkpointing and not checkpointing:
@@ -555,7 +565,10 @@ def trained_options(handle) -> dict:
 
 
 def _loop(cfg, accelerator, wrapped, optimizer, scheduler, trainable, family, data, captions, shift, dropout, guided,
-          start, pipe, model, height, width, limit, log, stop_after) -> int:
+          start, pipe, model, height, width, limit, log, stop_after, group=(0, 1), cp_degree=1) -> int:
+    """``group``: (data-parallel rank, world) of this process; ``cp_degree`` processes share each
+    batch under sequence parallelism (each holds the gradient of its part of the sequence; DDP
+    averages over every process, so the loss is scaled by ``cp_degree`` to average over batches)."""
     out = Path(cfg.out)
     run = RunLog(accelerator, out, "length", cfg, cfg.steps, start)
     deadline = None if not cfg.max_minutes else now() + 60 * cfg.max_minutes
@@ -563,15 +576,14 @@ def _loop(cfg, accelerator, wrapped, optimizer, scheduler, trainable, family, da
     step = start
     try:
         while step < cfg.steps:
-            x0, noise, sigma, cond = _batch(data, cfg, step, accelerator.process_index, accelerator.num_processes, shift,
-                                            accelerator.device, dropout)
+            x0, noise, sigma, cond = _batch(data, cfg, step, group[0], group[1], shift, accelerator.device, dropout)
             s = sigma.view(-1, 1, 1, 1, 1)
             xt = (1 - s) * x0 + s * noise
             with accelerator.autocast():
                 pred = family.forward(wrapped, xt, sigma, {**cond, "guidance_embeds": guided})
             loss = F.mse_loss(pred.float(), noise - x0)
             optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
+            accelerator.backward(loss * cp_degree)
             accelerator.clip_grad_norm_(trainable, 1.0)
             optimizer.step()
             scheduler.step()
@@ -583,8 +595,8 @@ def _loop(cfg, accelerator, wrapped, optimizer, scheduler, trainable, family, da
                 if accelerator.is_main_process:
                     save_checkpoint(out, step, accelerator.unwrap_model(wrapped), optimizer, scheduler, world=accelerator.num_processes)
             if cfg.validate_every and (step % cfg.validate_every == 0 or step == cfg.steps):
-                if accelerator.is_main_process:
-                    _validate(pipe, model, cfg, validation, step, height, width, limit, log)
+                if accelerator.is_main_process or cp_degree > 1:  # under sequence parallelism every process samples
+                    _validate(pipe, model, cfg, validation, step, height, width, limit, log, write=accelerator.is_main_process)
                 accelerator.wait_for_everyone()
             if stop_after is not None and step >= stop_after:
                 raise Killed(step)
@@ -596,7 +608,8 @@ def _loop(cfg, accelerator, wrapped, optimizer, scheduler, trainable, family, da
     return step
 
 
-def _validate(pipe, model, cfg: LengthConfig, prompt: str, step: int, height: int, width: int, limit: int, log) -> None:
+def _validate(pipe, model, cfg: LengthConfig, prompt: str, step: int, height: int, width: int, limit: int, log,
+              write: bool = True) -> None:
     """An mp4 sample at the target length with the training attention (fixed seed)."""
     from diffusers.utils import export_to_video
 
@@ -610,6 +623,8 @@ def _validate(pipe, model, cfg: LengthConfig, prompt: str, step: int, height: in
                           generator=torch.Generator("cpu").manual_seed(cfg.seed), **call).frames[0]
     finally:
         model.train()
+    if not write:
+        return
     path = folder / f"step_{step:07d}.mp4"
     export_to_video(list(frames), str(path), fps=16)
     log(f"validation sample: {path}")

@@ -179,3 +179,75 @@ def test_remove_hands_parallel_config_to_the_stock_processors():
         proc._parallel_config = marker  # what enable_parallelism does to every processor
     handle.remove()
     assert all(p._parallel_config is marker for p in model.attn_processors.values())
+
+
+# -- the trainer under torchrun / accelerate ----------------------------------------------------
+
+TRAIN_WORKER = Path(__file__).with_name("train_worker.py")
+
+
+def _torchrun(world: int, out: Path, context_parallel: str) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
+                          str(TRAIN_WORKER), str(out), context_parallel], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+
+
+def _losses(out: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def single_process_run(tmp_path_factory):
+    sys.path.insert(0, str(TRAIN_WORKER.parent))
+    from train_worker import clips, config
+
+    from diffattn.lora import length
+    from diffattn_testbed.pipelines import load_pipeline
+
+    out = tmp_path_factory.mktemp("one")
+    length.train(config(out), pipe=load_pipeline("video"), clips=clips)
+    return out
+
+
+@pytest.mark.parametrize("context_parallel", ["ulysses=2", "ring=2"])
+def test_sequence_parallel_training_equals_one_process(single_process_run, tmp_path, context_parallel):
+    """Two processes share each batch, each holding half of every clip's tokens (radial forward and
+    backward under Ulysses or the sparse ring): the loss of every step is the single-process
+    run's, and so is the LoRA (up to Adam's amplification of fp32 rounding in near-zero gradients)."""
+    from safetensors.torch import load_file
+
+    _torchrun(2, tmp_path, context_parallel)
+    assert _losses(tmp_path) == pytest.approx(_losses(single_process_run), rel=1e-5)
+    a = load_file(str(single_process_run / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(tmp_path / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=5e-4, rtol=1e-3)
+
+
+def test_data_parallel_training_runs_on_two_processes(tmp_path):
+    """Plain DDP (accelerate's gloo group on CPU): both processes train, the checkpoint records two
+    processes, and a one-process rerun of the same folder is refused rather than mixed up."""
+    _torchrun(2, tmp_path, "")
+    state = json.loads(sorted((tmp_path / "checkpoints").glob("step_*"))[-1].joinpath("state.json").read_text())
+    assert state["processes"] == 2 and state["step"] == 4
+    assert len(_losses(tmp_path)) == 4 and (tmp_path / "pytorch_lora_weights.safetensors").is_file()
+    sys.path.insert(0, str(TRAIN_WORKER.parent))
+    from train_worker import clips, config
+
+    from diffattn.lora import length
+    from diffattn_testbed.pipelines import load_pipeline
+
+    with pytest.raises(ValueError, match="2 processes"):
+        length.train(config(tmp_path, steps=6), pipe=load_pipeline("video"), clips=clips)
+
+
+def test_context_parallel_option_is_checked():
+    sys.path.insert(0, str(TRAIN_WORKER.parent))
+    from train_worker import config
+
+    with pytest.raises(ValueError, match="ulysses=N"):
+        config("unused", "ulysses=two")
+    with pytest.raises(ValueError, match="ulysses=N"):
+        config("unused", "tensor=2")
