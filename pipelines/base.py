@@ -208,7 +208,7 @@ class DiffattnProcessor:
             return backend.run(qf, kf, vf, plan.rows, kv_len=valid, cache=handle.cache, key=plan_key,
                                text_key_start=layout.video_tokens if valid is not None else None)
 
-        out = parallel.ring_attention(q, k, v, layout, plan, cp._ring_mesh.get_group(), run)
+        out = parallel.ring_attention(q, k, v, layout, plan, cp._ring_mesh.get_group(), run, kv_len=valid)
         handle.record_parallel(self.site, mode="ring" if cp.ulysses_degree == 1 else "ulysses+ring", degree=world,
                                keys_moved=plan.tokens_moved, keys_all_gather=plan.tokens_dense)
         return parallel.ulysses_out(out, cp)

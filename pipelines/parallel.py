@@ -164,6 +164,8 @@ class RingPlan:
     rows: BlockSparsity
     tokens_moved: int  # key tokens received by this rank
     tokens_dense: int  # key tokens an all-gather ring receives
+    glob: torch.Tensor  # [n_me] local indices of this rank's global rows (rows that attend every key)
+    glob_counts: tuple[int, ...]  # global rows per ring rank
 
 
 def _block_sets(pos: torch.Tensor, block: int, count: int) -> torch.Tensor:
@@ -178,7 +180,8 @@ def ring_plan(sparsity: BlockSparsity, layout: TokenLayout, members: list[torch.
     mask = sparsity.mask.to(members[0].device)  # [Hm, nq, nk]
     nq, bm, bn, seq = mask.shape[1], sparsity.block_m, sparsity.block_n, sparsity.kv_len
     any_head = mask.any(0)  # [nq, nk]
-    rowsel = torch.stack([_block_sets(p, bm, nq) for p in members])  # [R, nq]
+    glob_tok = global_rows(sparsity, members[0].device)  # [S] rows computed by parts on every rank, then merged
+    rowsel = torch.stack([_block_sets(p[~glob_tok[p]], bm, nq) for p in members])  # [R, nq] rows of the main call
     needed = (rowsel.float() @ any_head.float()) > 0  # [R, nk] key blocks each rank's rows list
     needed_tok = needed.repeat_interleave(bn, dim=1)[:, :seq]  # [R, S]
     send = tuple(
@@ -192,7 +195,35 @@ def ring_plan(sparsity: BlockSparsity, layout: TokenLayout, members: list[torch.
     rows = _rows_only(sparsity, mask, rowsel[me], layout)
     moved = sum(int(r.numel()) for r in recv)
     dense_tokens = sum(int(members[j].numel()) for j in range(len(members)) if j != me)
-    return RingPlan(me, members[me], send, recv, rows, moved, dense_tokens)
+    glob = glob_tok[members[me]].nonzero().flatten()
+    counts = tuple(int(glob_tok[p].sum()) for p in members)
+    return RingPlan(me, members[me], send, recv, rows, moved, dense_tokens, glob, counts)
+
+
+GLOBAL_SHARE = 8  # global rows are computed by parts only while they are at most 1/8 of the sequence
+
+
+def global_rows(sparsity: BlockSparsity, device) -> torch.Tensor:
+    """[S] bool: the query rows that attend every key at the element level (text rows of joint
+    layouts: "text global both ways"), found from the description itself: query blocks that list
+    every key block, whose partial blocks' element rule keeps every key. A ring computes them on
+    every rank over its own keys and merges the parts (no rank fetches every key for them). None
+    when they would be more than 1/``GLOBAL_SHARE`` of the sequence (a dense description)."""
+    mask, seq, bm, bn = sparsity.mask, sparsity.q_len, sparsity.block_m, sparsity.block_n
+    dense_blocks = mask.all(-1).all(0)  # [nq]
+    out = torch.zeros(seq, dtype=torch.bool, device=device)
+    blocks = dense_blocks.nonzero().flatten().tolist()
+    if sum(min((b + 1) * bm, seq) - b * bm for b in blocks) > seq // GLOBAL_SHARE:
+        return out
+    for b in blocks:
+        rows = torch.arange(b * bm, min((b + 1) * bm, seq))
+        if sparsity.rule is not None:
+            cols = sparsity.partial[:, b].any(0).nonzero().flatten().tolist()
+            keys = torch.cat([torch.arange(c * bn, min((c + 1) * bn, sparsity.kv_len)) for c in cols]) if cols else None
+            if keys is not None and not bool(sparsity.rule.mask(rows[:, None], keys[None, :]).all()):
+                continue
+        out[rows.to(device)] = True
+    return out
 
 
 def _rows_only(sparsity: BlockSparsity, mask: torch.Tensor, rowsel: torch.Tensor, layout: TokenLayout) -> BlockSparsity:
@@ -225,10 +256,11 @@ def exchange(local: torch.Tensor, plan: RingPlan, group) -> torch.Tensor:
     return funcol.wait_tensor(out) if isinstance(out, funcol.AsyncCollectiveTensor) else out
 
 
-def ring_attention(q, k, v, layout: TokenLayout, plan: RingPlan, group, run) -> torch.Tensor:
+def ring_attention(q, k, v, layout: TokenLayout, plan: RingPlan, group, run, kv_len=None) -> torch.Tensor:
     """q, k, v [B, S_mine, h, D] of this ring rank's tokens (layout positions ``plan.mine``) ->
     [B, S_mine, h, D]. ``run(q, k, v)`` takes full-length [B, h, S, D] tensors in layout order and
-    computes ``plan.rows``."""
+    computes ``plan.rows``; the global rows (``plan.glob``) are merged from every rank's part.
+    ``kv_len`` [B]: keys at layout positions >= kv_len[b] are padding."""
     b, _, h, d = q.shape
     seq = layout.seq_len
     kv = torch.stack([k, v]).permute(2, 0, 1, 3, 4)  # [S_mine, 2, B, h, D]
@@ -237,8 +269,32 @@ def ring_attention(q, k, v, layout: TokenLayout, plan: RingPlan, group, run) -> 
     buf = kv.new_zeros((seq,) + kv.shape[1:]).index_copy(0, where, torch.cat([kv, got]))  # [S, 2, B, h, D]
     k_full, v_full = buf.permute(1, 2, 3, 0, 4).unbind(0)  # [B, h, S, D]
     q_full = q.new_zeros((seq, b, h, d)).index_copy(0, plan.mine, q.transpose(0, 1)).permute(1, 2, 0, 3)
-    out = run(q_full, k_full, v_full)  # [B, h, S, D]
-    return out.index_select(2, plan.mine).transpose(1, 2)  # [B, S_mine, h, D]
+    out = run(q_full, k_full, v_full).index_select(2, plan.mine)  # [B, h, S_mine, D]
+    if sum(plan.glob_counts):
+        merged = _global_rows(q, k, v, plan, group, kv_len)  # [B, h, n_me, D]
+        out = out.index_copy(2, plan.glob, merged.to(out.dtype))
+    return out.transpose(1, 2)  # [B, S_mine, h, D]
+
+
+def _global_rows(q, k, v, plan: RingPlan, group, kv_len) -> torch.Tensor:
+    """Every rank's global queries over this rank's keys, sent back to their owners and merged by
+    their log-sum-exp (``kernels.partial``): [B, h, n_me, D] fp32 for this rank's global rows."""
+    import torch.distributed._functional_collectives as funcol
+
+    from diffattn.kernels.partial import merge_parts, partial_attention
+
+    world, n_me = len(plan.glob_counts), int(plan.glob.numel())
+    b, _, h, d = q.shape
+    mine_q = q.index_select(1, plan.glob).transpose(0, 1).contiguous()  # [n_me, B, h, D] tokens first
+    all_q = funcol.all_to_all_single_autograd(mine_q.repeat(world, 1, 1, 1), list(plan.glob_counts), [n_me] * world, group)
+    all_q = funcol.wait_tensor(all_q) if isinstance(all_q, funcol.AsyncCollectiveTensor) else all_q  # [NG, B, h, D]
+    valid = None if kv_len is None else plan.mine[None, :] < kv_len.to(plan.mine.device)[:, None]  # [B, S_mine]
+    out, lse = partial_attention(all_q.permute(1, 2, 0, 3), k.transpose(1, 2), v.transpose(1, 2), valid)  # [B, h, NG, D]
+    packed = torch.cat([out, lse[..., None]], dim=-1).permute(2, 0, 1, 3).contiguous()  # [NG, B, h, D + 1]
+    parts = funcol.all_to_all_single_autograd(packed, [n_me] * world, list(plan.glob_counts), group)
+    parts = funcol.wait_tensor(parts) if isinstance(parts, funcol.AsyncCollectiveTensor) else parts  # [W * n_me, B, h, D + 1]
+    parts = parts.reshape(world, n_me, b, h, d + 1).permute(0, 2, 3, 1, 4)  # [W, B, h, n_me, D + 1]
+    return merge_parts(parts[..., :d], parts[..., d])
 
 
 def traffic(sparsity: BlockSparsity, layout: TokenLayout, world: int, *, heads: int, head_dim: int,
@@ -251,11 +307,14 @@ def traffic(sparsity: BlockSparsity, layout: TokenLayout, world: int, *, heads: 
     moved = []
     for me in range(world):
         plan = ring_plan(sparsity, layout, members, me)
-        moved.append(plan.tokens_moved)
-    dense_tokens = seq_dense = layout.seq_len - layout.seq_len // world
+        n_me, total = int(plan.glob.numel()), sum(plan.glob_counts)
+        # global rows: the others' queries in (bytes_per each), this rank's partial outputs and lse back (fp32)
+        glob = (total - n_me) * heads * head_dim * bytes_per + (world - 1) * n_me * heads * (head_dim + 1) * 4
+        moved.append(plan.tokens_moved * per_token + glob)
+    dense = (layout.seq_len - layout.seq_len // world) * per_token
     return {
-        "world": world, "dense_bytes": seq_dense * per_token, "sparse_bytes_mean": sum(moved) / world * per_token,
-        "sparse_bytes_max": max(moved) * per_token, "saved": 1 - sum(moved) / (world * dense_tokens),
+        "world": world, "dense_bytes": dense, "sparse_bytes_mean": sum(moved) / world,
+        "sparse_bytes_max": max(moved), "saved": 1 - sum(moved) / (world * dense),
     }
 
 

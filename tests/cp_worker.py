@@ -56,7 +56,7 @@ def _hunyuan(seed: int = 0):
 
     torch.manual_seed(seed)
     model = HunyuanVideoTransformer3DModel(
-        in_channels=4, out_channels=4, num_attention_heads=4, attention_head_dim=16, num_layers=1,
+        in_channels=4, out_channels=4, num_attention_heads=4, attention_head_dim=16, num_layers=2,
         num_single_layers=1, num_refiner_layers=1, patch_size=1, patch_size_t=1, guidance_embeds=True,
         text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(4, 6, 6),
     )
@@ -127,8 +127,11 @@ def run_case(name: str, rank: int, world: int, out_dir: Path) -> None:
     model, inputs = _FAMILIES[family]()
     options = _METHODS[method]
     method = method.removesuffix("2d")  # neighborhood2d: neighborhood with a one-frame window (images)
-    with diffattn.apply(model, method, **options):
-        ref_out, ref_x, ref_params = _run(model, inputs)
+    with diffattn.apply(model, method, **options) as ref:
+        sites = [row["site"] for row in ref.report()]
+        with ref.capture(sites) as ref_attn:  # every call's core attention output [B, S, heads, D]
+            ref_out, ref_x, ref_params = _run(model, inputs)
+        layouts = {row["site"]: row["layout"] for row in ref.report()}
     config = ContextParallelConfig(ulysses_degree=u, ring_degree=r)
     if family == "wan":  # diffusers' plan: enable_parallelism first, then diffattn (the documented order)
         model.enable_parallelism(config=config)
@@ -136,14 +139,21 @@ def run_case(name: str, rank: int, world: int, out_dir: Path) -> None:
     else:  # diffattn's plan (HunyuanVideo) or either order (FLUX): diffattn first
         handle = diffattn.apply(model, method, **options)
         diffattn.enable_parallelism(model, config)
-    out, gx, params = _run(model, inputs)
+    with handle.capture(sites) as attn:  # this rank's slice of each
+        out, gx, params = _run(model, inputs)
+    from diffattn.pipelines import parallel
+
+    attn_diff = max(
+        _diff(attn[site].detach(), ref_attn[site].detach().index_select(1, parallel.positions(layouts[site], u * r, rank, "cpu")))
+        for site in sites
+    )
     for grad in [gx, *params.values()]:
         dist.all_reduce(grad)  # each rank holds the gradient of its part of the sequence
     report = [row for row in handle.report() if row["calls"]]
     scale = max(float(g.abs().max()) for g in ref_params.values())
     result = {
         "case": name, "rank": rank, "world": world,
-        "out": _diff(out, ref_out), "grad_input": _diff(gx, ref_x),
+        "out": _diff(out, ref_out), "attention": attn_diff, "grad_input": _diff(gx, ref_x),
         # against the largest parameter gradient: a key bias's true gradient is 0 (softmax is shift-invariant)
         "grad_params": max(float((params[k] - ref_params[k]).abs().max()) for k in ref_params) / scale,
         "missing_grads": sorted(set(ref_params) - set(params)),
