@@ -550,13 +550,17 @@ def _forward(q, k, v, full_num, full_idx, part_num, part_idx, kv_len, pred, pred
     return out, lse
 
 
-def _backward(do, q, k, v, out, lse, lists, kv_len, pred, predicate, bits, q_part_slot, bound, scale, sparse_m, sparse_n, tma):
+def _backward(do, q, k, v, out, lse, lists, kv_len, pred, predicate, bits, q_part_slot, bound, scale, sparse_m, sparse_n, tma,
+              dlse=None):
     (full_num, full_idx, part_num, part_idx, q_full_num, q_full_idx, q_part_num, q_part_idx) = lists
     b, h, sq, d = q.shape
     sk = k.shape[2]
     head = _head_dim_pow2(d)
     delta = torch.empty(b, h, sq, device=q.device, dtype=torch.float32)
     _bwd_delta[(-(-sq // 64), b * h)](out, do, delta, *out.stride(), *do.stride(), h, sq, d, BLOCK=64, HEAD_DIM=head)
+    if dlse is not None:
+        # a gradient on the lse (partial results merged by it): dS = P (dP - delta + dlse), i.e. delta - dlse
+        delta -= torch.where(torch.isfinite(lse), dlse.float(), torch.zeros_like(delta))
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     kv_ptr = kv_len if kv_len is not None else full_num
     has_kv = kv_len is not None
@@ -616,11 +620,12 @@ def block_sparse_bwd(
     q_full_num: torch.Tensor, q_full_idx: torch.Tensor, q_part_num: torch.Tensor, q_part_idx: torch.Tensor,
     kv_len: torch.Tensor | None, pred: torch.Tensor | None, predicate: int,
     bits: torch.Tensor | None, q_part_slot: torch.Tensor | None, bound: bool,
-    scale: float, sparse_m: int, sparse_n: int, tma: bool,
+    scale: float, sparse_m: int, sparse_n: int, tma: bool, dlse: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward: (dq, dk, dv)."""
+    """Backward: (dq, dk, dv); ``dlse``: the gradient of the returned lse, or None."""
     lists = (full_num, full_idx, part_num, part_idx, q_full_num, q_full_idx, q_part_num, q_part_idx)
-    return _backward(do.contiguous(), q, k, v, out, lse, lists, kv_len, pred, predicate, bits, q_part_slot, bound, scale, sparse_m, sparse_n, tma)
+    return _backward(do.contiguous(), q, k, v, out, lse, lists, kv_len, pred, predicate, bits, q_part_slot, bound, scale, sparse_m,
+                     sparse_n, tma, dlse)
 
 
 @block_sparse_bwd.register_fake
@@ -643,10 +648,10 @@ def _backward_rule(ctx, grad_out, grad_lse):
     lists = saved[5:13]
     rest = iter(saved[13:])
     kv_len, pred, bits, q_part_slot = (next(rest) if present else None for present in ctx.present)
-    # grad_lse is not propagated: callers that merge partial results differentiate through out only
+    # the lse's gradient (partial results merged by their lse and trained through) folds into delta
     dq, dk, dv = block_sparse_bwd(
         grad_out, q, k, v, out, lse, *lists, kv_len, pred, ctx.predicate, bits, q_part_slot, ctx.bound,
-        ctx.scale, ctx.sparse_m, ctx.sparse_n, ctx.tma,
+        ctx.scale, ctx.sparse_m, ctx.sparse_n, ctx.tma, grad_lse,
     )
     return (dq, dk, dv) + (None,) * 18
 
@@ -690,7 +695,7 @@ def block_sparse_attention(
             the sequence end (the bits already hold it). Same result either way; ``None`` picks the
             variant measured faster for the description (performance knob, see ``_BOUND_BELOW``).
     Returns out ``[B, H, Sq, D]`` (and lse ``[B, H, Sq]`` fp32, natural log, with return_lse).
-    Differentiable in q, k, v. Rows that see no key return 0 with lse -inf.
+    Differentiable in q, k, v, through out and lse. Rows that see no key return 0 with lse -inf.
     """
     ok, why = can_run(q, sparsity, forced=True)
     if not ok:

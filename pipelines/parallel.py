@@ -276,12 +276,32 @@ def ring_attention(q, k, v, layout: TokenLayout, plan: RingPlan, group, run, kv_
     return out.transpose(1, 2)  # [B, S_mine, h, D]
 
 
+def part_attention(q, k, v, valid):
+    """Dense attention of q [B, h, G, D] over this rank's keys with its lse, both differentiable:
+    the block-sparse kernel with every block listed where it runs (CUDA; valid keys a prefix of the
+    rank's keys: padded text after the video), else ``kernels.partial`` (plain torch)."""
+    from diffattn.kernels import block_sparse
+    from diffattn.kernels.partial import partial_attention
+
+    counts = None if valid is None else valid.sum(-1, dtype=torch.int32)  # [B]
+    prefix = valid is None or bool((valid == (torch.arange(valid.shape[1], device=valid.device)[None] < counts[:, None])).all())
+    description = None
+    if q.is_cuda and prefix:
+        description = dense(q.shape[2], k.shape[2], block_m=64, block_n=64).to(q.device)
+        if not block_sparse.can_run(q, description)[0]:
+            description = None
+    if description is None:
+        return partial_attention(q, k, v, valid)
+    out, lse = block_sparse.block_sparse_attention(q, k, v, description, kv_len=counts, return_lse=True)
+    return out.float(), lse
+
+
 def _global_rows(q, k, v, plan: RingPlan, group, kv_len) -> torch.Tensor:
     """Every rank's global queries over this rank's keys, sent back to their owners and merged by
     their log-sum-exp (``kernels.partial``): [B, h, n_me, D] fp32 for this rank's global rows."""
     import torch.distributed._functional_collectives as funcol
 
-    from diffattn.kernels.partial import merge_parts, partial_attention
+    from diffattn.kernels.partial import merge_parts
 
     world, n_me = len(plan.glob_counts), int(plan.glob.numel())
     b, _, h, d = q.shape
@@ -289,7 +309,7 @@ def _global_rows(q, k, v, plan: RingPlan, group, kv_len) -> torch.Tensor:
     all_q = funcol.all_to_all_single_autograd(mine_q.repeat(world, 1, 1, 1), list(plan.glob_counts), [n_me] * world, group)
     all_q = funcol.wait_tensor(all_q) if isinstance(all_q, funcol.AsyncCollectiveTensor) else all_q  # [NG, B, h, D]
     valid = None if kv_len is None else plan.mine[None, :] < kv_len.to(plan.mine.device)[:, None]  # [B, S_mine]
-    out, lse = partial_attention(all_q.permute(1, 2, 0, 3), k.transpose(1, 2), v.transpose(1, 2), valid)  # [B, h, NG, D]
+    out, lse = part_attention(all_q.permute(1, 2, 0, 3), k.transpose(1, 2), v.transpose(1, 2), valid)  # [B, h, NG, D], [B, h, NG]
     packed = torch.cat([out, lse[..., None]], dim=-1).permute(2, 0, 1, 3).contiguous()  # [NG, B, h, D + 1]
     parts = funcol.all_to_all_single_autograd(packed, [n_me] * world, list(plan.glob_counts), group)
     parts = funcol.wait_tensor(parts) if isinstance(parts, funcol.AsyncCollectiveTensor) else parts  # [W * n_me, B, h, D + 1]

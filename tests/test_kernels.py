@@ -39,15 +39,16 @@ def _check_against_reference(b, h, s, d, block, heads_in_mask, dtype, device, kv
     out, lse = block_sparse.block_sparse_attention(q, k, v, sp.to(device), kv_len=kv_len, return_lse=True)
     tok = expand_block_mask(mask, s, s, block, block).to(device)[None]
     ref32, lse32 = attention_reference(q, k, v, tok, kv_len=kv_len)
-    ref_lp, _ = attention_reference(q, k, v, tok, kv_len=kv_len, compute_dtype=dtype)
+    ref_lp, lse_lp = attention_reference(q, k, v, tok, kv_len=kv_len, compute_dtype=dtype)
     assert_error_ratio(out, ref32, ref_lp.to(dtype), "forward")
     lse_tol = 1e-2 if dtype != torch.float32 else 1e-4
     assert (lse.float() - lse32).abs().max() < lse_tol
-    if grad:
+    if grad:  # through out and lse (the lse's gradient matters where partial results are merged and trained)
         do = torch.randn_like(out)
-        got = torch.autograd.grad(out, (q, k, v), do)
-        want32 = torch.autograd.grad(ref32, (q, k, v), do.float())
-        want_lp = torch.autograd.grad(ref_lp.to(dtype), (q, k, v), do)
+        dl = torch.randn(lse.shape, generator=g).to(device)
+        got = torch.autograd.grad((out, lse), (q, k, v), (do, dl))
+        want32 = torch.autograd.grad((ref32, lse32), (q, k, v), (do.float(), dl))
+        want_lp = torch.autograd.grad((ref_lp.to(dtype), lse_lp), (q, k, v), (do, dl.to(lse_lp.dtype)))
         for name, a, r32, rlp in zip("qkv", got, want32, want_lp):
             assert_error_ratio(a, r32, rlp, f"d{name}", floor=1e-5 if dtype == torch.float32 else 1e-3)
 
