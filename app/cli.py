@@ -71,6 +71,7 @@ class GenerateConfig:
     guide: str | None = None  # a guidance method (diffattn.guidance_methods())
     options: dict = field(default_factory=dict)        # the method's options the user set (the rest: defaults)
     guide_options: dict = field(default_factory=dict)  # the guidance's options the user set
+    context_parallel: str = ""  # "ulysses=N", "ring=N" or both: diffusers' context parallelism over torchrun's processes
 
 
 def _testbed(module: str):
@@ -266,6 +267,9 @@ def _parse(argv) -> GenerateConfig:
     gen.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=None,
                      help="run 1 untimed step dense and with the method first, so the times leave out kernel compilation "
                           "and autotuning (default: on with CUDA, off on the CPU)")
+    gen.add_argument("--context-parallel", default="", metavar="ulysses=N[,ring=M]",
+                     help="split each clip's tokens over the processes of torchrun (diffusers' context parallelism: "
+                          "Ulysses over heads, diffattn's sparse ring over the sequence); N x M = --nproc_per_node")
     names = _method_arguments(gen, method) if method in diffattn.methods() else []
     if known.lora and method == "dense":
         names = []
@@ -381,6 +385,8 @@ def _precheck(cfg: GenerateConfig) -> None:
     import os
     from pathlib import Path
 
+    if cfg.context_parallel:
+        _check_parallel(cfg)
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("diffattn: --device cuda, but this machine has no CUDA GPU; use --device cpu")
     if not cfg.device.startswith(("cuda", "cpu")):
@@ -528,26 +534,71 @@ def _check(cfg: GenerateConfig, pipe) -> None:
             _size_guard(handle.method.config, cfg, pipe.unet.config.sample_size * pipe.vae_scale_factor)
 
 
-def _call_args(cfg: GenerateConfig) -> dict:
-    return dict(prompt=cfg.prompt, seed=cfg.seed, steps=cfg.steps, height=cfg.height, width=cfg.width, frames=cfg.frames,
-                cfg=cfg.guidance, device=cfg.device)
+def _check_parallel(cfg: GenerateConfig) -> None:
+    import os
 
+    from diffattn.lora.common import parse_context_parallel
 
-def _run(pipe, cfg: GenerateConfig):
-    return run_tools.call(pipe, cfg.pipeline, **_call_args(cfg))
-
-
-def generate(cfg: GenerateConfig) -> dict:
-    _precheck(cfg)  # every input checked before any model loads or any file is written
-    shown = {**asdict(cfg), "prompt": cfg.prompt if len(cfg.prompt) <= 80 else cfg.prompt[:77] + "..."}
-    print("diffattn generate", shown, flush=True)
     try:
-        pipe = run_tools.load(cfg.model, cfg.pipeline, cfg.device)
-    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:  # a broken or partial folder
-        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        what = f"--model {cfg.model}" if cfg.model is not None else f"the testbed {cfg.pipeline} pipeline"
-        raise SystemExit(f"diffattn: could not load {what}: {first}") from None
-    _check(cfg, pipe)
+        ulysses, ring = parse_context_parallel(cfg.context_parallel, "diffattn")
+    except ValueError as exc:
+        raise SystemExit(f"diffattn: --context-parallel: {exc}") from None
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if ulysses * ring != world:
+        raise SystemExit(f"diffattn: --context-parallel {cfg.context_parallel} needs {ulysses * ring} processes, this run has {world}; "
+                         f"launch with torchrun --nproc_per_node {ulysses * ring} $(which diffattn) generate ...")
+    if cfg.pipeline == "image-unet":
+        raise SystemExit("diffattn: --context-parallel runs DiT pipelines (video, image-dit); U-Nets have no context-parallel plan")
+    if cfg.method in ("none", "dense") or cfg.guide is not None:
+        raise SystemExit("diffattn: --context-parallel runs a sparse method alone (radial, neighborhood, clear); guidance and "
+                         "dense LoRAs run on one GPU per process")
+
+
+def _start_parallel(cfg: GenerateConfig):
+    """The process group of torchrun's processes (NCCL on CUDA, gloo on the CPU), this process's
+    device, and the ``ContextParallelConfig``."""
+    import dataclasses
+    import os
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    from diffusers import ContextParallelConfig
+
+    from diffattn.lora.common import parse_context_parallel
+
+    ulysses, ring = parse_context_parallel(cfg.context_parallel, "diffattn")
+    device = cfg.device
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=timedelta(minutes=30))
+    return dataclasses.replace(cfg, device=device), ContextParallelConfig(ulysses_degree=ulysses, ring_degree=ring)
+
+
+def _run_parallel(pipe, cfg: GenerateConfig, config):
+    """The dense and the method run under context parallelism. The dense run goes through
+    diffattn's processors with every step dense (the stock attention, computed as the stock
+    processors do: HunyuanVideo's plan needs them to rebuild each rank's padded-text mask)."""
+    every_step_dense = {"dense_steps": cfg.steps + 1, "last_dense_steps": 0}
+    with _apply(pipe, cfg, **every_step_dense):
+        diffattn.enable_parallelism(pipe, config)
+        if cfg.warmup:
+            run_tools.call(pipe, cfg.pipeline, **{**_call_args(cfg), "steps": 1})
+        dense_media, dense_s = _run(pipe, cfg)
+    if cfg.warmup:
+        with _apply(pipe, cfg, **run_tools.SCHEDULE_OFF):
+            run_tools.call(pipe, cfg.pipeline, **{**_call_args(cfg), "steps": 1})
+    handle = _apply(pipe, cfg)
+    with handle:
+        method_media, method_s = _run(pipe, cfg)
+        summary = handle.summary()
+        parallel = [row["parallel"] for row in handle.report() if row.get("parallel")]
+    return dense_media, dense_s, method_media, method_s, summary, handle, parallel
+
+
+def _run_single(pipe, cfg: GenerateConfig):
+    """The warm-up, the dense run and the method run (or the dense-trained LoRA's) in this process."""
     if cfg.warmup and cfg.method != "dense":
         overrides = {} if cfg.method == "none" else dict(run_tools.SCHEDULE_OFF)
         if cfg.lora:  # a LoRA fixes the options it was trained with (its dense layers): the warm-up keeps them
@@ -557,10 +608,7 @@ def generate(cfg: GenerateConfig) -> dict:
         except ValueError as exc:  # grid-dependent option checks run in the first forward's layout hook
             raise SystemExit(f"diffattn: {exc}") from None
     dense_media, dense_s = _run(pipe, cfg)
-    stem, suffix = cfg.out[:-4], cfg.out[-4:]
-    dense_path = f"{stem}_dense{suffix}"
-    label = cfg.method if cfg.guide is None else (cfg.guide if cfg.method == "none" else f"{cfg.method}+{cfg.guide}")
-
+    handle = None
     # defaults come from the model family and the pipeline's own declaration, as in diffattn.apply
     if cfg.method == "dense":  # a dense-trained LoRA: diffusers loads it, attention stays stock
         pipe.load_lora_weights(cfg.lora, adapter_name="diffattn-dense")
@@ -581,14 +629,70 @@ def generate(cfg: GenerateConfig) -> dict:
             except ValueError as exc:  # grid-dependent option checks run in the first forward's layout hook
                 raise SystemExit(f"diffattn: {exc}") from None
             summary = handle.summary()
-        if cfg.method != "none" and summary["method_calls"] == 0:
-            raise SystemExit(f"diffattn: {cfg.method} ran on no call at {cfg.height}x{cfg.width} over {cfg.steps} steps "
-                             f"(its step window, size guard or dense steps left everything stock: {handle.method.config}); "
-                             "change those options or the size")
+    return dense_media, dense_s, method_media, method_s, summary, handle
+
+
+def _call_args(cfg: GenerateConfig) -> dict:
+    return dict(prompt=cfg.prompt, seed=cfg.seed, steps=cfg.steps, height=cfg.height, width=cfg.width, frames=cfg.frames,
+                cfg=cfg.guidance, device=cfg.device)
+
+
+def _run(pipe, cfg: GenerateConfig):
+    return run_tools.call(pipe, cfg.pipeline, **_call_args(cfg))
+
+
+def generate(cfg: GenerateConfig) -> dict:
+    _precheck(cfg)  # every input checked before any model loads or any file is written
+    config = None
+    if cfg.context_parallel:
+        cfg, config = _start_parallel(cfg)
+        try:
+            return _generate(cfg, config)
+        finally:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    return _generate(cfg, config)
+
+
+def _generate(cfg: GenerateConfig, config) -> dict:
+    import torch.distributed as dist
+
+    lead = config is None or dist.get_rank() == 0  # under context parallelism rank 0 writes and reports
+    shown = {**asdict(cfg), "prompt": cfg.prompt if len(cfg.prompt) <= 80 else cfg.prompt[:77] + "..."}
+    if lead:
+        print("diffattn generate", shown, flush=True)
+    try:
+        pipe = run_tools.load(cfg.model, cfg.pipeline, cfg.device)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:  # a broken or partial folder
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        what = f"--model {cfg.model}" if cfg.model is not None else f"the testbed {cfg.pipeline} pipeline"
+        raise SystemExit(f"diffattn: could not load {what}: {first}") from None
+    _check(cfg, pipe)
+    stem, suffix = cfg.out[:-4], cfg.out[-4:]
+    dense_path = f"{stem}_dense{suffix}"
+    label = cfg.method if cfg.guide is None else (cfg.guide if cfg.method == "none" else f"{cfg.method}+{cfg.guide}")
+    parallel = None
+    if config is not None:
+        try:
+            dense_media, dense_s, method_media, method_s, summary, handle, parallel = _run_parallel(pipe, cfg, config)
+        except (ValueError, NotImplementedError, RuntimeError) as exc:
+            raise SystemExit(f"diffattn: {exc}") from None
+        if not lead:
+            return {}
+    else:
+        dense_media, dense_s, method_media, method_s, summary, handle = _run_single(pipe, cfg)
+    if cfg.method not in ("none", "dense") and summary["method_calls"] == 0:
+        raise SystemExit(f"diffattn: {cfg.method} ran on no call at {cfg.height}x{cfg.width} over {cfg.steps} steps "
+                         f"(its step window, size guard or dense steps left everything stock: {handle.method.config}); "
+                         "change those options or the size")
+    if cfg.method != "dense":
         what = f"{cfg.method} config: {handle.method.config}" if cfg.method != "none" else ""
         if cfg.guide is not None:
             what += f"{'; ' if what else ''}{cfg.guide}: {summary['guidance']}"
         print(what + (f" with the LoRA {cfg.lora}" if cfg.lora else ""), flush=True)
+    if parallel:
+        print(f"context parallel {cfg.context_parallel} over {dist.get_world_size()} processes: {parallel[-1]}", flush=True)
     run_tools.save(dense_media, cfg.pipeline, dense_path, cfg.fps)  # both written once both ran: no half output
     run_tools.save(method_media, cfg.pipeline, cfg.out, cfg.fps)
 
@@ -603,6 +707,8 @@ def generate(cfg: GenerateConfig) -> dict:
     }
     if "guidance" in summary:
         report["guidance"] = summary["guidance"]
+    if parallel:
+        report["parallel"] = parallel[-1]
     shown_density = "(no sparse attention)" if density is None else f"{density:.3f}"
     print(
         f"dense: {dense_s:.2f} s -> {dense_path}\n"

@@ -313,3 +313,33 @@ def test_context_parallel_option_is_checked():
         config("unused", "ulysses=two")
     with pytest.raises(ValueError, match="ulysses=N"):
         config("unused", "tensor=2")
+
+
+def test_cli_generate_under_torchrun_equals_one_process(tmp_path):
+    """``torchrun --nproc_per_node 2 diffattn generate --context-parallel ring=2`` on the testbed
+    video pipeline writes the clips a single process writes (decoded frames within one level)."""
+    import imageio.v3 as iio
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    common = ["generate", "--device", "cpu", "--steps", "4", "--dense-steps", "1", "--seed", "3"]
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                          "diffattn.app.cli", *common, "--context-parallel", "ring=2", "--out", str(tmp_path / "cp.mp4")],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "context parallel ring=2 over 2 processes: {'mode': 'ring'" in run.stdout
+    one = subprocess.run([sys.executable, "-m", "diffattn.app.cli", *common, "--out", str(tmp_path / "one.mp4")],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
+    for name in ("", "_dense"):
+        a = iio.imread(tmp_path / f"cp{name}.mp4").astype(int)
+        b = iio.imread(tmp_path / f"one{name}.mp4").astype(int)
+        assert a.shape == b.shape and int(abs(a - b).max()) <= 1, name
+
+
+def test_cli_context_parallel_errors_say_what_to_do(capsys):
+    from diffattn.app import cli
+
+    with pytest.raises(SystemExit, match="needs 2 processes, this run has 1; launch with torchrun --nproc_per_node 2"):
+        cli.generate(cli._parse(["generate", "--device", "cpu", "--context-parallel", "ulysses=2"]))
+    with pytest.raises(SystemExit, match="ulysses=N"):
+        cli.generate(cli._parse(["generate", "--device", "cpu", "--context-parallel", "heads=2"]))
