@@ -57,6 +57,22 @@ def test_shell_command(index, tmp_path):
             from diffattn.lora.length import LengthConfig
 
             config_from_argv(LengthConfig, argv[3:], "")
+        elif argv[0] == "torchrun":  # torchrun ... $(which diffattn) generate ...: the diffattn part parses
+            from diffattn.lora.common import parse_context_parallel
+
+            cfg = cli._parse(argv[argv.index("generate"):])
+            u, r = parse_context_parallel(cfg.context_parallel, "readme")
+            assert int(argv[argv.index("--nproc_per_node") + 1]) == u * r, part
+        elif argv[:2] == ["accelerate", "launch"]:  # accelerate launch ... -m MODULE ...: the trainer's flags parse
+            from diffattn.lora.common import config_from_argv, parse_context_parallel
+
+            module = argv[argv.index("-m") + 1]
+            assert module == "diffattn.lora.length", part
+            from diffattn.lora.length import LengthConfig
+
+            cfg = config_from_argv(LengthConfig, argv[argv.index("-m") + 2:], "")
+            u, r = parse_context_parallel(cfg.context_parallel, "readme")
+            assert int(argv[argv.index("--num_processes") + 1]) % (u * r) == 0, part
         elif argv[0] == "diffattn" and "--lora" in argv:  # a stand-in training output: the flags parse, its length is used
             i = argv.index("--lora") + 1
             stub = tmp_path / argv[i]
