@@ -580,16 +580,22 @@ def _run_parallel(pipe, cfg: GenerateConfig, config):
     """The dense and the method run under context parallelism. The dense run goes through
     diffattn's processors with every step dense (the stock attention, computed as the stock
     processors do: HunyuanVideo's plan needs them to rebuild each rank's padded-text mask)."""
+    def parallel(**overrides):
+        handle = _apply(pipe, cfg, **overrides)
+        model = pipe.transformer
+        if getattr(model, "_parallel_config", None) is None:  # diffusers' plan stays; diffattn's goes with its handle
+            diffattn.enable_parallelism(pipe, config)
+        return handle
+
     every_step_dense = {"dense_steps": cfg.steps + 1, "last_dense_steps": 0}
-    with _apply(pipe, cfg, **every_step_dense):
-        diffattn.enable_parallelism(pipe, config)
+    with parallel(**every_step_dense):
         if cfg.warmup:
             run_tools.call(pipe, cfg.pipeline, **{**_call_args(cfg), "steps": 1})
         dense_media, dense_s = _run(pipe, cfg)
     if cfg.warmup:
-        with _apply(pipe, cfg, **run_tools.SCHEDULE_OFF):
+        with parallel(**run_tools.SCHEDULE_OFF):
             run_tools.call(pipe, cfg.pipeline, **{**_call_args(cfg), "steps": 1})
-    handle = _apply(pipe, cfg)
+    handle = parallel()
     with handle:
         method_media, method_s = _run(pipe, cfg)
         summary = handle.summary()

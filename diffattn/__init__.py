@@ -301,11 +301,28 @@ def enable_parallelism(target, config) -> None:
             )
         with _cpu_process_group():
             model.enable_parallelism(config=config, cp_plan=plan)
+        if not own:  # diffattn's plan is only right with diffattn's processors: it goes when they go
+            handle.install([_PlanStep(model)])
         for name in getattr(adapter, "CP_LOCAL", ()):
             for module in model.get_submodule(name).modules():
                 processor = getattr(module, "processor", None)
                 if processor is not None and getattr(processor, "_parallel_config", None) is not None:
                     processor._parallel_config = None
+
+
+@dataclasses.dataclass
+class _PlanStep:
+    """The install step of diffattn's own context-parallel plan (HunyuanVideo): the stock processors
+    would rebuild the padded-text mask wrongly from the split lengths, so ``remove()`` undoes the
+    plan first and the model runs whole on every rank again."""
+
+    model: torch.nn.Module
+
+    def do(self) -> None:
+        pass
+
+    def undo(self) -> None:
+        disable_parallelism(self.model)
 
 
 def disable_parallelism(target) -> None:

@@ -1,10 +1,10 @@
 """Dense attention over one part of the keys, with its log-sum-exp, differentiable in both.
 
 Partial results over disjoint key sets merge exactly by their log-sum-exp (``kernels.merge``); when
-the merged result is trained through, the merge weights carry gradient into each part's lse. The
-block-sparse kernel does not propagate an lse gradient, so this is the path for rows that attend
-every key and are computed by parts on several ranks (a context-parallel ring's text rows,
-``pipelines.parallel``). Plain torch, chunked over keys (memory O(rows x chunk)), with a
+the merged result is trained through, the merge weights carry gradient into each part's lse. This
+is the plain-torch path for rows that attend every key and are computed by parts on several ranks
+(a context-parallel ring's text rows, ``pipelines.parallel``; on CUDA the block-sparse kernel,
+whose backward also takes the lse gradient, runs them). Plain torch, chunked over keys (memory O(rows x chunk)), with a
 FlashAttention-style backward that recomputes each chunk: with dO and dlse,
 ``dS = P * (dO V^T - rowsum(dO * O) + dlse)``.
 """
@@ -60,7 +60,7 @@ class _Partial(torch.autograd.Function):
         valid = rest[0] if ctx.has_valid else None
         dt = out.dtype
         dout = torch.zeros_like(out) if dout is None else dout.to(dt)
-        dlse = torch.zeros_like(lse) if dlse is None else dlse.to(dt)
+        dlse = torch.zeros_like(lse) if dlse is None else torch.where(torch.isneginf(lse), 0.0, dlse.to(dt))
         delta = (dout * out).sum(-1)  # [B, H, G]
         safe = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
         dq = torch.zeros(q.shape, device=q.device, dtype=dt)
@@ -89,7 +89,7 @@ def partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: 
 def merge_parts(outs: torch.Tensor, lses: torch.Tensor) -> torch.Tensor:
     """outs [P, B, H, G, D], lses [P, B, H, G] of P disjoint key parts -> out [B, H, G, D] fp32
     (differentiable; a row no part saw is 0)."""
-    lse = torch.logsumexp(lses, dim=0)  # [B, H, G]
-    safe = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
+    empty = torch.isneginf(lses).all(0)  # rows no part saw: keep their gradient finite (0)
+    safe = torch.logsumexp(torch.where(empty[None], torch.zeros_like(lses), lses), dim=0)  # [B, H, G]
     weights = torch.exp(lses - safe[None]).masked_fill(torch.isneginf(lses), 0.0)  # [P, B, H, G]
     return (weights[..., None] * outs).sum(0)

@@ -193,7 +193,9 @@ class DiffattnProcessor:
         me = cp._ring_local_rank
         if method is not None:
             sparsity = method.description(ctx, dev)
-            plan_key = ("cp-ring", method.describe_key(layout), cp.ring_degree, cp.ulysses_degree, me, str(dev))
+            if sparsity.heads > 1:  # a per-head description: this rank's heads (after Ulysses)
+                sparsity = sparsity.select_heads(*ctx.heads)
+            plan_key = ("cp-ring", method.describe_key(layout), ctx.heads, cp.ring_degree, cp.ulysses_degree, me, str(dev))
         else:
             sparsity = handle.cache(("cp-dense", layout, str(dev)), lambda: parallel.dense_rows(layout))
             plan_key = ("cp-ring-dense", layout, cp.ring_degree, cp.ulysses_degree, me, str(dev))

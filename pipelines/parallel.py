@@ -166,6 +166,7 @@ class RingPlan:
     tokens_dense: int  # key tokens an all-gather ring receives
     glob: torch.Tensor  # [n_me] local indices of this rank's global rows (rows that attend every key)
     glob_counts: tuple[int, ...]  # global rows per ring rank
+    glob_rows: BlockSparsity | None  # every block of [all global rows, this rank's keys] listed (the kernel path)
 
 
 def _block_sets(pos: torch.Tensor, block: int, count: int) -> torch.Tensor:
@@ -197,7 +198,12 @@ def ring_plan(sparsity: BlockSparsity, layout: TokenLayout, members: list[torch.
     dense_tokens = sum(int(members[j].numel()) for j in range(len(members)) if j != me)
     glob = glob_tok[members[me]].nonzero().flatten()
     counts = tuple(int(glob_tok[p].sum()) for p in members)
-    return RingPlan(me, members[me], send, recv, rows, moved, dense_tokens, glob, counts)
+    glob_rows = None
+    if sum(counts):
+        block = 64
+        glob_rows = from_block_mask(torch.ones(-(-sum(counts) // block), -(-members[me].numel() // block), dtype=torch.bool,
+                                               device=mask.device), sum(counts), members[me].numel(), block_m=block, block_n=block)
+    return RingPlan(me, members[me], send, recv, rows, moved, dense_tokens, glob, counts, glob_rows)
 
 
 GLOBAL_SHARE = 8  # global rows are computed by parts only while they are at most 1/8 of the sequence
@@ -276,20 +282,23 @@ def ring_attention(q, k, v, layout: TokenLayout, plan: RingPlan, group, run, kv_
     return out.transpose(1, 2)  # [B, S_mine, h, D]
 
 
-def part_attention(q, k, v, valid):
+def part_attention(q, k, v, valid, description: BlockSparsity | None = None):
     """Dense attention of q [B, h, G, D] over this rank's keys with its lse, both differentiable:
     the block-sparse kernel with every block listed where it runs (CUDA; valid keys a prefix of the
-    rank's keys: padded text after the video), else ``kernels.partial`` (plain torch)."""
+    rank's keys: padded text after the video; ``description``: that dense description, when cached),
+    else ``kernels.partial`` (plain torch)."""
     from diffattn.kernels import block_sparse
     from diffattn.kernels.partial import partial_attention
 
     counts = None if valid is None else valid.sum(-1, dtype=torch.int32)  # [B]
     prefix = valid is None or bool((valid == (torch.arange(valid.shape[1], device=valid.device)[None] < counts[:, None])).all())
-    description = None
     if q.is_cuda and prefix:
-        description = dense(q.shape[2], k.shape[2], block_m=64, block_n=64).to(q.device)
+        description = description if description is not None else dense(q.shape[2], k.shape[2], block_m=64, block_n=64)
+        description = description.to(q.device)
         if not block_sparse.can_run(q, description)[0]:
             description = None
+    else:
+        description = None
     if description is None:
         return partial_attention(q, k, v, valid)
     out, lse = block_sparse.block_sparse_attention(q, k, v, description, kv_len=counts, return_lse=True)
@@ -309,7 +318,7 @@ def _global_rows(q, k, v, plan: RingPlan, group, kv_len) -> torch.Tensor:
     all_q = funcol.all_to_all_single_autograd(mine_q.repeat(world, 1, 1, 1), list(plan.glob_counts), [n_me] * world, group)
     all_q = funcol.wait_tensor(all_q) if isinstance(all_q, funcol.AsyncCollectiveTensor) else all_q  # [NG, B, h, D]
     valid = None if kv_len is None else plan.mine[None, :] < kv_len.to(plan.mine.device)[:, None]  # [B, S_mine]
-    out, lse = part_attention(all_q.permute(1, 2, 0, 3), k.transpose(1, 2), v.transpose(1, 2), valid)  # [B, h, NG, D], [B, h, NG]
+    out, lse = part_attention(all_q.permute(1, 2, 0, 3), k.transpose(1, 2), v.transpose(1, 2), valid, plan.glob_rows)  # [B, h, NG, D], [B, h, NG]
     packed = torch.cat([out, lse[..., None]], dim=-1).permute(2, 0, 1, 3).contiguous()  # [NG, B, h, D + 1]
     parts = funcol.all_to_all_single_autograd(packed, [n_me] * world, list(plan.glob_counts), group)
     parts = funcol.wait_tensor(parts) if isinstance(parts, funcol.AsyncCollectiveTensor) else parts  # [W * n_me, B, h, D + 1]

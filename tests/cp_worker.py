@@ -150,10 +150,17 @@ def run_case(name: str, rank: int, world: int, out_dir: Path) -> None:
     for grad in [gx, *params.values()]:
         dist.all_reduce(grad)  # each rank holds the gradient of its part of the sequence
     report = [row for row in handle.report() if row["calls"]]
+    after_remove = 0.0
+    if family == "hunyuan":  # diffattn's plan goes with the handle: every rank runs the whole model again
+        handle.remove()
+        assert model._parallel_config is None
+        with diffattn.apply(model, method, **options):
+            again, _, _ = _run(model, inputs)
+        after_remove = _diff(again, ref_out)
     scale = max(float(g.abs().max()) for g in ref_params.values())
     result = {
         "case": name, "rank": rank, "world": world,
-        "out": _diff(out, ref_out), "attention": attn_diff, "grad_input": _diff(gx, ref_x),
+        "out": _diff(out, ref_out), "attention": attn_diff, "after_remove": after_remove, "grad_input": _diff(gx, ref_x),
         # against the largest parameter gradient: a key bias's true gradient is 0 (softmax is shift-invariant)
         "grad_params": max(float((params[k] - ref_params[k]).abs().max()) for k in ref_params) / scale,
         "missing_grads": sorted(set(ref_params) - set(params)),

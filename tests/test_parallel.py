@@ -58,8 +58,8 @@ def _check(results: dict[str, list[dict]]) -> None:
             sparse = row["parallel"][-1]
             assert sparse["mode"] == ("ulysses" if r == 1 else "ring" if u == 1 else "ulysses+ring"), row
             assert sparse["degree"] == u * r
-            if r > 1:
-                assert sparse["keys_moved"] <= sparse["keys_all_gather"], row
+            if case.startswith("hunyuan"):  # diffattn's plan went with the handle: the model runs whole again
+                assert row["after_remove"] <= TOL, row
 
 
 WORLD2 = ["wan-radial-u2r1", "wan-radial-u1r2", "wan-neighborhood-u1r2", "hunyuan-radial-u2r1", "hunyuan-radial-u1r2",
@@ -175,9 +175,13 @@ def test_partial_attention_merges_to_dense_with_gradients(masked):
 def test_global_rows_kernel_matches_the_torch_parts_gpu():
     """On CUDA a ring's global rows run the block-sparse kernel (every block listed, padded keys
     by count) with its lse gradient; it equals the plain-torch parts, output, lse and gradients."""
+    from diffattn.kernels import block_sparse
     from diffattn.kernels.partial import partial_attention
+    from diffattn.patterns.blocks import dense
 
     g = torch.Generator("cuda").manual_seed(0)
+    probe = torch.zeros(1, 4, 300, 128, device="cuda", dtype=torch.bfloat16)
+    assert block_sparse.can_run(probe, dense(300, 5000, block_m=64, block_n=64).to("cuda"))[0]  # the kernel path runs
     q, k, v = (torch.randn(2, 4, n, 128, device="cuda", generator=g) for n in (300, 5000, 5000))
     valid = torch.ones(2, 5000, dtype=torch.bool, device="cuda")
     valid[1, 4000:] = False
@@ -240,7 +244,8 @@ def test_remove_hands_parallel_config_to_the_stock_processors():
     for proc in model.attn_processors.values():
         proc._parallel_config = marker  # what enable_parallelism does to every processor
     handle.remove()
-    assert all(p._parallel_config is marker for p in model.attn_processors.values())
+    swapped = [p for key, p in model.attn_processors.items() if ".attn1." in key]  # the ones diffattn replaced
+    assert swapped and all(p._parallel_config is marker for p in swapped)
 
 
 # -- the trainer under torchrun / accelerate ----------------------------------------------------
@@ -288,13 +293,24 @@ def test_sequence_parallel_training_equals_one_process(single_process_run, tmp_p
         torch.testing.assert_close(b[key], a[key], atol=5e-4, rtol=1e-3)
 
 
-def test_data_parallel_training_runs_on_two_processes(tmp_path):
+@pytest.fixture(scope="module")
+def data_parallel_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    _torchrun(2, out, "")
+    return out
+
+
+def test_data_parallel_training_runs_on_two_processes(data_parallel_run, tmp_path):
     """Plain DDP (accelerate's gloo group on CPU): both processes train, the checkpoint records two
     processes, and a one-process rerun of the same folder is refused rather than mixed up."""
-    _torchrun(2, tmp_path, "")
-    state = json.loads(sorted((tmp_path / "checkpoints").glob("step_*"))[-1].joinpath("state.json").read_text())
+    state = json.loads(sorted((data_parallel_run / "checkpoints").glob("step_*"))[-1].joinpath("state.json").read_text())
     assert state["processes"] == 2 and state["step"] == 4
-    assert len(_losses(tmp_path)) == 4 and (tmp_path / "pytorch_lora_weights.safetensors").is_file()
+    assert len(_losses(data_parallel_run)) == 4 and (data_parallel_run / "pytorch_lora_weights.safetensors").is_file()
+    import shutil
+
+    shutil.copytree(data_parallel_run, tmp_path, dirs_exist_ok=True)  # the same run, moved to another folder
+    saved = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**saved, "out": str(tmp_path)}))
     sys.path.insert(0, str(TRAIN_WORKER.parent))
     from train_worker import clips, config
 
@@ -303,6 +319,20 @@ def test_data_parallel_training_runs_on_two_processes(tmp_path):
 
     with pytest.raises(ValueError, match="2 processes"):
         length.train(config(tmp_path, steps=6), pipe=load_pipeline("video"), clips=clips)
+
+
+def test_sequence_parallel_groups_are_data_parallel(data_parallel_run, tmp_path):
+    """Four processes in two Ulysses groups of two (the 3-D mesh dp x ring x ulysses): each group
+    trains on what one process of the two-process DDP run trains on, so the losses and the LoRA
+    are that run's (the loss scale by the group size makes DDP's average the batches' average)."""
+    from safetensors.torch import load_file
+
+    _torchrun(4, tmp_path, "ulysses=2")
+    assert _losses(tmp_path) == pytest.approx(_losses(data_parallel_run), rel=1e-5)
+    a = load_file(str(data_parallel_run / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(tmp_path / "pytorch_lora_weights.safetensors"))
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=5e-4, rtol=1e-3)
 
 
 def test_context_parallel_option_is_checked():

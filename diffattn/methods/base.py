@@ -98,7 +98,8 @@ class BlockSparseMethod:
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext,
                  rows: tuple[Hashable, BlockSparsity] | None = None) -> torch.Tensor:
         """q, k, v [B, H, S, D] in the layout's order -> [B, H, S, D]. ``rows``: (cache key, the
-        description to run instead): a context-parallel ring rank's query rows of ``description``."""
+        description to run instead): a context-parallel ring rank's query rows of ``description``, already
+        of this call's heads."""
         layout = ctx.layout
         if q.shape[-2] != layout.seq_len or k.shape[-2] != layout.seq_len:  # [B, H, S, D]
             raise ValueError(
@@ -119,7 +120,7 @@ class BlockSparseMethod:
                     "(ContextParallelConfig(ulysses_degree=N)), or reorder=False and down_factor=1"
                 )
             key, sparsity = key + (rows[0],), rows[1]
-        if ctx.heads is not None and sparsity.heads > 1:  # Ulysses: this rank's heads of a per-head description
+        elif ctx.heads is not None and sparsity.heads > 1:  # Ulysses: this rank's heads of a per-head description
             key, sparsity = key + (("heads",) + tuple(ctx.heads)), sparsity.select_heads(*ctx.heads)
         kv_len = ctx.kv_len
         if extra is not None and kv_len is not None:
