@@ -46,7 +46,12 @@ def grid(model, hidden_states: torch.Tensor, inputs=None) -> TokenLayout:
 
 
 class Processor(DiffattnProcessor):
-    NO_CP = ('diffattn cogvideox: diffusers 0.42 has no CogVideoX plan, and its forward cuts the text off the joint sequence by the full text length after the blocks, so a split needs a gather before norm_final; its 226 text tokens divide by 2 only. diffattn provides no plan: run CogVideoX on one GPU per process')
+    NO_CP = (
+        "diffattn cogvideox: diffusers 0.42 has no CogVideoX plan, and its forward cuts the text off the "
+        "joint sequence by the full text length after the blocks, so a split needs a gather before "
+        "norm_final; its 226 text tokens divide by 2 only. diffattn provides no plan: run CogVideoX on one "
+        "GPU per process"
+    )
 
     def __init__(self, handle, layer: int, stock=None, site: str = ""):
         if stock is not None and type(stock).__name__ != "CogVideoXAttnProcessor2_0":

@@ -47,7 +47,11 @@ def grid(model, hidden_states: torch.Tensor, inputs=None) -> TokenLayout:
 
 
 class Processor(DiffattnProcessor):
-    NO_CP = ('diffattn hunyuan_video15: diffusers 0.42 has no HunyuanVideo-1.5 plan, and its attention reorders the valid text per sample inside the processor, which a sequence split would cut; run it on one GPU per process')
+    NO_CP = (
+        "diffattn hunyuan_video15: diffusers 0.42 has no HunyuanVideo-1.5 plan, and its attention reorders "
+        "the valid text per sample inside the processor, which a sequence split would cut; run it on one GPU "
+        "per process"
+    )
 
     def __init__(self, handle, layer: int, stock=None, site: str = ""):
         if stock is None or type(stock).__name__ != "HunyuanVideo15AttnProcessor2_0":

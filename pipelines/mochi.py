@@ -55,7 +55,11 @@ def _rope(x, freqs_cos, freqs_sin):
 
 
 class Processor(DiffattnProcessor):
-    NO_CP = ("diffattn mochi: Mochi's attention keeps only each sample's valid text tokens (a per-sample loop), so after a sequence split the ranks' sequence lengths differ and no all-to-all fits; diffusers 0.42 has no Mochi plan and diffattn provides none: run Mochi on one GPU per process")
+    NO_CP = (
+        "diffattn mochi: Mochi's attention keeps only each sample's valid text tokens (a per-sample loop), so"
+        " after a sequence split the ranks' sequence lengths differ and no all-to-all fits; diffusers 0.42 "
+        "has no Mochi plan and diffattn provides none: run Mochi on one GPU per process"
+    )
 
     def __init__(self, handle, layer: int, stock=None, site: str = ""):
         if stock is None or type(stock).__name__ != "MochiAttnProcessor2_0":

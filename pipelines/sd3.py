@@ -51,7 +51,10 @@ def grid(model, hidden_states: torch.Tensor, inputs=None) -> TokenLayout:
 
 
 class Processor(DiffattnProcessor):
-    NO_CP = ('diffattn sd3: diffusers 0.42 has no SD3 plan and diffattn provides none (image models reach 4K on one GPU with CLEAR); run SD3 on one GPU per process')
+    NO_CP = (
+        "diffattn sd3: diffusers 0.42 has no SD3 plan and diffattn provides none (image models reach 4K on "
+        "one GPU with CLEAR); run SD3 on one GPU per process"
+    )
 
     def __init__(self, handle, layer: int, stock=None, site: str = ""):
         if stock is not None and type(stock).__name__ != "JointAttnProcessor2_0":

@@ -115,7 +115,10 @@ def call_grid(latent: TokenLayout, tokens: int) -> tuple[int, int] | None:
 
 
 class Processor(DiffattnProcessor):
-    NO_CP = ("diffattn unet: a U-Net attends at several resolutions with convolutions in between; a sequence split would need halo exchanges in every ResNet block, outside diffusers' context parallelism")
+    NO_CP = (
+        "diffattn unet: a U-Net attends at several resolutions with convolutions in between; a sequence split"
+        " would need halo exchanges in every ResNet block, outside diffusers' context parallelism"
+    )
 
     def __init__(self, handle, layer: int, stock=None, site: str = ""):
         if stock is not None and type(stock).__name__ not in STOCK_PROCESSORS:
