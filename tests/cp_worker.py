@@ -94,7 +94,17 @@ def _flux_model(seed: int = 0):
     return model, inputs
 
 
-_FAMILIES = {"wan": _wan, "hunyuan": _hunyuan, "flux": _flux_model}
+def _ltx(seed: int = 0):
+    from diffattn_testbed.tiny import ltx_inputs, tiny_ltx_transformer
+
+    inputs = ltx_inputs(frames=8, size=8, text=8)  # 512 packed tokens
+    # no prompt mask: diffusers 0.42's own cross-attention under Ulysses fails on it (its [B, heads, 1, T]
+    # mask meets heads / U local heads), which diffattn (self-attention only) does not touch
+    inputs["encoder_attention_mask"] = None
+    return tiny_ltx_transformer(seed), inputs
+
+
+_FAMILIES = {"wan": _wan, "hunyuan": _hunyuan, "flux": _flux_model, "ltx": _ltx}
 _METHODS = {
     # layer 0 dense (the stock / dense context-parallel path), layer 1 sparse
     "radial": dict(dense_steps=0, dense_layers=1, block_size=16, decay=0.5),
@@ -104,8 +114,15 @@ _METHODS = {
 }
 
 
-def _run(model, inputs):
+FORWARD_ONLY = ("ltx",)  # diffusers 0.42's Ulysses backward of LTX's stock cross-attention (q and k of
+# different lengths) raises in its reshape; diffattn's self-attention is not involved
+
+
+def _run(model, inputs, grads: bool = True):
     """Output and gradients (input, parameters) of one forward, loss = <output, fixed weights>."""
+    if not grads:
+        with torch.no_grad():
+            return model(**inputs, return_dict=False)[0], torch.zeros(1), {}
     model.zero_grad(set_to_none=True)
     x = inputs["hidden_states"].clone().requires_grad_()
     out = model(**{**inputs, "hidden_states": x}, return_dict=False)[0]  # as pipelines call it (CP hooks need a tuple)
@@ -130,17 +147,17 @@ def run_case(name: str, rank: int, world: int, out_dir: Path) -> None:
     with diffattn.apply(model, method, **options) as ref:
         sites = [row["site"] for row in ref.report()]
         with ref.capture(sites) as ref_attn:  # every call's core attention output [B, S, heads, D]
-            ref_out, ref_x, ref_params = _run(model, inputs)
+            ref_out, ref_x, ref_params = _run(model, inputs, family not in FORWARD_ONLY)
         layouts = {row["site"]: row["layout"] for row in ref.report()}
     config = ContextParallelConfig(ulysses_degree=u, ring_degree=r)
-    if family == "wan":  # diffusers' plan: enable_parallelism first, then diffattn (the documented order)
+    if family in ("wan", "ltx"):  # diffusers' plan: enable_parallelism first, then diffattn (the documented order)
         model.enable_parallelism(config=config)
         handle = diffattn.apply(model, method, **options)
     else:  # diffattn's plan (HunyuanVideo) or either order (FLUX): diffattn first
         handle = diffattn.apply(model, method, **options)
         diffattn.enable_parallelism(model, config)
     with handle.capture(sites) as attn:  # this rank's slice of each
-        out, gx, params = _run(model, inputs)
+        out, gx, params = _run(model, inputs, family not in FORWARD_ONLY)
     from diffattn.pipelines import parallel
 
     attn_diff = max(
@@ -157,12 +174,12 @@ def run_case(name: str, rank: int, world: int, out_dir: Path) -> None:
         with diffattn.apply(model, method, **options):
             again, _, _ = _run(model, inputs)
         after_remove = _diff(again, ref_out)
-    scale = max(float(g.abs().max()) for g in ref_params.values())
+    scale = max([float(g.abs().max()) for g in ref_params.values()] or [1.0])
     result = {
         "case": name, "rank": rank, "world": world,
         "out": _diff(out, ref_out), "attention": attn_diff, "after_remove": after_remove, "grad_input": _diff(gx, ref_x),
         # against the largest parameter gradient: a key bias's true gradient is 0 (softmax is shift-invariant)
-        "grad_params": max(float((params[k] - ref_params[k]).abs().max()) for k in ref_params) / scale,
+        "grad_params": max([float((params[k] - ref_params[k]).abs().max()) for k in ref_params] or [0.0]) / scale,
         "missing_grads": sorted(set(ref_params) - set(params)),
         "method_calls": sum(row["method_calls"] for row in report),
         "dense_calls": sum(row["dense_calls"] for row in report),
