@@ -135,7 +135,7 @@ class DiffattnProcessor:
             handle.record(self.site, mode="dense", layout=layout, note=dense_note)
             if perturb and attention_mask is None and kv_len is not None:
                 valid = kv_len().to(query.device)  # [B] keys valid as a prefix (padded text last)
-                attention_mask = (torch.arange(key.shape[1], device=query.device)[None, :] < valid[:, None])[:, None, None, :]
+                attention_mask = _prefix_mask(valid, key.shape[1])
             out = dispatch_attention_fn(
                 query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
                 backend=self._attention_backend, parallel_config=self._parallel_config,
@@ -221,10 +221,7 @@ class DiffattnProcessor:
         if method is not None:
             return method(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), ctx).transpose(1, 2)
         self.handle.record(self.site, mode="dense", layout=layout, note=dense_note)
-        mask = None
-        if ctx.kv_len is not None:
-            valid = ctx.kv_len.to(q.device)
-            mask = (torch.arange(k.shape[1], device=q.device)[None, :] < valid[:, None])[:, None, None, :]
+        mask = None if ctx.kv_len is None else _prefix_mask(ctx.kv_len.to(q.device), k.shape[1])
         return dispatch_attention_fn(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False, backend=self._attention_backend)
 
     def _perturb_queries(self, query, layout: TokenLayout, perturb) -> torch.Tensor:
@@ -249,6 +246,11 @@ class DiffattnProcessor:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(method={self.handle.method_name!r}, layer={self.layer})"
+
+
+def _prefix_mask(valid: torch.Tensor, keys: int) -> torch.Tensor:
+    """[B, 1, 1, keys] bool key mask of [B] valid-key counts (padded text last), for SDPA."""
+    return (torch.arange(keys, device=valid.device)[None, :] < valid[:, None])[:, None, None, :]
 
 
 def double_single_targets(model) -> dict[str, int]:
