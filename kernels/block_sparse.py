@@ -11,7 +11,12 @@ natural-log log-sum-exp per query, so partial results merge exactly (``kernels.m
 
 The backward is FlashAttention-2's: a pre-pass computes delta = rowsum(dO * O); one kernel walks,
 for every key block, the query blocks that list it (the transposed lists) and accumulates dK, dV;
-another walks each query block's key list and accumulates dQ. No atomics.
+another walks each query block's key list and accumulates dQ. No atomics: deterministic. With
+``backward="fused"`` the first kernel also adds each pair's dQ share atomically into an fp32 buffer
+and the second is skipped (fewer matmuls, but slower on the H200 with triton 3.6: kernels/NOTES.md).
+
+``precision="int8" | "fp8"``: the forward on 8-bit operands (``kernels.triton.quant``), same
+kernel, QUANT constexpr.
 
 Order follows the Triton fused-attention tutorial: helpers, inner loops, configs, kernels,
 autograd wrapper (a ``torch.library.custom_op`` with fake implementations, so torch.compile traces
@@ -34,11 +39,15 @@ try:  # triton is a Linux dependency; elsewhere the backend reports it cannot ru
     HAS_TRITON = True
     from diffattn.kernels.triton.bits import ElementBits, element_bits  # element rules as per-block bits
     from diffattn.kernels.triton.rules import _predicate  # the element-rule switch (one file per rule set)
+    from diffattn.kernels.triton import tuning  # tuned configs kept on disk per GPU
+    from diffattn.kernels.triton.quant import PRECISIONS, quantize, to_fp8  # 8-bit operands of the forward
 
     try:  # host-side TMA descriptors (Hopper and newer)
         from triton.tools.tensor_descriptor import TensorDescriptor
     except ImportError:  # pragma: no cover - older triton
         TensorDescriptor = None
+    # bulk reduce-add through a descriptor (the fused backward's dQ), where this triton has it
+    _TMA_REDUCE = hasattr(getattr(tl.core, "tensor_descriptor", None), "atomic_add")
 except ImportError:  # pragma: no cover - exercised only on machines without triton
     HAS_TRITON = False
 
@@ -65,10 +74,18 @@ def _use_tma(*tensors: torch.Tensor) -> bool:
     return True
 
 
-def can_run(q: torch.Tensor, sparsity: BlockSparsity, forced: bool = False) -> tuple[bool, str]:
-    """Whether this backend can run ``q`` with ``sparsity``, and why not."""
+def can_run(q: torch.Tensor, sparsity: BlockSparsity, forced: bool = False, precision: str | None = None) -> tuple[bool, str]:
+    """Whether this backend can run ``q`` with ``sparsity`` (at ``precision``), and why not."""
     if not HAS_TRITON:
         return False, "triton is not installed (pip install triton, Linux only)"
+    if precision is not None:
+        if precision not in PRECISIONS:
+            return False, f"precision must be None or one of {PRECISIONS}, got {precision!r}"
+        if sparsity.block_n < 32:
+            return False, f"precision={precision!r} needs key blocks of at least 32 (the 8-bit MMA sums over 32 keys), got block_n={sparsity.block_n}"
+        if q.is_cuda and torch.cuda.get_device_capability(q.device) < (8, 9):
+            name = torch.cuda.get_device_name(q.device)
+            return False, f"precision={precision!r} needs fp8 tensor cores (compute capability >= 8.9; {name} has less): use precision=None"
     if not q.is_cuda and not (_interpreting() and forced):
         return False, "tensors are on the CPU (the Triton backend needs CUDA; under TRITON_INTERPRET=1 it runs on CPU when forced with backend='triton')"
     if q.dtype not in SUPPORTED_DTYPES:
@@ -136,13 +153,25 @@ if HAS_TRITON:
             return _load_tile(base, rows, offs_d, stride_r, stride_d, n_rows, head_dim, MASK_ROWS, PAD_D)
 
     @triton.jit
+    def _load_vt(desc, base, b, h, start, rows, offs_d, stride_r, stride_d, n_rows, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 MASK_ROWS: tl.constexpr, USE_TMA: tl.constexpr):
+        """A [BLOCK, HEAD_DIM] tile of the transposed 8-bit V ([Dp, Sk'] per head, keys contiguous)."""
+        if USE_TMA:
+            return tl.trans(desc.load([b, h, 0, start]).reshape([HEAD_DIM, BLOCK]))
+        else:
+            return _load_tile(base, rows, offs_d, stride_r, stride_d, n_rows, HEAD_DIM, MASK_ROWS, False)
+
+    @triton.jit
     def _fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, h, idx_ptr, count, kv_end,
         stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, offs_m, pred_ptr, bits_base,
         BLOCK_N: tl.constexpr, SPARSE_N: tl.constexpr, MASKED: tl.constexpr, PAD_D: tl.constexpr,
         HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr, PREDICATE: tl.constexpr, RULE: tl.constexpr, W: tl.constexpr,
-        SPARSE_M: tl.constexpr,
+        SPARSE_M: tl.constexpr, ks_row, QUANT: tl.constexpr, PREROUND: tl.constexpr,
     ):
+        # QUANT (kernels.triton.quant): q, k are int8 / fp8 with k's scale per sparse key block at
+        # ks_row[kb] (q's is folded into qk_scale); v is fp8, transposed ([Dp, Sk'] per head); p
+        # and l carry a factor 448 (p fills e4m3's range)
         tl.static_assert(SPARSE_N % BLOCK_N == 0, "the kernel tile must divide the sparse block")
         SUB: tl.constexpr = SPARSE_N // BLOCK_N
         for t in range(0, count * SUB):
@@ -150,8 +179,16 @@ if HAS_TRITON:
             start = kb * SPARSE_N + (t % SUB) * BLOCK_N
             offs_n = start + tl.arange(0, BLOCK_N)
             k = _load_rows(k_desc, k_base, b, h, start, offs_n, offs_d, stride_kn, stride_kd, kv_end, head_dim, BLOCK_N, HEAD_DIM, MASKED | (RULE == 2), PAD_D, USE_TMA)
-            v = _load_rows(v_desc, v_base, b, h, start, offs_n, offs_d, stride_vn, stride_vd, kv_end, head_dim, BLOCK_N, HEAD_DIM, MASKED | (RULE == 2), PAD_D, USE_TMA)
-            qk = tl.dot(q, tl.trans(k))  # [BLOCK_M, BLOCK_N] raw scores
+            if QUANT:
+                v = _load_vt(v_desc, v_base, b, h, start, offs_n, offs_d, stride_vn, stride_vd, kv_end, BLOCK_N, HEAD_DIM, MASKED | (RULE == 2), USE_TMA)
+            else:
+                v = _load_rows(v_desc, v_base, b, h, start, offs_n, offs_d, stride_vn, stride_vd, kv_end, head_dim, BLOCK_N, HEAD_DIM, MASKED | (RULE == 2), PAD_D, USE_TMA)
+            qk = tl.dot(q, tl.trans(k))  # [BLOCK_M, BLOCK_N] raw scores (int32 from int8)
+            if QUANT:  # k's block scale joins the per-tile scale: no extra multiply per score
+                qk = qk.to(tl.float32)
+                tile_scale = qk_scale * tl.load(ks_row + kb)
+            else:
+                tile_scale = qk_scale
             # MASKED: the key bound (kv_end); RULE: the element rule (1 per score, 2 from its bits,
             # which also hold the static sequence tail, so partial blocks may skip the bound)
             if MASKED:
@@ -164,15 +201,20 @@ if HAS_TRITON:
             elif RULE == 2:
                 valid = _bit_test(bits_base + (t // SUB) * (SPARSE_M * W), tl.arange(0, SPARSE_M), (t % SUB) * BLOCK_N, BLOCK_N, W, False)
                 qk = tl.where(valid, qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)  # running max of base-2 logits
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * tile_scale)  # running max of base-2 logits
             if MASKED | (RULE != 0):  # a fully masked row keeps m = -inf: subtract 0 instead (exp2(-inf) = 0)
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             else:
                 m_safe = m_new
-            p = tl.math.exp2(qk * qk_scale - m_safe[:, None])  # one FMA per score, then exp2
             alpha = tl.math.exp2(m_i - m_safe)
+            if QUANT:  # p x 448 (e4m3's range) by a shifted max: l carries the same factor, which cancels
+                m_safe = m_safe - 8.807354922057604  # log2(448)
+            p = tl.math.exp2(qk * tile_scale - m_safe[:, None])  # one FMA per score, then exp2
             l_i = l_i * alpha + tl.sum(p, 1)
-            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])  # rescale, then accumulate in the MMA
+            if QUANT:  # p in [0, 448]
+                acc = tl.dot(to_fp8(p, PREROUND), v, acc * alpha[:, None])
+            else:
+                acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])  # rescale, then accumulate in the MMA
             m_i = m_new
         return acc, l_i, m_i
 
@@ -181,10 +223,13 @@ if HAS_TRITON:
     def _set_block_shapes(nargs):
         # host TMA descriptors take their block shape from the config being launched
         head = nargs["HEAD_DIM"]
-        for name, rows in (("K_desc", "BLOCK_N"), ("V_desc", "BLOCK_N"), ("Q_desc", "BLOCK_M"), ("dO_desc", "BLOCK_M")):
+        for name, rows in (("K_desc", "BLOCK_N"), ("V_desc", "BLOCK_N"), ("Q_desc", "BLOCK_M"), ("dO_desc", "BLOCK_M"), ("DQ_desc", "BLOCK_M")):
             desc = nargs.get(name)
             if TensorDescriptor is not None and isinstance(desc, TensorDescriptor):
-                desc.block_shape = [1, 1, nargs[rows], head]
+                if name == "V_desc" and nargs.get("QUANT"):  # the 8-bit V is transposed: [Dp, Sk'] per head
+                    desc.block_shape = [1, 1, head, nargs[rows]]
+                else:
+                    desc.block_shape = [1, 1, nargs[rows], head]
 
     def _fwd_configs():
         if _interpreting():
@@ -192,13 +237,20 @@ if HAS_TRITON:
             # (it only runs with more than one config, so there is always a ladder)
             return [triton.Config({"BLOCK_N": bn}, num_warps=4, num_stages=1) for bn in (128, 64, 32, 16)]
         # (BLOCK_N, warps, stages): measured candidates on H100/H200 for head dims 64-128
-        shapes = ((128, 8, 3), (128, 8, 4), (64, 4, 3), (64, 8, 3), (32, 4, 2))
+        shapes = ((128, 8, 3), (128, 8, 4), (64, 4, 3), (64, 8, 3), (32, 4, 2)) + _QUANT_ONLY
         return [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=st, pre_hook=_set_block_shapes) for bn, w, st in shapes]
+
+    # candidates of the 8-bit forward only (QUANT): one warpgroup per 128 query rows won there
+    # (64, 4, 3) among the bf16 candidates; these try it deeper and wider
+    _QUANT_ONLY = ((128, 4, 3), (64, 4, 4), (128, 4, 4))
 
     def _prune_fwd(configs, named_args, **kwargs):
         sparse_n = kwargs.get("SPARSE_N", named_args.get("SPARSE_N"))
         head = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
-        kept = [c for c in configs if c.kwargs["BLOCK_N"] <= sparse_n and not (head > 128 and c.kwargs["BLOCK_N"] > 64)]
+        quant = kwargs.get("QUANT", named_args.get("QUANT", 0))
+        kept = [c for c in configs if c.kwargs["BLOCK_N"] <= sparse_n and not (head > 128 and c.kwargs["BLOCK_N"] > 64)
+                and (quant or (c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) not in _QUANT_ONLY)
+                and not (quant and c.kwargs["BLOCK_N"] < 32)]  # the 8-bit P.V sums over >= 32 keys
         if _interpreting():
             kept = [max(kept, key=lambda c: c.kwargs["BLOCK_N"])]
         return kept
@@ -206,22 +258,23 @@ if HAS_TRITON:
     # -- forward kernel --------------------------------------------------------------------------
 
     @triton.autotune(
-        configs=_fwd_configs(), key=["HEAD_DIM", "SPARSE_M", "SPARSE_N", "HAS_KV_LEN", "USE_TMA", "PREDICATE", "RULE"],
+        configs=_fwd_configs(), key=["HEAD_DIM", "SPARSE_M", "SPARSE_N", "HAS_KV_LEN", "PAD_D", "USE_TMA", "PREDICATE", "RULE", "QUANT"],
         prune_configs_by={"early_config_prune": _prune_fwd},
     )
     @triton.jit
     def _fwd_kernel(
         Q, K, V, K_desc, V_desc, Out, Lse,
-        full_num, full_idx, part_num, part_idx, kv_len_ptr, pred_ptr, bits,
+        full_num, full_idx, part_num, part_idx, kv_len_ptr, pred_ptr, bits, QS, KS, VS,
         stride_qb, stride_qh, stride_qm, stride_qd,
         stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd,
         stride_ob, stride_oh, stride_om, stride_od,
         num_heads, q_len, kv_len, head_dim, qk_scale,
-        list_head_stride, num_q_blocks, full_width, part_width,
+        list_head_stride, num_q_blocks, full_width, part_width, num_k_blocks,
         HEAD_DIM: tl.constexpr, SPARSE_M: tl.constexpr, SPARSE_N: tl.constexpr,
         HAS_KV_LEN: tl.constexpr, PAD_D: tl.constexpr, USE_TMA: tl.constexpr, PREDICATE: tl.constexpr,
-        RULE: tl.constexpr, W: tl.constexpr, PART_BOUND: tl.constexpr, BLOCK_N: tl.constexpr,
+        RULE: tl.constexpr, W: tl.constexpr, PART_BOUND: tl.constexpr, QUANT: tl.constexpr, PREROUND: tl.constexpr,
+        BLOCK_N: tl.constexpr,
     ):
         qb = tl.program_id(0)
         bh = tl.program_id(1)
@@ -238,6 +291,9 @@ if HAS_TRITON:
         kv_end = kv_len
         if HAS_KV_LEN:
             kv_end = tl.minimum(tl.load(kv_len_ptr + b), kv_len)
+        ks_row = KS + bh.to(tl.int64) * num_k_blocks  # 8-bit k's block scales (unused otherwise)
+        if QUANT:
+            qk_scale = qk_scale * tl.load(QS + bh.to(tl.int64) * num_q_blocks + qb)
         row = h.to(tl.int64) * list_head_stride + qb
         n_full = tl.load(full_num + row)
         n_part = tl.load(part_num + row)
@@ -253,22 +309,25 @@ if HAS_TRITON:
                 kb = tl.load(full_list + i)
                 n_clean += ((kb + 1) * SPARSE_N <= kv_end).to(tl.int32)
             if PAD_D:
-                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, K_desc, V_desc, b, h, full_list, n_clean, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, offs_m, pred_ptr, bits, BLOCK_N, SPARSE_N, False, True, HEAD_DIM, USE_TMA, PREDICATE, 0, W, SPARSE_M)
-                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, K_desc, V_desc, b, h, full_list + n_clean, n_full - n_clean, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, offs_m, pred_ptr, bits, BLOCK_N, SPARSE_N, True, True, HEAD_DIM, USE_TMA, PREDICATE, 0, W, SPARSE_M)
+                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, K_desc, V_desc, b, h, full_list, n_clean, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, offs_m, pred_ptr, bits, BLOCK_N, SPARSE_N, False, True, HEAD_DIM, USE_TMA, PREDICATE, 0, W, SPARSE_M, ks_row, QUANT, PREROUND)
+                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, K_desc, V_desc, b, h, full_list + n_clean, n_full - n_clean, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, offs_m, pred_ptr, bits, BLOCK_N, SPARSE_N, True, True, HEAD_DIM, USE_TMA, PREDICATE, 0, W, SPARSE_M, ks_row, QUANT, PREROUND)
             else:
-                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, K_desc, V_desc, b, h, full_list, n_clean, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, offs_m, pred_ptr, bits, BLOCK_N, SPARSE_N, False, False, HEAD_DIM, USE_TMA, PREDICATE, 0, W, SPARSE_M)
-                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, K_desc, V_desc, b, h, full_list + n_clean, n_full - n_clean, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, offs_m, pred_ptr, bits, BLOCK_N, SPARSE_N, True, False, HEAD_DIM, USE_TMA, PREDICATE, 0, W, SPARSE_M)
+                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, K_desc, V_desc, b, h, full_list, n_clean, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, offs_m, pred_ptr, bits, BLOCK_N, SPARSE_N, False, False, HEAD_DIM, USE_TMA, PREDICATE, 0, W, SPARSE_M, ks_row, QUANT, PREROUND)
+                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, K_desc, V_desc, b, h, full_list + n_clean, n_full - n_clean, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, offs_m, pred_ptr, bits, BLOCK_N, SPARSE_N, True, False, HEAD_DIM, USE_TMA, PREDICATE, 0, W, SPARSE_M, ks_row, QUANT, PREROUND)
         else:
             if PAD_D:
-                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, K_desc, V_desc, b, h, full_list, n_full, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, offs_m, pred_ptr, bits, BLOCK_N, SPARSE_N, False, True, HEAD_DIM, USE_TMA, PREDICATE, 0, W, SPARSE_M)
+                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, K_desc, V_desc, b, h, full_list, n_full, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, offs_m, pred_ptr, bits, BLOCK_N, SPARSE_N, False, True, HEAD_DIM, USE_TMA, PREDICATE, 0, W, SPARSE_M, ks_row, QUANT, PREROUND)
             else:
-                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, K_desc, V_desc, b, h, full_list, n_full, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, offs_m, pred_ptr, bits, BLOCK_N, SPARSE_N, False, False, HEAD_DIM, USE_TMA, PREDICATE, 0, W, SPARSE_M)
+                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, K_desc, V_desc, b, h, full_list, n_full, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, offs_m, pred_ptr, bits, BLOCK_N, SPARSE_N, False, False, HEAD_DIM, USE_TMA, PREDICATE, 0, W, SPARSE_M, ks_row, QUANT, PREROUND)
         part_list = part_idx + row * part_width
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, K_desc, V_desc, b, h, part_list, n_part, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, offs_m, pred_ptr, bits + row * part_width * (SPARSE_M * W), BLOCK_N, SPARSE_N, PART_BOUND, True, HEAD_DIM, USE_TMA, PREDICATE, RULE, W, SPARSE_M)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, K_desc, V_desc, b, h, part_list, n_part, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, offs_m, pred_ptr, bits + row * part_width * (SPARSE_M * W), BLOCK_N, SPARSE_N, PART_BOUND, True, HEAD_DIM, USE_TMA, PREDICATE, RULE, W, SPARSE_M, ks_row, QUANT, PREROUND)
 
         empty = l_i == 0.0
         l_safe = tl.where(empty, 1.0, l_i)
         out = acc / l_safe[:, None]
+        if QUANT:  # v's channel scales (p's 448 cancelled against l's)
+            out = out * tl.load(VS + bh.to(tl.int64) * HEAD_DIM + offs_d)[None, :]
+            l_safe = l_safe * (1.0 / 448.0)  # l summed p x 448
         lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)  # natural log
         o_ptrs = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
         tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < q_len) & (offs_d[None, :] < head_dim))
@@ -299,8 +358,10 @@ if HAS_TRITON:
         pred_ptr, slot_ptr, bits_head, bits_width, key_col0,
         BLOCK_M: tl.constexpr, SPARSE_M: tl.constexpr, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr,
         PAD_D: tl.constexpr, USE_TMA: tl.constexpr, PREDICATE: tl.constexpr, RULE: tl.constexpr, W: tl.constexpr,
-        BLOCK_N: tl.constexpr,
+        BLOCK_N: tl.constexpr, dq_base, dq_desc, FUSED: tl.constexpr, TMA_REDUCE: tl.constexpr,
     ):
+        # FUSED: also add this key tile's share of dQ (dS K) into the fp32 dQ buffer, atomically
+        # (5 matmuls per block pair instead of the split passes' 7; not deterministic)
         tl.static_assert(SPARSE_M % BLOCK_M == 0, "the kernel tile must divide the sparse block")
         SUB: tl.constexpr = SPARSE_M // BLOCK_M
         for t in range(0, count * SUB):
@@ -328,6 +389,13 @@ if HAS_TRITON:
             dpT = tl.dot(v, tl.trans(do))
             dsT = pT * (dpT - delta[None, :])
             dk += tl.dot(dsT.to(q.dtype), q)
+            if FUSED:
+                dq = tl.dot(tl.trans(dsT.to(k.dtype)), k)  # [BLOCK_M, HEAD_DIM] fp32, unscaled
+                if TMA_REDUCE:  # one bulk reduce-add per tile; rows past q_len fall outside the descriptor
+                    dq_desc.atomic_add([b, h, start, 0], dq.reshape([1, 1, BLOCK_M, HEAD_DIM]))
+                else:
+                    ptrs = dq_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+                    tl.atomic_add(ptrs, dq, mask=offs_m[:, None] < q_len, sem="relaxed")
         return dk, dv
 
     def _bwd_configs(kind: str):
@@ -356,12 +424,12 @@ if HAS_TRITON:
         return kept or [triton.Config({"BLOCK_M": min(sm, 32), "BLOCK_N": min(sn, 32)}, num_warps=4, num_stages=2, pre_hook=_set_block_shapes)]
 
     @triton.autotune(
-        configs=_bwd_configs("dkdv"), key=["HEAD_DIM", "SPARSE_M", "SPARSE_N", "HAS_KV_LEN", "USE_TMA", "PREDICATE", "RULE"],
+        configs=_bwd_configs("dkdv"), key=["HEAD_DIM", "SPARSE_M", "SPARSE_N", "HAS_KV_LEN", "PAD_D", "USE_TMA", "PREDICATE", "RULE", "FUSED"],
         prune_configs_by={"early_config_prune": _prune_bwd},
     )
     @triton.jit
     def _dkdv_kernel(
-        Q, K, V, dO, Q_desc, dO_desc, Lse, Delta, dK, dV,
+        Q, K, V, dO, Q_desc, dO_desc, Lse, Delta, dK, dV, DQ, DQ_desc,
         q_full_num, q_full_idx, q_part_num, q_part_idx, kv_len_ptr, pred_ptr, bits, q_part_slot,
         stride_qb, stride_qh, stride_qm, stride_qd,
         stride_kb, stride_kh, stride_kn, stride_kd,
@@ -372,7 +440,8 @@ if HAS_TRITON:
         list_head_stride, full_width, part_width, bits_head_stride, bits_width,
         HEAD_DIM: tl.constexpr, SPARSE_M: tl.constexpr, SPARSE_N: tl.constexpr,
         HAS_KV_LEN: tl.constexpr, PAD_D: tl.constexpr, USE_TMA: tl.constexpr, PREDICATE: tl.constexpr,
-        RULE: tl.constexpr, W: tl.constexpr, PART_BOUND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        RULE: tl.constexpr, W: tl.constexpr, PART_BOUND: tl.constexpr, FUSED: tl.constexpr, TMA_REDUCE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         tile = tl.program_id(0)  # key tile of BLOCK_N rows
         bh = tl.program_id(1)
@@ -393,6 +462,7 @@ if HAS_TRITON:
         do_base = dO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
         lse_base = Lse + bh.to(tl.int64) * q_len
         delta_base = Delta + bh.to(tl.int64) * q_len
+        dq_base = DQ + bh.to(tl.int64) * q_len * HEAD_DIM  # FUSED: the fp32 dQ buffer [B, H, Sq, HEAD_DIM]
         row = h.to(tl.int64) * list_head_stride + kb
         clean = (kb + 1) * SPARSE_N <= kv_end
         bits_head = bits + h.to(tl.int64) * bits_head_stride * bits_width * (SPARSE_M * W)  # forward lists' head
@@ -401,10 +471,10 @@ if HAS_TRITON:
             n_full = tl.load(q_full_num + row)
             n_part = tl.load(q_part_num + row)
             if clean:
-                dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, Q_desc, dO_desc, b, h, lse_base, delta_base, q_full_idx + row * full_width, n_full, offs_n, offs_d, stride_qm, stride_qd, stride_dom, stride_dod, q_len, kv_end, head_dim, qk_scale, pred_ptr, q_part_slot, bits_head, bits_width, key_col0, BLOCK_M, SPARSE_M, False, HEAD_DIM, PAD_D, USE_TMA, PREDICATE, 0, W, BLOCK_N)
+                dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, Q_desc, dO_desc, b, h, lse_base, delta_base, q_full_idx + row * full_width, n_full, offs_n, offs_d, stride_qm, stride_qd, stride_dom, stride_dod, q_len, kv_end, head_dim, qk_scale, pred_ptr, q_part_slot, bits_head, bits_width, key_col0, BLOCK_M, SPARSE_M, False, HEAD_DIM, PAD_D, USE_TMA, PREDICATE, 0, W, BLOCK_N, dq_base, DQ_desc, FUSED, TMA_REDUCE)
             else:
-                dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, Q_desc, dO_desc, b, h, lse_base, delta_base, q_full_idx + row * full_width, n_full, offs_n, offs_d, stride_qm, stride_qd, stride_dom, stride_dod, q_len, kv_end, head_dim, qk_scale, pred_ptr, q_part_slot, bits_head, bits_width, key_col0, BLOCK_M, SPARSE_M, True, HEAD_DIM, PAD_D, USE_TMA, PREDICATE, 0, W, BLOCK_N)
-            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, Q_desc, dO_desc, b, h, lse_base, delta_base, q_part_idx + row * part_width, n_part, offs_n, offs_d, stride_qm, stride_qd, stride_dom, stride_dod, q_len, kv_end, head_dim, qk_scale, pred_ptr, q_part_slot + row * part_width, bits_head, bits_width, key_col0, BLOCK_M, SPARSE_M, PART_BOUND, HEAD_DIM, PAD_D, USE_TMA, PREDICATE, RULE, W, BLOCK_N)
+                dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, Q_desc, dO_desc, b, h, lse_base, delta_base, q_full_idx + row * full_width, n_full, offs_n, offs_d, stride_qm, stride_qd, stride_dom, stride_dod, q_len, kv_end, head_dim, qk_scale, pred_ptr, q_part_slot, bits_head, bits_width, key_col0, BLOCK_M, SPARSE_M, True, HEAD_DIM, PAD_D, USE_TMA, PREDICATE, 0, W, BLOCK_N, dq_base, DQ_desc, FUSED, TMA_REDUCE)
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, Q_desc, dO_desc, b, h, lse_base, delta_base, q_part_idx + row * part_width, n_part, offs_n, offs_d, stride_qm, stride_qd, stride_dom, stride_dod, q_len, kv_end, head_dim, qk_scale, pred_ptr, q_part_slot + row * part_width, bits_head, bits_width, key_col0, BLOCK_M, SPARSE_M, PART_BOUND, HEAD_DIM, PAD_D, USE_TMA, PREDICATE, RULE, W, BLOCK_N, dq_base, DQ_desc, FUSED, TMA_REDUCE)
         dk = dk * sm_scale
         out_mask = (offs_n[:, None] < kv_len) & (offs_d[None, :] < head_dim)
         dk_off = b.to(tl.int64) * stride_dkb + h.to(tl.int64) * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
@@ -444,7 +514,7 @@ if HAS_TRITON:
         return dq
 
     @triton.autotune(
-        configs=_bwd_configs("dq"), key=["HEAD_DIM", "SPARSE_M", "SPARSE_N", "HAS_KV_LEN", "USE_TMA", "PREDICATE", "RULE"],
+        configs=_bwd_configs("dq"), key=["HEAD_DIM", "SPARSE_M", "SPARSE_N", "HAS_KV_LEN", "PAD_D", "USE_TMA", "PREDICATE", "RULE"],
         prune_configs_by={"early_config_prune": _prune_bwd},
     )
     @triton.jit
@@ -529,29 +599,43 @@ def _rule_mode(predicate: int, bits, bound: bool) -> dict:
     return {"RULE": rule, "W": words, "PART_BOUND": rule != 2 or bound}
 
 
-def _forward(q, k, v, full_num, full_idx, part_num, part_idx, kv_len, pred, predicate, bits, bound, scale, sparse_m, sparse_n, tma):
+def _forward(q, k, v, full_num, full_idx, part_num, part_idx, kv_len, pred, predicate, bits, bound, scale, sparse_m, sparse_n, tma,
+             precision=None):
     b, h, sq, d = q.shape
     sk = k.shape[2]
-    use_tma = tma and _use_tma(q, k, v)
-    k_desc, v_desc = _descriptors(use_tma, _head_dim_pow2(d), k, v)
     out = torch.empty_like(q)
     lse = torch.empty(b, h, sq, device=q.device, dtype=torch.float32)
+    head = _head_dim_pow2(d)
+    shift = None
+    if precision is None:
+        use_tma = tma and _use_tma(q, k, v)
+        qs = ks = vs = full_num  # never read when QUANT is 0
+        v_strides = v.stride()
+    else:  # 8-bit operands, head dim padded with zeros in the tensors (kernels.triton.quant)
+        head = max(head, 32)  # the 8-bit MMA sums over at least 32 elements
+        q, k, v, qs, ks, vs, shift = quantize(q, k, v, precision, sparse_m, sparse_n, head, kv_len)
+        use_tma = tma and _use_tma(q, k, v)
+        v_strides = (v.stride(0), v.stride(1), v.stride(3), v.stride(2))  # V is [B, H, Dp, Sk']: (b, h, key, dim)
+    k_desc, v_desc = _descriptors(use_tma, head, k, v)
     kv_ptr = kv_len if kv_len is not None else full_num  # never read when HAS_KV_LEN is False
     grid = (-(-sq // sparse_m), b * h)
-    _fwd_kernel[grid](
-        q, k, v, k_desc, v_desc, out, lse, full_num, full_idx, part_num, part_idx, kv_ptr,
-        pred if pred is not None else full_num, bits if bits is not None else full_num,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+    tuning.launch(
+        _fwd_kernel, grid, q.device, q, k, v, k_desc, v_desc, out, lse, full_num, full_idx, part_num, part_idx, kv_ptr,
+        pred if pred is not None else full_num, bits if bits is not None else full_num, qs, ks, vs,
+        *q.stride(), *k.stride(), *v_strides, *out.stride(),
         h, sq, sk, d, scale * LOG2E,
-        _list_head_stride(full_num), full_num.shape[1], full_idx.shape[-1], part_idx.shape[-1],
-        HEAD_DIM=_head_dim_pow2(d), SPARSE_M=sparse_m, SPARSE_N=sparse_n, HAS_KV_LEN=kv_len is not None,
-        PAD_D=_head_dim_pow2(d) != d, USE_TMA=use_tma, PREDICATE=predicate, **_rule_mode(predicate, bits, bound),
+        _list_head_stride(full_num), full_num.shape[1], full_idx.shape[-1], part_idx.shape[-1], -(-sk // sparse_n),
+        HEAD_DIM=head, SPARSE_M=sparse_m, SPARSE_N=sparse_n, HAS_KV_LEN=kv_len is not None,
+        PAD_D=head != d, USE_TMA=use_tma, PREDICATE=predicate, **_rule_mode(predicate, bits, bound),
+        QUANT=0 if precision is None else PRECISIONS.index(precision) + 1, PREROUND=_interpreting(),
     )
+    if shift is not None:  # the kernel's lse is of the smoothed scores: add back q . c (x softmax scale)
+        lse = lse + shift * scale
     return out, lse
 
 
 def _backward(do, q, k, v, out, lse, lists, kv_len, pred, predicate, bits, q_part_slot, bound, scale, sparse_m, sparse_n, tma,
-              dlse=None):
+              dlse=None, fused=False):
     (full_num, full_idx, part_num, part_idx, q_full_num, q_full_idx, q_part_num, q_part_idx) = lists
     b, h, sq, d = q.shape
     sk = k.shape[2]
@@ -566,22 +650,30 @@ def _backward(do, q, k, v, out, lse, lists, kv_len, pred, predicate, bits, q_par
     has_kv = kv_len is not None
     use_tma = tma and _use_tma(q, k, v, do)
     q_desc, do_desc, k_desc, v_desc = _descriptors(use_tma, head, q, do, k, v)
+    dq32 = dq32_desc = dq  # FUSED only: the fp32 buffer dQ is added into
+    if fused:
+        dq32 = torch.zeros(b, h, sq, head, device=q.device, dtype=torch.float32)
+        dq32_desc = _descriptors(use_tma and _TMA_REDUCE, head, dq32)[0]
     pad_d = head != d
     pred_ptr = pred if pred is not None else full_num
     rule_mode = _rule_mode(predicate, bits, bound)
     bits_ptr = bits if bits is not None else full_num
     slot_ptr = q_part_slot if q_part_slot is not None else full_num
-    _dkdv_kernel[lambda meta: (-(-sk // meta["BLOCK_N"]), b * h)](
-        q, k, v, do, q_desc, do_desc, lse, delta, dk, dv, q_full_num, q_full_idx, q_part_num, q_part_idx, kv_ptr, pred_ptr,
-        bits_ptr, slot_ptr,
+    tuning.launch(
+        _dkdv_kernel, lambda meta: (-(-sk // meta["BLOCK_N"]), b * h), q.device,
+        q, k, v, do, q_desc, do_desc, lse, delta, dk, dv, dq32, dq32_desc, q_full_num, q_full_idx, q_part_num, q_part_idx,
+        kv_ptr, pred_ptr, bits_ptr, slot_ptr,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(),
         h, sq, sk, d, scale * LOG2E, scale,
         _list_head_stride(q_full_num), q_full_idx.shape[-1], q_part_idx.shape[-1],
         _list_head_stride(full_num), part_idx.shape[-1],
         HEAD_DIM=head, SPARSE_M=sparse_m, SPARSE_N=sparse_n, HAS_KV_LEN=has_kv, PAD_D=pad_d, USE_TMA=use_tma, PREDICATE=predicate,
-        **rule_mode,
+        **rule_mode, FUSED=fused, TMA_REDUCE=fused and use_tma and _TMA_REDUCE,
     )
-    _dq_kernel[lambda meta: (-(-sq // meta["BLOCK_M"]), b * h)](
+    if fused:
+        return (dq32[..., :d] * scale).to(q.dtype), dk, dv
+    tuning.launch(
+        _dq_kernel, lambda meta: (-(-sq // meta["BLOCK_M"]), b * h), q.device,
         q, k, v, do, k_desc, v_desc, lse, delta, dq, full_num, full_idx, part_num, part_idx, kv_ptr, pred_ptr, bits_ptr,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         h, sq, sk, d, scale * LOG2E, scale,
@@ -601,15 +693,33 @@ def block_sparse_fwd(
     q_full_num: torch.Tensor, q_full_idx: torch.Tensor, q_part_num: torch.Tensor, q_part_idx: torch.Tensor,
     kv_len: torch.Tensor | None, pred: torch.Tensor | None, predicate: int,
     bits: torch.Tensor | None, q_part_slot: torch.Tensor | None, bound: bool,
-    scale: float, sparse_m: int, sparse_n: int, tma: bool,
+    scale: float, sparse_m: int, sparse_n: int, tma: bool, fused_bwd: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward: (out [B, H, Sq, D], lse [B, H, Sq] fp32 natural log)."""
+    """Forward: (out [B, H, Sq, D], lse [B, H, Sq] fp32 natural log); ``fused_bwd``: which
+    backward the autograd rule runs (``block_sparse_attention``'s ``backward``)."""
     return _forward(q, k, v, full_num, full_idx, part_num, part_idx, kv_len, pred, predicate, bits, bound, scale, sparse_m, sparse_n, tma)
 
 
 @block_sparse_fwd.register_fake
 def _(q, k, v, full_num, full_idx, part_num, part_idx, q_full_num, q_full_idx, q_part_num, q_part_idx, kv_len, pred, predicate,
-      bits, q_part_slot, bound, scale, sparse_m, sparse_n, tma):
+      bits, q_part_slot, bound, scale, sparse_m, sparse_n, tma, fused_bwd=False):
+    return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("diffattn::block_sparse_fwd_8bit", mutates_args=())
+def block_sparse_fwd_8bit(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    full_num: torch.Tensor, full_idx: torch.Tensor, part_num: torch.Tensor, part_idx: torch.Tensor,
+    kv_len: torch.Tensor | None, pred: torch.Tensor | None, predicate: int,
+    bits: torch.Tensor | None, bound: bool, scale: float, sparse_m: int, sparse_n: int, tma: bool, precision: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 8-bit forward (inference only, no autograd): (out [B, H, Sq, D], lse [B, H, Sq])."""
+    return _forward(q, k, v, full_num, full_idx, part_num, part_idx, kv_len, pred, predicate, bits, bound, scale, sparse_m, sparse_n, tma,
+                    precision)
+
+
+@block_sparse_fwd_8bit.register_fake
+def _(q, k, v, *rest):
     return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
@@ -620,12 +730,13 @@ def block_sparse_bwd(
     q_full_num: torch.Tensor, q_full_idx: torch.Tensor, q_part_num: torch.Tensor, q_part_idx: torch.Tensor,
     kv_len: torch.Tensor | None, pred: torch.Tensor | None, predicate: int,
     bits: torch.Tensor | None, q_part_slot: torch.Tensor | None, bound: bool,
-    scale: float, sparse_m: int, sparse_n: int, tma: bool, dlse: torch.Tensor | None = None,
+    scale: float, sparse_m: int, sparse_n: int, tma: bool, dlse: torch.Tensor | None = None, fused: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward: (dq, dk, dv); ``dlse``: the gradient of the returned lse, or None."""
+    """Backward: (dq, dk, dv); ``dlse``: the gradient of the returned lse, or None; ``fused``: one
+    pass with dQ added atomically, else the split deterministic passes."""
     lists = (full_num, full_idx, part_num, part_idx, q_full_num, q_full_idx, q_part_num, q_part_idx)
     return _backward(do.contiguous(), q, k, v, out, lse, lists, kv_len, pred, predicate, bits, q_part_slot, bound, scale, sparse_m,
-                     sparse_n, tma, dlse)
+                     sparse_n, tma, dlse, fused)
 
 
 @block_sparse_bwd.register_fake
@@ -634,8 +745,9 @@ def _(do, q, k, v, out, lse, *rest):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, *lists, kv_len, pred, predicate, bits, q_part_slot, bound, scale, sparse_m, sparse_n, tma = inputs
+    q, k, v, *lists, kv_len, pred, predicate, bits, q_part_slot, bound, scale, sparse_m, sparse_n, tma, fused = inputs
     out, lse = output
+    ctx.fused = fused
     optional = (kv_len, pred, bits, q_part_slot)
     ctx.save_for_backward(q, k, v, out, lse, *lists, *(t for t in optional if t is not None))
     ctx.present = tuple(t is not None for t in optional)
@@ -651,9 +763,9 @@ def _backward_rule(ctx, grad_out, grad_lse):
     # the lse's gradient (partial results merged by their lse and trained through) folds into delta
     dq, dk, dv = block_sparse_bwd(
         grad_out, q, k, v, out, lse, *lists, kv_len, pred, ctx.predicate, bits, q_part_slot, ctx.bound,
-        ctx.scale, ctx.sparse_m, ctx.sparse_n, ctx.tma, grad_lse,
+        ctx.scale, ctx.sparse_m, ctx.sparse_n, ctx.tma, grad_lse, ctx.fused,
     )
-    return (dq, dk, dv) + (None,) * 18
+    return (dq, dk, dv) + (None,) * 19
 
 
 block_sparse_fwd.register_autograd(_backward_rule, setup_context=_setup_context)
@@ -664,6 +776,9 @@ block_sparse_fwd.register_autograd(_backward_rule, setup_context=_setup_context)
 # (99 % full blocks) at 59.1 ms instead of 66.2 ms, but the 3-D window (every block partial) at
 # 103.1 ms instead of 89.7 ms. So descriptions with fewer full blocks than this keep the bound.
 _BOUND_BELOW = 0.5
+
+# The backward ``backward="auto"`` runs when determinism is not asked for (RESULTS.md, kernel session).
+DEFAULT_BACKWARD = "split"
 
 # -- public function -------------------------------------------------------------------------------
 
@@ -680,6 +795,8 @@ def block_sparse_attention(
     element_mask: str = "bits",
     bits: ElementBits | None = None,
     bound_partial: bool | None = None,
+    precision: str | None = None,
+    backward: str = "auto",
 ):
     """Attention of q ``[B, H, Sq, D]`` over k, v ``[B, H, Sk, D]`` restricted to ``sparsity``.
 
@@ -694,12 +811,30 @@ def block_sparse_attention(
     bound_partial: with bits and no ``kv_len``, whether partial blocks still test keys against
             the sequence end (the bits already hold it). Same result either way; ``None`` picks the
             variant measured faster for the description (performance knob, see ``_BOUND_BELOW``).
+    precision: None (the inputs' dtype), or ``"int8"`` / ``"fp8"``: the 8-bit forward
+            (``kernels.triton.quant``; SageAttention-style int8 or fp8 Q.K^T with per-block scales
+            and K smoothing, fp8 P.V accumulated in fp32). Inference only: faster, with a few times
+            bf16's error (RESULTS.md); needs a GPU with fp8 tensor cores (compute capability >= 8.9).
+    backward: ``"fused"``: one pass per key tile computes dK, dV and adds dQ atomically into an
+            fp32 buffer (fewer matmuls; the sum order, so the last bits of dQ, vary run to run);
+            ``"split"``: a dK/dV pass and a dQ pass, deterministic; ``"auto"``: split when
+            ``torch.use_deterministic_algorithms`` is on, else ``DEFAULT_BACKWARD`` (measured).
     Returns out ``[B, H, Sq, D]`` (and lse ``[B, H, Sq]`` fp32, natural log, with return_lse).
-    Differentiable in q, k, v, through out and lse. Rows that see no key return 0 with lse -inf.
+    Differentiable in q, k, v, through out and lse (not with ``precision``). Rows that see no key
+    return 0 with lse -inf.
     """
-    ok, why = can_run(q, sparsity, forced=True)
+    ok, why = can_run(q, sparsity, forced=True, precision=precision)
     if not ok:
         raise NotImplementedError(f"block_sparse_attention cannot run: {why}")
+    if backward not in ("auto", "fused", "split"):
+        raise ValueError(f"block_sparse_attention: backward must be 'auto', 'fused' or 'split', got {backward!r}")
+    if backward == "auto":
+        backward = "split" if torch.are_deterministic_algorithms_enabled() else DEFAULT_BACKWARD
+    if precision is not None and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        raise NotImplementedError(
+            f"block_sparse_attention: precision={precision!r} is a forward-only (inference) mode and has no "
+            "backward; train with precision=None, or run inference under torch.no_grad()"
+        )
     _check_inputs(q, k, v, sparsity.heads)
     if (q.shape[2], k.shape[2]) != (sparsity.q_len, sparsity.kv_len):
         raise ValueError(
@@ -725,9 +860,15 @@ def block_sparse_attention(
         words = slot = None
     # per-batch key lengths are never in the bits: with kv_len partial blocks always bound their keys
     bound = kv_len is not None or (s.full_share < _BOUND_BELOW if bound_partial is None else bool(bound_partial))
+    if precision is not None:
+        out, lse = block_sparse_fwd_8bit(
+            q, k, v, s.full_num, s.full_idx, s.part_num, s.part_idx, kv_len, pred, predicate, words, bound, scale,
+            s.block_m, s.block_n, bool(tma), precision,
+        )
+        return (out, lse) if return_lse else out
     out, lse = block_sparse_fwd(
         q, k, v, s.full_num, s.full_idx, s.part_num, s.part_idx,
         s.q_full_num, s.q_full_idx, s.q_part_num, s.q_part_idx,
-        kv_len, pred, predicate, words, slot, bound, scale, s.block_m, s.block_n, bool(tma),
+        kv_len, pred, predicate, words, slot, bound, scale, s.block_m, s.block_n, bool(tma), backward == "fused",
     )
     return (out, lse) if return_lse else out

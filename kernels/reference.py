@@ -39,3 +39,57 @@ def attention_reference(
     lse = torch.logsumexp(scores, dim=-1)  # [B, H, Sq]
     probs = torch.exp(scores - lse[..., None])
     return torch.einsum("bhqk,bhkd->bhqd", probs, vf), lse
+
+
+def quantized_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    precision: str,
+    block_m: int,
+    block_n: int,
+    mask: torch.Tensor | None = None,
+    kv_len: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Twin of the 8-bit forward (``kernels.triton.quant``): the same quantized Q, K (per block of
+    ``block_m`` / ``block_n`` rows, K smoothed by its mean over the valid keys) and V (fp8 per
+    channel), dequantized, scores and softmax in float64, P rounded to fp8 against its row's maximum.
+    Differs from the kernel only in that the kernel rounds P against the running maximum of its
+    online softmax. Returns (out [B, H, Sq, D] fp32, lse [B, H, Sq]).
+    """
+    qmax = 127.0 if precision == "int8" else 448.0
+    sk = k.shape[-2]
+    if kv_len is None:
+        valid = torch.ones(k.shape[0], 1, sk, 1, dtype=torch.bool, device=k.device)
+    else:
+        valid = (torch.arange(sk, device=k.device)[None, :] < kv_len.to(k.device)[:, None])[:, None, :, None]
+    count = valid.sum(dim=2).clamp(min=1).double()  # [B, 1, 1]
+    center = torch.where(valid, k.double(), 0.0).sum(dim=2, keepdim=True) / count[..., None]  # [B, H, 1, D]
+
+    def blocks(x: torch.Tensor, block: int) -> torch.Tensor:  # per-block symmetric quantization, dequantized
+        s = x.shape[-2]
+        pad = -s % block
+        xb = torch.nn.functional.pad(x.float(), (0, 0, 0, pad)).unflatten(-2, (-1, block))  # [B, H, n, block, D]
+        sc = xb.abs().amax(dim=(-2, -1), keepdim=True) / qmax
+        y = xb / torch.where(sc > 0, sc, 1.0)
+        y = torch.sign(y) * torch.floor(y.abs() + 0.5) if precision == "int8" else y.to(torch.float8_e4m3fn).float()
+        return (y.double() * sc.double()).flatten(-3, -2)[..., :s, :]
+
+    qd = blocks(q, block_m)
+    kd = blocks((k.double() - center).float(), block_n)
+    vs = torch.where(valid, v.abs().float(), 0.0).amax(dim=2, keepdim=True) / 448.0  # [B, H, 1, D]
+    vd = (v.float() / torch.where(vs > 0, vs, 1.0)).to(torch.float8_e4m3fn).double() * vs.double()
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = (qd @ kd.transpose(-1, -2)) * scale  # [B, H, Sq, Sk] float64
+    allowed = valid.transpose(-1, -2)  # [B, 1, 1, Sk]
+    if mask is not None:
+        allowed = allowed & mask.to(scores.device)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    m = scores.amax(dim=-1, keepdim=True).clamp(min=-1e300)  # rows with no key: p = 0
+    p = torch.exp(scores - m)  # [B, H, Sq, Sk], row max 1
+    lse = (m + torch.log(p.sum(-1, keepdim=True))).squeeze(-1)
+    pv = (p * 448.0).float().to(torch.float8_e4m3fn).double() / 448.0  # the kernel's fp8 P (against the row max)
+    out = (pv @ vd) / p.sum(-1, keepdim=True).clamp(min=1e-300)
+    lse = lse + scale * (q.double() @ center.transpose(-1, -2)).squeeze(-1)  # the smoothing's shift, added back
+    return out.float(), lse.float()

@@ -23,29 +23,36 @@ from . import block_sparse, flex, sdpa
 BACKENDS = ("auto", "triton", "flex", "sdpa")
 
 
+def _full_precision_only(name: str, precision: str | None) -> tuple[bool, str]:
+    if precision is None:
+        return True, ""
+    return False, f"{name} runs at the inputs' precision; precision={precision!r} runs on the triton backend (CUDA, compute capability >= 8.9)"
+
+
 class TritonBackend:
     name = "triton"
 
-    def can_run(self, q, sparsity, forced=False):
-        return block_sparse.can_run(q, sparsity, forced=forced)
+    def can_run(self, q, sparsity, forced=False, precision=None):
+        return block_sparse.can_run(q, sparsity, forced=forced, precision=precision)
 
-    def run(self, q, k, v, sparsity, *, kv_len=None, cache=None, key=None, text_key_start=None):
+    def run(self, q, k, v, sparsity, *, kv_len=None, cache=None, key=None, text_key_start=None, precision=None):
         sparsity = sparsity.to(q.device)
         bits = None  # without a cache key the kernel builds them for this call
         if sparsity.rule is not None and cache is not None and key is not None:
             # the element rule's per-block bits, built once per description on the handle's cache
             bits = cache(("bits", key, str(q.device)), lambda: block_sparse.element_bits(sparsity))
-        return block_sparse.block_sparse_attention(q, k, v, sparsity, kv_len=kv_len, bits=bits)
+        return block_sparse.block_sparse_attention(q, k, v, sparsity, kv_len=kv_len, bits=bits, precision=precision)
 
 
 class FlexAttentionBackend:
     name = "flex"
 
-    def can_run(self, q, sparsity, forced=False):
-        return flex.can_run(q, sparsity, forced=forced)
+    def can_run(self, q, sparsity, forced=False, precision=None):
+        ok, why = _full_precision_only(self.name, precision)
+        return flex.can_run(q, sparsity, forced=forced) if ok else (ok, why)
 
     def run(self, q, k, v, sparsity, *, kv_len=None, cache: Callable[[Hashable, Callable[[], Any]], Any] | None = None,
-            key: Hashable = None, text_key_start=None):
+            key: Hashable = None, text_key_start=None, precision=None):
         # one compiled runner per (description key, device, padding), on the handle's cache
         key = ("flex", key if key is not None else id(sparsity), str(q.device), text_key_start)
         build = lambda: flex.FlexBackend(sparsity, q.device, text_key_start=text_key_start)  # noqa: E731
@@ -56,10 +63,11 @@ class FlexAttentionBackend:
 class SdpaBackend:
     name = "sdpa"
 
-    def can_run(self, q, sparsity, forced=False):
-        return sdpa.can_run(q, sparsity, forced=forced)
+    def can_run(self, q, sparsity, forced=False, precision=None):
+        ok, why = _full_precision_only(self.name, precision)
+        return sdpa.can_run(q, sparsity, forced=forced) if ok else (ok, why)
 
-    def run(self, q, k, v, sparsity, *, kv_len=None, cache=None, key=None, text_key_start=None):
+    def run(self, q, k, v, sparsity, *, kv_len=None, cache=None, key=None, text_key_start=None, precision=None):
         return sdpa.sdpa_block_sparse(q, k, v, sparsity.to(q.device), kv_len=kv_len)
 
 
@@ -72,14 +80,16 @@ def check_backend(backend: str) -> str:
     return backend
 
 
-def choose(backend: str, q: torch.Tensor, sparsity: BlockSparsity) -> tuple[Any, list[str]]:
+def choose(backend: str, q: torch.Tensor, sparsity: BlockSparsity, precision: str | None = None) -> tuple[Any, list[str]]:
     """(the backend to run, reasons the ones tried before it gave). Raises NotImplementedError with
-    the reason when ``backend`` is forced and cannot run, or when none can."""
+    the reason when ``backend`` is forced and cannot run, or when none can. ``precision``
+    (``"int8"`` / ``"fp8"``, the 8-bit forward) only the triton backend runs: no silent fallback to
+    full precision."""
     names = ("triton", "flex", "sdpa") if backend == "auto" else (check_backend(backend),)
     reasons = []
     for name in names:
         chosen = BACKEND_OBJECTS[name]
-        ok, why = chosen.can_run(q, sparsity, forced=backend == name)
+        ok, why = chosen.can_run(q, sparsity, forced=backend == name, precision=precision)
         if ok:
             return chosen, reasons
         if backend != "auto":

@@ -84,6 +84,108 @@ def test_triton_partial_blocks_cpu():
 
 @needs_interpreter
 @pytest.mark.cpu
+def test_triton_fused_backward_matches_reference_cpu():
+    # the fused backward (dQ added atomically); the default split passes run in every other gradient test
+    g = torch.Generator().manual_seed(5)
+    mask = _random_mask(2, 3, 3, 0.5, g)
+    sp = from_block_mask(mask, 96, block_m=32)
+    q, k, v = (torch.randn(2, 2, 96, 16, generator=g).requires_grad_(True) for _ in range(3))
+    kv_len = torch.tensor([96, 75], dtype=torch.int32)
+    out, lse = block_sparse.block_sparse_attention(q, k, v, sp, kv_len=kv_len, return_lse=True, backward="fused")
+    ref, ref_lse = attention_reference(q, k, v, expand_block_mask(mask, 96, 96, 32, 32), kv_len=kv_len)
+    do, dl = torch.randn_like(out), torch.randn(lse.shape, generator=g)
+    for a, r in zip(torch.autograd.grad((out, lse), (q, k, v), (do, dl)), torch.autograd.grad((ref, ref_lse), (q, k, v), (do, dl))):
+        torch.testing.assert_close(a, r, atol=5e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="'auto', 'fused' or 'split'"):
+        block_sparse.block_sparse_attention(q, k, v, sp, backward="atomic")
+
+
+@needs_interpreter
+@pytest.mark.cpu
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+@pytest.mark.parametrize("b,h,s,d,block,heads_in_mask,kv_pad,dtype", [
+    (2, 2, 77, 24, 32, 1, 0, torch.float32),    # tail, head dim padded to 32
+    (2, 2, 96, 40, 32, 2, 21, torch.float16),   # per-head lists, padded keys, fp16 in and out
+])
+def test_triton_8bit_matches_its_twin_cpu(precision, b, h, s, d, block, heads_in_mask, kv_pad, dtype):
+    from diffattn.kernels.reference import quantized_reference
+
+    g = torch.Generator().manual_seed(s + d)
+    nb = -(-s // block)
+    mask = _random_mask(heads_in_mask, nb, nb, 0.6, g)
+    sp = from_block_mask(mask, s, block_m=block)
+    q, k, v = (torch.randn(b, h, s, d, generator=g).add(0.5).to(dtype) for _ in range(3))  # a common offset: smoothing matters
+    kv_len = torch.tensor([s] + [s - kv_pad] * (b - 1), dtype=torch.int32) if kv_pad else None
+    tok = expand_block_mask(mask, s, s, block, block)[None]
+    out, lse = block_sparse.block_sparse_attention(q, k, v, sp, kv_len=kv_len, precision=precision, return_lse=True)
+    assert out.dtype == dtype and out.shape == q.shape
+    twin, twin_lse = quantized_reference(q, k, v, precision, block, block, tok, kv_len)
+    ref, ref_lse = attention_reference(q, k, v, tok, kv_len=kv_len)
+    rel = lambda a, r: ((a.float() - r).norm() / r.norm()).item()  # noqa: E731
+    assert rel(out, ref) <= 1.5 * rel(twin, ref) + 2e-3, (rel(out, ref), rel(twin, ref))
+    assert rel(out, twin) < 0.03
+    torch.testing.assert_close(lse, twin_lse, atol=2e-3, rtol=1e-4)  # the smoothing's shift is added back
+    torch.testing.assert_close(lse, ref_lse, atol=0.1, rtol=0)
+
+
+@needs_interpreter
+@pytest.mark.cpu
+def test_8bit_is_inference_only_and_checks_its_name():
+    sp = dense(32, block_m=32)
+    q = torch.randn(1, 1, 32, 16, requires_grad=True)
+    assert "at least 32" in block_sparse.can_run(q, dense(32, block_m=16), forced=True, precision="fp8")[1]
+    with pytest.raises(NotImplementedError, match="forward-only"):
+        block_sparse.block_sparse_attention(q, q, q, sp, precision="int8")
+    with torch.no_grad():
+        block_sparse.block_sparse_attention(q, q, q, sp, precision="int8")
+    ok, why = block_sparse.can_run(q, sp, forced=True, precision="int4")
+    assert not ok and "precision must be" in why
+    from diffattn.kernels import select
+
+    with pytest.raises(NotImplementedError, match="triton backend"):
+        select.choose("sdpa", q, sp, "fp8")
+
+
+@pytest.mark.cpu
+def test_tuned_configs_round_trip_through_the_disk_cache(tmp_path, monkeypatch):
+    import triton
+
+    from diffattn.kernels.triton import tuning
+
+    class Fn:
+        __name__ = "_fwd_kernel"
+        cache_key = "0123456789abcdef-source"
+
+    class Kernel:  # what tuning reads of a triton.autotune object
+        def __init__(self):
+            self.fn, self.cache = Fn(), {}
+            self.configs = [triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=3),
+                            triton.Config({"BLOCK_N": 128}, num_warps=8, num_stages=3)]
+
+    monkeypatch.setenv("DIFFATTN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(tuning, "_SEEN", {})
+    cpu = torch.device("cpu")
+    tuned = Kernel()
+    key = (128, 128, 64, False, False, True, 0, 0, 0, "torch.bfloat16")
+    tuned.cache[key] = tuned.configs[1]
+    tuning.save(tuned, cpu)
+    path = tuning.cache_file(tuned, cpu)
+    assert path.parent == tmp_path / "autotune" and path.exists()
+    monkeypatch.setattr(tuning, "_SEEN", {})  # a new process
+    fresh = Kernel()
+    tuning.load(fresh, cpu)
+    assert fresh.cache == {key: fresh.configs[1]} and fresh.cache[key] is fresh.configs[1]  # the live config, pre-hooks and all
+    path.write_text("{not json")  # a damaged file is tuned again, not fatal
+    monkeypatch.setattr(tuning, "_SEEN", {})
+    damaged = Kernel()
+    tuning.load(damaged, cpu)
+    assert damaged.cache == {}
+    monkeypatch.setenv("DIFFATTN_AUTOTUNE_CACHE", "0")
+    assert tuning.cache_file(tuned, cpu) is None
+
+
+@needs_interpreter
+@pytest.mark.cpu
 def test_triton_full_density_equals_dense_sdpa_cpu():
     q, k, v = (torch.randn(2, 2, 70, 32) for _ in range(3))
     out = block_sparse.block_sparse_attention(q, k, v, dense(70, block_m=16))
@@ -277,3 +379,59 @@ def test_flex_compiled_matches_reference_gpu(kind):
     do = torch.randn_like(out)
     for name, a, r32, rlp in zip("qkv", torch.autograd.grad(out, (q, k, v), do), torch.autograd.grad(ref32, (q, k, v), do.float()), torch.autograd.grad(ref_lp.to(torch.bfloat16), (q, k, v), do)):
         assert_error_ratio(a, r32, rlp, f"flex {kind} d{name}", floor=1e-3)
+
+
+@pytest.mark.gpu
+def test_fused_backward_matches_split_gpu():
+    # the atomic dQ of the fused backward vs the deterministic split passes, at a real size
+    g = torch.Generator().manual_seed(21)
+    mask = _random_mask(1, 24, 24, 0.3, g)
+    sp = from_block_mask(mask, 3000, block_m=128).to("cuda")
+    q, k, v = (torch.randn(1, 4, 3000, 128, generator=g).to("cuda", torch.bfloat16).requires_grad_(True) for _ in range(3))
+    kv_len = torch.tensor([2900], dtype=torch.int32, device="cuda")
+    do = torch.randn(1, 4, 3000, 128, generator=g).to("cuda", torch.bfloat16)
+    grads = {}
+    for mode in ("fused", "split"):
+        out = block_sparse.block_sparse_attention(q, k, v, sp, kv_len=kv_len, backward=mode)
+        grads[mode] = torch.autograd.grad(out, (q, k, v), do)
+    tok = expand_block_mask(mask, 3000, 3000, 128, 128).to("cuda")[None]
+    ref32, _ = attention_reference(q, k, v, tok, kv_len=kv_len)
+    ref_lp, _ = attention_reference(q, k, v, tok, kv_len=kv_len, compute_dtype=torch.bfloat16)
+    want32 = torch.autograd.grad(ref32, (q, k, v), do.float())
+    want_lp = torch.autograd.grad(ref_lp.to(torch.bfloat16), (q, k, v), do)
+    for mode, got in grads.items():
+        for name, a, r32, rlp in zip("qkv", got, want32, want_lp):
+            assert_error_ratio(a, r32, rlp, f"{mode} d{name}", floor=1e-3)
+    torch.use_deterministic_algorithms(True)
+    try:  # "auto" under determinism runs the split passes: bit-identical run to run
+        runs = [torch.autograd.grad(block_sparse.block_sparse_attention(q, k, v, sp, kv_len=kv_len), (q,), do)[0] for _ in range(2)]
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], grads["split"][0])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+@pytest.mark.parametrize("d,kv_pad", [(128, 0), (64, 300), (80, 0)])
+def test_triton_8bit_matches_its_twin_gpu(precision, d, kv_pad):
+    from diffattn.kernels.reference import quantized_reference
+
+    g = torch.Generator().manual_seed(d + kv_pad)
+    s = 2500
+    mask = _random_mask(1, 20, 40, 0.4, g)
+    sp = from_block_mask(mask, s, block_m=128, block_n=64).to("cuda")
+    # attention with structure: keys share a direction and queries lean on it (smoothing matters)
+    q, k, v = (torch.randn(1, 2, s, d, generator=g) for _ in range(3))
+    k = k + 2.0 * torch.randn(1, 2, 1, d, generator=g)
+    q, k, v = (t.to("cuda", torch.bfloat16) for t in (q, k, v))
+    kv_len = torch.tensor([s - kv_pad], dtype=torch.int32, device="cuda") if kv_pad else None
+    out, lse = block_sparse.block_sparse_attention(q, k, v, sp, kv_len=kv_len, precision=precision, return_lse=True)
+    tok = expand_block_mask(mask, s, s, 128, 64).to("cuda")[None]
+    twin, twin_lse = quantized_reference(q, k, v, precision, 128, 64, tok, kv_len)
+    ref32, _ = attention_reference(q, k, v, tok, kv_len=kv_len)
+    bf16 = block_sparse.block_sparse_attention(q, k, v, sp, kv_len=kv_len)
+    rel = lambda a, r: ((a.float() - r.float()).norm() / r.float().norm()).item()  # noqa: E731
+    assert rel(out, ref32) <= 1.5 * rel(twin, ref32) + 2e-3, (rel(out, ref32), rel(twin, ref32))
+    assert rel(out, twin) < 0.03
+    torch.testing.assert_close(lse, twin_lse, atol=5e-3, rtol=1e-4)
+    print(f"{precision} d={d}: rel err {rel(out, ref32):.4f}, bf16 {rel(bf16, ref32):.4f}, twin {rel(twin, ref32):.4f}")

@@ -228,6 +228,28 @@ class MethodTester:
         torch.testing.assert_close(out, want, atol=2e-5, rtol=1e-5)
         assert len(cache) >= 1  # the description came from the handle's cache
 
+    @needs_interpreter
+    def test_8bit_path_is_close_and_only_on_triton(self):
+        # the precision knob reaches the kernel (the output moves, by about the 8-bit error) and no
+        # other backend takes it
+        layout, options = self.cases[0]
+        s = layout.seq_len
+        g = torch.Generator().manual_seed(77)
+        q, k, v = (torch.randn(1, 1, s, 32, generator=g) for _ in range(3))
+        want = self.build(options, "triton")(q, k, v, make_context(layout)[0])
+        for precision in ("int8", "fp8"):
+            method = METHODS[self.method].from_options(self.family, backend="triton", precision=precision,
+                                                       **{"dense_steps": 0, "dense_layers": 0, **options})
+            assert f"precision={precision!r}" in repr(method)
+            with torch.no_grad():
+                out = method(q, k, v, make_context(layout)[0])
+            rel = ((out - want).norm() / want.norm()).item()
+            assert 0 < rel < 0.06, f"{self.method} precision={precision}: relative error {rel:.4f} against fp32"
+            with pytest.raises(NotImplementedError, match="triton backend"):
+                METHODS[self.method].from_options(self.family, backend="sdpa", precision=precision, **options)(q, k, v, make_context(layout)[0])
+        with pytest.raises(ValueError, match="precision must be one of"):
+            METHODS[self.method].from_options(self.family, precision="int4", **options)
+
     def test_full_pattern_equals_dense_attention(self):
         for layout, options in self.full_cases:
             method = self.build(options, "sdpa")
@@ -289,6 +311,31 @@ class BackendTester:
                 g = torch.randn_like(out)
                 for a, r in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(want, (q, k, v), g)):
                     torch.testing.assert_close(a, r, atol=5e-5, rtol=1e-5, msg=f"{name} ({mode}, kv_len={padded}, bound={bound})")
+
+    @needs_interpreter
+    def test_triton_8bit_close_to_its_twin(self):
+        # the 8-bit forward on every element rule: as close to the fp32 reference as its twin
+        # (kernels.reference.quantized_reference) is, which differs only in where P is rounded
+        from diffattn.kernels import block_sparse
+        from diffattn.kernels.reference import quantized_reference
+
+        ran = 0
+        for i, (name, desc, tok) in enumerate(self.cases()):
+            q, k, v = self._inputs(desc, i)
+            kv_len = self._kv_len(desc)
+            if desc.block_n < 32:  # the 8-bit MMA sums over >= 32 keys: refused with the reason
+                with pytest.raises(NotImplementedError, match="at least 32"):
+                    block_sparse.block_sparse_attention(q, k, v, desc, precision="int8")
+                continue
+            ran += desc.rule is not None
+            want, want_lse = attention_reference(q, k, v, tok, kv_len=kv_len)
+            for precision in (("int8", "fp8")[ran % 2],):  # the cases take turns (CI time); both run at every size in test_kernels
+                out, lse = block_sparse.block_sparse_attention(q, k, v, desc, kv_len=kv_len, precision=precision, return_lse=True)
+                twin, twin_lse = quantized_reference(q, k, v, precision, desc.block_m, desc.block_n, tok, kv_len)
+                err, twin_err = ((out - want).norm() / want.norm()).item(), ((twin - want).norm() / want.norm()).item()
+                assert err <= 1.5 * twin_err + 1e-3 and ((out - twin).norm() / twin.norm()).item() < 0.03, f"{name} {precision}: {err=:.4f} {twin_err=:.4f}"
+                torch.testing.assert_close(lse, twin_lse, atol=1e-3, rtol=1e-4, msg=f"{name} {precision} lse")
+        assert ran, "declare a case with key blocks of 32 or more and an element rule"
 
     @needs_interpreter
     def test_bits_equal_the_rule(self):

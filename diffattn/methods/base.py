@@ -20,6 +20,8 @@ from diffattn.core.options import resolve
 from diffattn.kernels import select
 from diffattn.patterns.blocks import BlockSparsity
 
+PRECISIONS = (None, "int8", "fp8")  # the kernels' 8-bit forward modes (kernels.triton.quant), None = model dtype
+
 
 class BlockSparseMethod:
     """Base of block-sparse methods: subclasses set the class attributes and ``describe``."""
@@ -28,11 +30,17 @@ class BlockSparseMethod:
     Config: ClassVar[type]
     FAMILIES: ClassVar[tuple[str, ...]]
     FAMILY_DEFAULTS: ClassVar[dict[str, dict[str, Any]]] = {}
-    KNOBS: ClassVar[tuple[str, ...]] = ("backend",)
+    KNOBS: ClassVar[tuple[str, ...]] = ("backend", "precision")
 
-    def __init__(self, config, *, backend: str = "auto"):
+    def __init__(self, config, *, backend: str = "auto", precision: str | None = None):
+        """backend: ``kernels.select``'s name. precision: None (the model's dtype), or ``"int8"`` /
+        ``"fp8"``: the 8-bit forward on the triton backend (inference only; about bf16's quality at
+        a fraction of its time on fp8-capable GPUs, RESULTS.md; no other backend runs it)."""
         self.config = config
         self.backend = select.check_backend(backend)
+        if precision not in PRECISIONS:
+            raise ValueError(f"{self.name}: precision must be one of {PRECISIONS}, got precision={precision!r}")
+        self.precision = precision
 
     @classmethod
     def from_options(cls, family: str, *, declared: dict | None = None, owners: dict | None = None, **options):
@@ -141,17 +149,19 @@ class BlockSparseMethod:
         rows = q.shape[-2]
         if extra is not None:
             q, k, v = (torch.cat([t, x.to(t.dtype)], dim=-2) for t, x in zip((q, k, v), extra))  # [B, H, S' + P, D]
-        backend, reasons = select.choose(self.backend, q, sparsity)
+        backend, reasons = select.choose(self.backend, q, sparsity, self.precision)
         note = None
         if reasons:
             note = f"diffattn {self.name}: using backend {backend.name!r} ({'; '.join(reasons)})"
             ctx.note(note)
         ctx.record(ctx.site, mode="method", layout=layout, backend=backend.name, density=density, note=note)
         out = backend.run(q, k, v, sparsity, kv_len=kv_len, cache=ctx.cache, key=key,
-                          text_key_start=self.text_key_start(layout) if kv_len is not None else None)
+                          text_key_start=self.text_key_start(layout) if kv_len is not None else None,
+                          precision=self.precision)
         if extra is not None:
             out = out[..., :rows, :]
         return out if order is None else out.index_select(-2, order[1])  # [B, H, S, D] in model order
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.config}, backend={self.backend!r})"
+        precision = f", precision={self.precision!r}" if self.precision is not None else ""
+        return f"{type(self).__name__}({self.config}, backend={self.backend!r}{precision})"

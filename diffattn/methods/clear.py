@@ -63,9 +63,9 @@ class Clear(BlockSparseMethod):
     Config = ClearConfig
     FAMILIES = IMAGE_FAMILIES
     FAMILY_DEFAULTS = {family: dict(dense_steps=0, dense_layers=0) for family in IMAGE_FAMILIES}
-    KNOBS = ("backend", "block_m", "block_n", "reorder", "tile")
+    KNOBS = ("backend", "precision", "block_m", "block_n", "reorder", "tile")
 
-    def __init__(self, config: ClearConfig, *, backend: str = "auto", block_m: int = 128, block_n: int = 64,
+    def __init__(self, config: ClearConfig, *, backend: str = "auto", precision: str | None = None, block_m: int = 128, block_n: int = 64,
                  reorder: bool = True, tile: tuple[int, int, int] | None = None):
         """Performance knobs (the pattern is exact with any of them):
 
@@ -74,7 +74,7 @@ class Clear(BlockSparseMethod):
         tile:    the tile (1, ty, tx) with reorder (default: 8 x 16 or the shape with least padding).
         block_m / block_n: block edges without reorder.
         """
-        super().__init__(config, backend=backend)
+        super().__init__(config, backend=backend, precision=precision)
         for name, value in (("block_m", block_m), ("block_n", block_n)):
             if value not in (16, 32, 64, 128):
                 raise ValueError(f"clear {name} must be one of 16, 32, 64, 128, got {name}={value!r}")

@@ -147,9 +147,9 @@ class NeighborhoodAttention(BlockSparseMethod):
         "wan2.2": dict(dense_steps=11, dense_layers=1),
         "hunyuan_video": dict(dense_steps=12, dense_layers=0),
     }
-    KNOBS = ("backend", "block_m", "block_n", "reorder", "tile")
+    KNOBS = ("backend", "precision", "block_m", "block_n", "reorder", "tile")
 
-    def __init__(self, config: NeighborhoodConfig, *, backend: str = "auto", block_m: int = 128, block_n: int = 64,
+    def __init__(self, config: NeighborhoodConfig, *, backend: str = "auto", precision: str | None = None, block_m: int = 128, block_n: int = 64,
                  reorder: bool = False, tile: tuple[int, int, int] | None = None, family: str = "wan2.1"):
         """Performance knobs (the pattern is exact with any of them):
 
@@ -162,7 +162,7 @@ class NeighborhoodAttention(BlockSparseMethod):
         block_m / block_n: block edges without reorder (with reorder a block is one tile); 128 x 64
                  measured best for the row-major description (Wan-14B temporal window: 1.71x e2e).
         """
-        super().__init__(config, backend=backend)
+        super().__init__(config, backend=backend, precision=precision)
         for name, value in (("block_m", block_m), ("block_n", block_n)):
             if value not in (16, 32, 64, 128):
                 raise ValueError(f"neighborhood {name} must be one of 16, 32, 64, 128, got {name}={value!r}")
