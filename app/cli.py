@@ -66,6 +66,7 @@ class GenerateConfig:
     backend: str
     fps: int
     warmup: bool = False  # an untimed 1-step call of each before the timed runs (default on CUDA)
+    precision: str | None = None  # the method's 8-bit forward ("int8", "fp8"), or the model's dtype
     lora: str | None = None
     lora_scale: float = 1.0
     guide: str | None = None  # a guidance method (diffattn.guidance_methods())
@@ -263,6 +264,9 @@ def _parse(argv) -> GenerateConfig:
                      help="cuda or cpu (default: cuda if this machine has one)")
     gen.add_argument("--backend", default="auto", choices=["auto", "triton", "flex", "sdpa"],
                      help="attention backend of the method (auto: the fastest that can run each call)")
+    gen.add_argument("--precision", default=None, choices=["int8", "fp8"],
+                     help="the method's 8-bit attention forward on the triton backend (CUDA, compute capability >= 8.9; "
+                          "default: the model's dtype)")
     gen.add_argument("--fps", type=int, default=16, help="frame rate of the written clips")
     gen.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=None,
                      help="run 1 untimed step dense and with the method first, so the times leave out kernel compilation "
@@ -441,6 +445,11 @@ def _precheck(cfg: GenerateConfig) -> None:
         kernels = [m for m in METHODS if _takes_backend(m)]
         raise SystemExit(f"diffattn: --backend picks the attention kernel of {kernels}; {cfg.method} has none to pick "
                          "(leave --backend out)")
+    if cfg.precision is not None and not _takes_knob(cfg.method, "precision"):
+        from diffattn.methods import METHODS
+
+        kernels = [m for m in METHODS if _takes_knob(m, "precision")]
+        raise SystemExit(f"diffattn: --precision sets the 8-bit kernel of {kernels}; {cfg.method} has none (leave --precision out)")
     if cfg.method == "dense" and cfg.guide is not None:
         raise SystemExit("diffattn: this LoRA was trained with dense attention; --guide needs a diffattn method run "
                          "(leave --guide out, or train the LoRA with a method)")
@@ -484,10 +493,14 @@ def _precheck(cfg: GenerateConfig) -> None:
             _size_guard(method.config, cfg, 128)  # the testbed U-Net's training size
 
 
-def _takes_backend(method: str) -> bool:
+def _takes_knob(method: str, knob: str) -> bool:
     from diffattn.methods import METHODS
 
-    return method in METHODS and "backend" in getattr(METHODS[method], "KNOBS", ())
+    return method in METHODS and knob in getattr(METHODS[method], "KNOBS", ())
+
+
+def _takes_backend(method: str) -> bool:
+    return _takes_knob(method, "backend")
 
 
 def _apply(pipe, cfg: GenerateConfig, **overrides):
@@ -495,6 +508,8 @@ def _apply(pipe, cfg: GenerateConfig, **overrides):
     extra = {**cfg.options, **overrides}
     if _takes_backend(cfg.method):
         extra["backend"] = cfg.backend
+    if cfg.precision is not None:
+        extra["precision"] = cfg.precision
     if cfg.lora:
         extra.update(lora=cfg.lora, lora_scale=cfg.lora_scale)
     return run_tools.apply(pipe, cfg.method, extra, cfg.guide, cfg.guide_options)

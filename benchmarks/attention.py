@@ -15,6 +15,11 @@ model (row-major) order with 128 x 64 blocks, the method's default; ``nb-...-til
 tile order (one block per 128-token tile), timed with the gather of q, k, v and the scatter of the
 output. ``--block-n 128`` describes the row-major windows with 128 x 128 blocks instead.
 
+``--precision int8 fp8`` adds the 8-bit forward of our kernel (forward only: it is an inference
+mode) and prints every kernel's relative error against an fp32 reference on 512 query rows of 4
+heads (block-level patterns). ``--compare-backward`` adds our kernel with the split deterministic
+backward next to the default fused one.
+
 Element rules run from per-block bits (the kernel's default; built once per description, their
 build time and memory printed); ``--compare-rule`` also times the in-kernel per-score predicate.
 
@@ -131,8 +136,22 @@ def sparse_patterns(shape: Shape, names, block_n: int = 64) -> dict:
     return out
 
 
+def errors_vs_fp32(q, k, v, sp, outs: dict, rows: int = 512, heads: int = 4) -> dict:
+    """{name: ||out - ref|| / ||ref||} on ``rows`` random query rows of the first ``heads`` heads,
+    ref in fp32 with the description's block mask (block-level descriptions only)."""
+    g = torch.Generator(device="cuda").manual_seed(1)
+    idx = torch.randperm(q.shape[2], device="cuda", generator=g)[:rows]
+    hs = slice(0, heads)
+    qf, kf, vf = q[0, hs, idx].float(), k[0, hs].float(), v[0, hs].float()  # [h, r, D], [h, S, D]
+    blocks = sp.mask.to("cuda")  # [Hm, nq, nk]
+    allowed = blocks[:, idx // sp.block_m].repeat_interleave(sp.block_n, dim=-1)[..., : k.shape[2]]  # [Hm, r, S]
+    scores = (qf @ kf.transpose(-1, -2)) / q.shape[-1] ** 0.5
+    ref = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1) @ vf  # [h, r, D]
+    return {name: ((out[0, hs, idx].float() - ref).norm() / ref.norm()).item() for name, out in outs.items()}
+
+
 def run_shape(key: str, backward: bool, flex_sparse: bool = True, compare_tma: bool = False, patterns=("radial",),
-              compare_rule: bool = False, block_n: int = 64) -> list[Row]:
+              compare_rule: bool = False, block_n: int = 64, precisions=(), compare_backward: bool = False) -> list[Row]:
     shape = SHAPES[key]
     backward = backward and shape.backward
     s, h, d = shape.seq, shape.heads, shape.head_dim
@@ -145,6 +164,7 @@ def run_shape(key: str, backward: bool, flex_sparse: bool = True, compare_tma: b
         sparse = {"dense": (dense_blocks(s, block_m=128).to("cuda"), None)}
 
     kernels = {}
+    fwd_only = set()
 
     def cudnn(q, k, v):
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
@@ -184,6 +204,11 @@ def run_shape(key: str, backward: bool, flex_sparse: bool = True, compare_tma: b
             torch.cuda.synchronize()
             print(f"  {label}: element bits built in {1e3 * (time.perf_counter() - t0):.1f} ms, {bits.nbytes / 2**20:.1f} MiB", flush=True)
         kernels[f"diffattn Triton ({label})"] = (ordered((lambda d, b: lambda q, k, v: block_sparse_attention(q, k, v, d, bits=b))(sp, bits), order), dens)
+        if compare_backward:
+            kernels[f"diffattn Triton split bwd ({label})"] = (ordered((lambda d, b: lambda q, k, v: block_sparse_attention(q, k, v, d, bits=b, backward="split"))(sp, bits), order), dens)
+        for prec in precisions:  # forward only (an inference mode)
+            kernels[f"diffattn Triton {prec} ({label})"] = (ordered((lambda d, b, p: lambda q, k, v: block_sparse_attention(q, k, v, d, bits=b, precision=p))(sp, bits, prec), order), dens)
+            fwd_only.add(f"diffattn Triton {prec} ({label})")
         if compare_rule and sp.rule is not None:
             kernels[f"diffattn Triton per-score rule ({label})"] = (ordered((lambda d: lambda q, k, v: block_sparse_attention(q, k, v, d, element_mask="rule"))(sp), order), dens)
         if compare_tma:
@@ -202,12 +227,26 @@ def run_shape(key: str, backward: bool, flex_sparse: bool = True, compare_tma: b
     times = {}
     for name, (fn, dens) in kernels.items():
         try:
-            times[name] = (_time_pair(fn, q, k, v, backward), dens)
+            times[name] = (_time_pair(fn, q, k, v, backward and name not in fwd_only), dens)
         except Exception as exc:  # report and go on: one failing baseline must not hide the rest
             print(f"  {name}: failed: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
             continue
         (f, b), _ = times[name]
         print(f"  {name}: fwd {f:.2f} ms" + (f", bwd {b:.2f} ms" if b is not None else ""), flush=True)
+
+    if precisions:  # accuracy of our kernel at each precision, same inputs
+        for label, (sp, order) in sparse.items():
+            if sp.rule is not None or order is not None or label == "dense":
+                continue
+            with torch.no_grad():
+                outs = {name: kernels[name][0](q, k, v) for name in kernels if name.startswith("diffattn Triton") and f"({label})" in name
+                        and "split" not in name and "rule" not in name}
+            errs = errors_vs_fp32(q, k, v, sp, outs)
+            base = errs.get(f"diffattn Triton ({label})")
+            for name, err in errs.items():
+                ratio = f" ({err / base:.2f}x bf16's)" if base else ""
+                print(f"  error vs fp32, {name}: {err:.3e}{ratio}", flush=True)
+            del outs
 
     dense_names = [n for n, (_, dn) in kernels.items() if dn == 1.0 and "diffattn" not in n and n in times]
     best_fwd = min(times[n][0][0] for n in dense_names)
@@ -252,6 +291,8 @@ def main(argv=None) -> None:
     parser.add_argument("--patterns", nargs="*", default=["radial"], choices=PATTERNS)
     parser.add_argument("--compare-rule", action="store_true", help="also time element rules evaluated per score in the kernel")
     parser.add_argument("--block-n", type=int, default=64, choices=(64, 128), help="key block of the row-major windows")
+    parser.add_argument("--precision", nargs="*", default=[], choices=["int8", "fp8"], help="also time the 8-bit forward")
+    parser.add_argument("--compare-backward", action="store_true", help="also time the split deterministic backward")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("benchmarks/attention.py needs a CUDA GPU")
@@ -262,7 +303,8 @@ def main(argv=None) -> None:
     for key in args.shapes:
         print(f"{SHAPES[key].name}: S={SHAPES[key].seq}", flush=True)
         rows += run_shape(key, not args.no_backward, flex_sparse=not args.no_flex_sparse, compare_tma=args.compare_tma,
-                          patterns=args.patterns, compare_rule=args.compare_rule, block_n=args.block_n)
+                          patterns=args.patterns, compare_rule=args.compare_rule, block_n=args.block_n,
+                          precisions=args.precision, compare_backward=args.compare_backward)
         if args.json:
             with open(args.json, "w") as fh:
                 json.dump([asdict(r) for r in rows], fh, indent=1)

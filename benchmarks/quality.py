@@ -8,6 +8,7 @@
     python benchmarks/quality.py --kinds image-dit --sizes 128,256,512 --methods "clear,clear:lora='runs/clear'"
     python benchmarks/quality.py --kinds image-unet --sizes 128,256,512 --methods "hidiffusion,msw-msa,rau-net,tome,agent+tome"
     python benchmarks/quality.py --kinds video --methods "pag,soft-pag:u=0.5,stg,seg,radial:guidance='soft-pag'"
+    python benchmarks/quality.py --kinds video --methods "radial,radial:precision='int8'" --versus radial
 
 For each testbed pipeline (``diffattn_testbed.load_pipeline``) and each method (dense first, then
 every method in ``diffattn.methods()``, or the comma-separated ``--methods`` (guidance names too:
@@ -54,6 +55,7 @@ class QualityConfig:
     methods: str = ""       # comma-separated methods after dense (default: every method in diffattn.methods())
     sizes: str = ""         # image kinds: comma-separated square sizes (default: the trained size); dense runs at each
     cfg: float = 0.0        # CFG scale of every run (guidance_scale; FLUX: true_cfg_scale); 0: the pipeline's default, 1: CFG off
+    versus: str = ""        # one of --methods: every other method's PSNR / SSIM against its samples too (psnr_vs_db)
 
 
 def _generate(pipe, kind: str, prompts: list[str], seeds: list[int], batch: int, device: str, **call):
@@ -119,7 +121,7 @@ def evaluate(kind: str, cfg: QualityConfig) -> list[dict]:
 
 def _evaluate_size(pipe, kind, judge, prompts, seeds, cfg: QualityConfig, call: dict, size) -> list[dict]:
     _generate(pipe, kind, prompts[: min(2, len(prompts))], seeds[:2], cfg.batch, cfg.device, **call)  # warm-up
-    rows, dense = [], None
+    rows, dense, kept = [], None, {}
     for method in ["dense", *_methods(cfg)]:
         row = {"kind": kind, "method": method, "pipeline": type(pipe).__mro__[2].__name__, "prompts": cfg.prompts}
         if cfg.cfg:
@@ -158,13 +160,25 @@ def _evaluate_size(pipe, kind, judge, prompts, seeds, cfg: QualityConfig, call: 
         else:
             row["psnr_db"] = round(psnr(samples, dense), 2)
             row["ssim"] = round(ssim(samples, dense), 4)
+        if cfg.versus:
+            kept[method] = samples
         rows.append(row)
         print(json.dumps(row), flush=True)
+    if cfg.versus:  # e.g. the 8-bit forward against the same method in bf16
+        if cfg.versus not in kept:
+            raise SystemExit(f"quality: --versus {cfg.versus!r} is not one of the methods run ({list(kept)})")
+        for row in rows:
+            if row["method"] in kept and row["method"] not in (cfg.versus, "dense"):
+                row["psnr_vs_db"] = round(psnr(kept[row["method"]], kept[cfg.versus]), 2)
+                row["ssim_vs"] = round(ssim(kept[row["method"]], kept[cfg.versus]), 4)
+                print(json.dumps({"method": row["method"], "versus": cfg.versus, "psnr_vs_db": row["psnr_vs_db"], "ssim_vs": row["ssim_vs"]}), flush=True)
     return rows
 
 
 def table(rows: list[dict]) -> str:
     cols = ["kind", "size", "cfg", "method", "judge_color", "judge_shape", "judge_motion", "judge_count", "psnr_db", "ssim", "density", "s_per_sample", "note"]
+    if any("psnr_vs_db" in r for r in rows):
+        cols[cols.index("ssim") + 1:cols.index("ssim") + 1] = ["psnr_vs_db", "ssim_vs"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         lines.append("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
