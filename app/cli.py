@@ -450,6 +450,9 @@ def _precheck(cfg: GenerateConfig) -> None:
 
         kernels = [m for m in METHODS if _takes_knob(m, "precision")]
         raise SystemExit(f"diffattn: --precision sets the 8-bit kernel of {kernels}; {cfg.method} has none (leave --precision out)")
+    if cfg.precision is not None and not cfg.device.startswith("cuda"):
+        raise SystemExit("diffattn: --precision runs the 8-bit Triton kernel on a CUDA GPU (compute capability >= 8.9); "
+                         "on the CPU leave it out")
     if cfg.method == "dense" and cfg.guide is not None:
         raise SystemExit("diffattn: this LoRA was trained with dense attention; --guide needs a diffattn method run "
                          "(leave --guide out, or train the LoRA with a method)")

@@ -152,6 +152,8 @@ def test_help_is_per_method(capsys):
         (["--pipeline", "image-unet", "--method", "rau-net", "--height", "128", "--width", "128"],
          "runs only from 1.5x the size the U-Net was trained at \\(128 px\\).*>= 192 or lower --min-scale"),
         (["--pipeline", "image-unet", "--method", "tome", "--backend", "triton"], "--backend picks the attention kernel of"),
+        (["--pipeline", "image-unet", "--method", "tome", "--precision", "int8"], "--precision sets the 8-bit kernel of"),
+        (["--precision", "fp8", "--device", "cpu"], "--precision runs the 8-bit Triton kernel on a CUDA GPU"),
         (["--guide", "soft-pag", "--guide-u", "2"], "u must be in"),
         (["--method", "headhunter", "--guide-heads", "1-0"], "--guide-heads takes LAYER:HEAD pairs"),
         (["--method", "headhunter"], "pass heads="),
