@@ -11,8 +11,8 @@ export PYTHONUNBUFFERED=1
 python3 -c "import torch, triton, diffusers; print('torch', torch.__version__, 'triton', triton.__version__, 'diffusers', diffusers.__version__, torch.cuda.get_device_name())"
 part=${1:-all}
 if [[ $part == all || $part == tests ]]; then
-  python3 -c "from diffattn.kernels import block_sparse as b; print('bulk reduce-add through descriptors:', b._TMA_REDUCE)"
-  python3 -P -m pytest -q -m gpu tests/test_kernels.py -p no:cacheprovider -s -k "8bit or fused" 2>&1 | tee "$OUT/gpu_tests.log"
+  python3 -P -c "from diffattn.kernels import block_sparse as b; print('bulk reduce-add through descriptors:', b._TMA_REDUCE)"
+  python3 -P -m pytest -q -m gpu tests/test_kernels.py -p no:cacheprovider -s -k "${TESTS:-8bit or fused}" 2>&1 | tee "$OUT/gpu_tests.log"
 fi
 if [[ $part == all || $part == wan ]]; then
   python3 benchmarks/attention.py --shapes wan14b --precision int8 fp8 --compare-backward --json "$OUT/attention_wan14b.json" 2>&1 | tee "$OUT/attention_wan.log"
