@@ -266,7 +266,7 @@ def _parse(argv) -> GenerateConfig:
                      help="attention backend of the method (auto: the fastest that can run each call)")
     gen.add_argument("--precision", default=None, choices=["int8", "fp8"],
                      help="the method's 8-bit attention forward on the triton backend (CUDA, compute capability >= 8.9; "
-                          "default: the model's dtype)")
+                          "the method's dense steps and layers stay at the model's dtype; default: the model's dtype)")
     gen.add_argument("--fps", type=int, default=16, help="frame rate of the written clips")
     gen.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=None,
                      help="run 1 untimed step dense and with the method first, so the times leave out kernel compilation "
@@ -450,6 +450,8 @@ def _precheck(cfg: GenerateConfig) -> None:
 
         kernels = [m for m in METHODS if _takes_knob(m, "precision")]
         raise SystemExit(f"diffattn: --precision sets the 8-bit kernel of {kernels}; {cfg.method} has none (leave --precision out)")
+    if cfg.precision is not None and cfg.backend not in ("auto", "triton"):
+        raise SystemExit(f"diffattn: --precision runs on the triton backend only; leave --backend {cfg.backend} or --precision out")
     if cfg.precision is not None and not cfg.device.startswith("cuda"):
         raise SystemExit("diffattn: --precision runs the 8-bit Triton kernel on a CUDA GPU (compute capability >= 8.9); "
                          "on the CPU leave it out")

@@ -82,7 +82,8 @@ def can_run(q: torch.Tensor, sparsity: BlockSparsity, forced: bool = False, prec
         if precision not in PRECISIONS:
             return False, f"precision must be None or one of {PRECISIONS}, got {precision!r}"
         if sparsity.block_n < 32:
-            return False, f"precision={precision!r} needs key blocks of at least 32 (the 8-bit MMA sums over 32 keys), got block_n={sparsity.block_n}"
+            return False, (f"precision={precision!r} needs key blocks of at least 32 (the 8-bit MMA sums over 32 keys), got "
+                           f"block_n={sparsity.block_n}: use block_n >= 32 or precision=None")
         if q.is_cuda and torch.cuda.get_device_capability(q.device) < (8, 9):
             name = torch.cuda.get_device_name(q.device)
             return False, f"precision={precision!r} needs fp8 tensor cores (compute capability >= 8.9; {name} has less): use precision=None"
@@ -426,6 +427,7 @@ if HAS_TRITON:
     @triton.autotune(
         configs=_bwd_configs("dkdv"), key=["HEAD_DIM", "SPARSE_M", "SPARSE_N", "HAS_KV_LEN", "PAD_D", "USE_TMA", "PREDICATE", "RULE", "FUSED"],
         prune_configs_by={"early_config_prune": _prune_bwd},
+        reset_to_zero=["DQ"],  # FUSED adds into DQ: every benchmarked candidate must start from 0
     )
     @triton.jit
     def _dkdv_kernel(

@@ -77,9 +77,9 @@ def quantized_reference(
         return (y.double() * sc.double()).flatten(-3, -2)[..., :s, :]
 
     qd = blocks(q, block_m)
-    kd = blocks((k.double() - center).float(), block_n)
+    kd = blocks(torch.where(valid, k.double() - center, 0.0).float(), block_n)  # padded keys: 0, in no block's scale
     vs = torch.where(valid, v.abs().float(), 0.0).amax(dim=2, keepdim=True) / 448.0  # [B, H, 1, D]
-    vd = (v.float() / torch.where(vs > 0, vs, 1.0)).to(torch.float8_e4m3fn).double() * vs.double()
+    vd = (torch.where(valid, v.float(), 0.0) / torch.where(vs > 0, vs, 1.0)).to(torch.float8_e4m3fn).double() * vs.double()
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     scores = (qd @ kd.transpose(-1, -2)) * scale  # [B, H, Sq, Sk] float64
     allowed = valid.transpose(-1, -2)  # [B, 1, 1, Sk]

@@ -154,6 +154,7 @@ def test_help_is_per_method(capsys):
         (["--pipeline", "image-unet", "--method", "tome", "--backend", "triton"], "--backend picks the attention kernel of"),
         (["--pipeline", "image-unet", "--method", "tome", "--precision", "int8"], "--precision sets the 8-bit kernel of"),
         (["--precision", "fp8", "--device", "cpu"], "--precision runs the 8-bit Triton kernel on a CUDA GPU"),
+        (["--precision", "int8", "--backend", "flex"], "--precision runs on the triton backend only"),
         (["--guide", "soft-pag", "--guide-u", "2"], "u must be in"),
         (["--method", "headhunter", "--guide-heads", "1-0"], "--guide-heads takes LAYER:HEAD pairs"),
         (["--method", "headhunter"], "pass heads="),

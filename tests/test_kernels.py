@@ -130,6 +130,25 @@ def test_triton_8bit_matches_its_twin_cpu(precision, b, h, s, d, block, heads_in
 
 @needs_interpreter
 @pytest.mark.cpu
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+def test_8bit_zero_blocks_and_padded_keys_stay_finite_cpu(precision):
+    # an all-zero query block (scale 0 would make masked scores 0 x -inf = NaN) and huge padded keys
+    # (which must not set a block's scale) next to a key tail
+    g = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(2, 1, 64, 32, generator=g) for _ in range(3))
+    q[:, :, :32] = 0.0
+    k[1, :, 40:] = 1e4
+    v[1, :, 40:] = 1e4
+    kv_len = torch.tensor([64, 40], dtype=torch.int32)
+    sp = dense(64, block_m=32)
+    out = block_sparse.block_sparse_attention(q, k, v, sp, kv_len=kv_len, precision=precision)
+    ref, _ = attention_reference(q, k, v, kv_len=kv_len)
+    assert torch.isfinite(out).all()
+    assert ((out - ref).norm() / ref.norm()).item() < 0.08
+
+
+@needs_interpreter
+@pytest.mark.cpu
 def test_8bit_is_inference_only_and_checks_its_name():
     sp = dense(32, block_m=32)
     q = torch.randn(1, 1, 32, 16, requires_grad=True)
@@ -148,7 +167,7 @@ def test_8bit_is_inference_only_and_checks_its_name():
 
 @pytest.mark.cpu
 def test_tuned_configs_round_trip_through_the_disk_cache(tmp_path, monkeypatch):
-    import triton
+    triton = pytest.importorskip("triton")
 
     from diffattn.kernels.triton import tuning
 
@@ -175,11 +194,20 @@ def test_tuned_configs_round_trip_through_the_disk_cache(tmp_path, monkeypatch):
     fresh = Kernel()
     tuning.load(fresh, cpu)
     assert fresh.cache == {key: fresh.configs[1]} and fresh.cache[key] is fresh.configs[1]  # the live config, pre-hooks and all
-    path.write_text("{not json")  # a damaged file is tuned again, not fatal
+    other = Kernel()  # another process tuned another key meanwhile: both are kept
+    other.cache[key[:-1] + ("torch.float16",)] = other.configs[0]
     monkeypatch.setattr(tuning, "_SEEN", {})
-    damaged = Kernel()
-    tuning.load(damaged, cpu)
-    assert damaged.cache == {}
+    tuning.save(other, cpu)
+    monkeypatch.setattr(tuning, "_SEEN", {})
+    both = Kernel()
+    tuning.load(both, cpu)
+    assert set(both.cache) == {key, key[:-1] + ("torch.float16",)}
+    for damage in ("{not json", '{"entries": [[1, 2]]}'):  # a damaged file is tuned again, not fatal
+        path.write_text(damage)
+        monkeypatch.setattr(tuning, "_SEEN", {})
+        damaged = Kernel()
+        tuning.load(damaged, cpu)
+        assert damaged.cache == {}
     monkeypatch.setenv("DIFFATTN_AUTOTUNE_CACHE", "0")
     assert tuning.cache_file(tuned, cpu) is None
 
@@ -402,11 +430,14 @@ def test_fused_backward_matches_split_gpu():
     for mode, got in grads.items():
         for name, a, r32, rlp in zip("qkv", got, want32, want_lp):
             assert_error_ratio(a, r32, rlp, f"{mode} d{name}", floor=1e-3)
+    block_sparse_default = block_sparse.DEFAULT_BACKWARD
+    block_sparse.DEFAULT_BACKWARD = "fused"  # so that only the determinism rule can pick the split passes
     torch.use_deterministic_algorithms(True)
     try:  # "auto" under determinism runs the split passes: bit-identical run to run
         runs = [torch.autograd.grad(block_sparse.block_sparse_attention(q, k, v, sp, kv_len=kv_len), (q,), do)[0] for _ in range(2)]
     finally:
         torch.use_deterministic_algorithms(False)
+        block_sparse.DEFAULT_BACKWARD = block_sparse_default
     assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], grads["split"][0])
 
 

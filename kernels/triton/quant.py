@@ -47,10 +47,11 @@ def to_fp8(x, PREROUND: tl.constexpr):
 
 
 @triton.jit
-def _quant_kernel(X, Xq, Scale, Center, Shift, ChanScale,
+def _quant_kernel(X, Xq, Scale, Center, Shift, ChanScale, Lens,
                   stride_b, stride_h, stride_s, stride_d, num_heads, seq, head_dim, n_blocks, qmax, seq_t,
                   BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, OUT_INT8: tl.constexpr, CENTER: tl.constexpr,
-                  SHIFT: tl.constexpr, CHANNEL: tl.constexpr, TRANSPOSE: tl.constexpr, PREROUND: tl.constexpr):
+                  SHIFT: tl.constexpr, CHANNEL: tl.constexpr, TRANSPOSE: tl.constexpr, PREROUND: tl.constexpr,
+                  HAS_LENS: tl.constexpr):
     """One [BLOCK, HEAD_DIM] block of rows of one (batch, head): (optionally centred) quantized rows,
     their scale (per block, or given per channel with CHANNEL), and with SHIFT the rows' dot with
     ``Center`` (which is then not subtracted). TRANSPOSE writes ``[Dp, seq_t]`` per (batch, head)."""
@@ -60,7 +61,10 @@ def _quant_kernel(X, Xq, Scale, Center, Shift, ChanScale,
     h = bh % num_heads
     rows = blk * BLOCK + tl.arange(0, BLOCK)
     cols = tl.arange(0, HEAD_DIM)
-    inside = (rows[:, None] < seq) & (cols[None, :] < head_dim)
+    valid = seq
+    if HAS_LENS:  # keys past kv_len[b] (padded text) quantize to 0 and spend no block's range
+        valid = tl.minimum(tl.load(Lens + b), seq)
+    inside = (rows[:, None] < valid) & (cols[None, :] < head_dim)
     x = tl.load(X + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h + rows[:, None] * stride_s + cols[None, :] * stride_d,
                 mask=inside, other=0.0).to(tl.float32)  # [BLOCK, HEAD_DIM]
     if CENTER | SHIFT:
@@ -74,8 +78,8 @@ def _quant_kernel(X, Xq, Scale, Center, Shift, ChanScale,
         y = x / tl.where(scale > 0.0, scale, 1.0)[None, :]
     else:  # one scale for the block
         amax = tl.max(tl.max(tl.abs(x), 1), 0)
-        scale = amax / qmax
-        y = x / tl.where(scale > 0.0, scale, 1.0)
+        scale = tl.where(amax > 0.0, amax / qmax, 1.0)  # an all-zero block: any scale (not 0: 0 x -inf is NaN)
+        y = x / scale
         tl.store(Scale + bh.to(tl.int64) * n_blocks + blk, scale)
     if TRANSPOSE:
         out = Xq + bh.to(tl.int64) * HEAD_DIM * seq_t + cols[None, :] * seq_t + rows[:, None]
@@ -87,16 +91,17 @@ def _quant_kernel(X, Xq, Scale, Center, Shift, ChanScale,
         tl.store(out, to_fp8(y, PREROUND), mask=rows[:, None] < seq)
 
 
-def _launch(x, out, block, head, *, int8, scale=None, center=None, shift=None, chan=None, qmax=FP8_MAX, transpose=False):
+def _launch(x, out, block, head, *, int8, scale=None, center=None, shift=None, chan=None, qmax=FP8_MAX, transpose=False,
+            lens=None):
     b, h, s, d = x.shape
     n_blocks = -(-s // block)
     dummy = out  # pointers the constexprs never read
     _quant_kernel[(n_blocks, b * h)](
         x, out, scale if scale is not None else dummy, center if center is not None else dummy,
-        shift if shift is not None else dummy, chan if chan is not None else dummy,
+        shift if shift is not None else dummy, chan if chan is not None else dummy, lens if lens is not None else dummy,
         *x.stride(), h, s, d, n_blocks, qmax, out.shape[-1] if transpose else 0,
         BLOCK=block, HEAD_DIM=head, OUT_INT8=int8, CENTER=center is not None and shift is None,
-        SHIFT=shift is not None, CHANNEL=chan is not None, TRANSPOSE=transpose, PREROUND=interpreting(),
+        SHIFT=shift is not None, CHANNEL=chan is not None, TRANSPOSE=transpose, PREROUND=interpreting(), HAS_LENS=lens is not None,
     )
 
 
@@ -105,8 +110,8 @@ def quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, precision: str, 
     """8-bit q, k, v for the block-sparse forward: (q8, k8, v8, q_scale, k_scale, v_scale, shift).
 
     q ``[B, H, Sq, D]``, k, v ``[B, H, Sk, D]``; ``head``: the padded head dim Dp (>= 32). The key
-    mean and V's channel maxima are over the valid keys (``kv_len[b]``), so padded text cannot
-    spend the range."""
+    mean, K's block scales and V's channel maxima are over the valid keys (``kv_len[b]``; padded
+    keys quantize to 0), so padded text cannot spend the range."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS} or None, got precision={precision!r}")
     b, h, sq, d = q.shape
@@ -115,8 +120,7 @@ def quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, precision: str, 
     dev = q.device
     fp8 = torch.float8_e4m3fn
     if kv_len is None:
-        valid = None
-        center = k.float().mean(dim=2)  # [B, H, D]
+        center = k.mean(dim=2, dtype=torch.float32)  # [B, H, D]
         vmax = v.abs().amax(dim=2).float()  # [B, H, D]
     else:
         valid = (torch.arange(sk, device=dev)[None, :] < kv_len.to(dev)[:, None])[:, None, :, None]  # [B, 1, Sk, 1]
@@ -134,7 +138,8 @@ def quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, precision: str, 
     q_scale = torch.empty(b, h, -(-sq // block_m), device=dev, dtype=torch.float32)
     k_scale = torch.empty(b, h, -(-sk // block_n), device=dev, dtype=torch.float32)
     shift = torch.empty(b, h, sq, device=dev, dtype=torch.float32)
-    _launch(k, k8, block_n, head, int8=int8, scale=k_scale, center=center, qmax=qmax)
+    lens = None if kv_len is None else kv_len.to(dev, torch.int32).contiguous()
+    _launch(k, k8, block_n, head, int8=int8, scale=k_scale, center=center, qmax=qmax, lens=lens)
     _launch(q, q8, block_m, head, int8=int8, scale=q_scale, center=center, shift=shift, qmax=qmax)  # and shift = q . c
-    _launch(v, v8, 64, head, int8=False, chan=vscale, transpose=True)
+    _launch(v, v8, 64, head, int8=False, chan=vscale, transpose=True, lens=lens)
     return q8, k8, v8, q_scale, k_scale, vscale, shift

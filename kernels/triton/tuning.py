@@ -12,6 +12,10 @@ Why not ``triton.autotune(cache_results=True)``: its file is keyed by GPU archit
 GPU (an H100 and an H200 share sm_90 but not their best tiles), and it lives in triton's kernel
 cache, which users clear to force recompiles.
 
+One limit comes from triton: an autotuner keeps one in-memory cache per process, shared by all
+its GPUs, so a process driving two different GPU models tunes on the first and reuses that on the
+second (as triton alone would); each file still records only the GPU it was written for.
+
 Location: ``$DIFFATTN_CACHE_DIR`` or ``$XDG_CACHE_HOME/diffattn`` or ``~/.cache/diffattn``, under
 ``autotune/``. ``DIFFATTN_AUTOTUNE_CACHE=0`` turns it off. Files are rewritten atomically.
 """
@@ -21,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import tempfile
 from pathlib import Path
 
 import torch
@@ -70,11 +75,18 @@ def load(kernel, device: torch.device) -> None:
     except (OSError, ValueError, KeyError):
         return  # no file yet, or a damaged one: tune again and rewrite it
     by_id = {_config_id(c): c for c in kernel.configs}  # the live configs carry the pre-hooks
-    for key, saved in entries:
-        ident = (tuple(sorted((k, v) for k, v in saved["kwargs"].items())), saved["num_warps"], saved["num_stages"])
-        if ident in by_id:
-            kernel.cache.setdefault(tuple(key), by_id[ident])
+    try:
+        for key, saved in entries:
+            ident = (tuple(sorted((k, v) for k, v in saved["kwargs"].items())), saved["num_warps"], saved["num_stages"])
+            if ident in by_id:
+                kernel.cache.setdefault(_tuple(key), by_id[ident])
+    except (TypeError, KeyError, ValueError, AttributeError):
+        pass  # a file of another shape: what was read stays, the rest is tuned again and rewritten
     _SEEN[str(path)] = len(kernel.cache)
+
+
+def _tuple(key):
+    return tuple(_tuple(k) if isinstance(k, list) else k for k in key)
 
 
 def save(kernel, device: torch.device) -> None:
@@ -82,7 +94,7 @@ def save(kernel, device: torch.device) -> None:
     path = cache_file(kernel, device)
     if path is None or _SEEN.get(str(path)) == len(kernel.cache):
         return
-    entries = []
+    entries, keys = [], set()
     for key, config in kernel.cache.items():
         entry = [list(key), {"kwargs": dict(config.kwargs), "num_warps": config.num_warps, "num_stages": config.num_stages}]
         try:
@@ -90,10 +102,16 @@ def save(kernel, device: torch.device) -> None:
         except TypeError:
             continue  # a key part that is not plain data: keep it in memory only
         entries.append(entry)
+        keys.add(json.dumps(entry[0]))
+    try:  # keep what another process wrote meanwhile (its keys, where this one has none)
+        entries += [e for e in json.loads(path.read_text())["entries"] if json.dumps(e[0]) not in keys]
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        pass
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"kernel": kernel.fn.__name__, "entries": entries}, indent=1))
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        with os.fdopen(fd, "w") as fh:
+            json.dump({"kernel": kernel.fn.__name__, "entries": entries}, fh, indent=1)
         os.replace(tmp, path)
     except OSError:
         return  # a read-only home: tuning still works, it is just not kept
