@@ -1,3 +1,7 @@
 """Attention kernels (imported as ``diffattn.kernels``): Triton block-sparse flash attention
 forward and backward, a FlexAttention backend, a masked-SDPA backend, the LSE merge and the fp32
 reference twin."""
+
+# the 8-bit forward modes of the block-sparse kernel (kernels/triton/quant.py); None = the inputs' dtype.
+# Here, not in quant.py, so that code without triton can name them.
+PRECISIONS = ("int8", "fp8")

@@ -17,10 +17,11 @@ import torch
 from diffattn.core.context import AttnContext
 from diffattn.core.layout import TokenLayout
 from diffattn.core.options import resolve
+from diffattn.kernels import PRECISIONS as KERNEL_PRECISIONS
 from diffattn.kernels import select
 from diffattn.patterns.blocks import BlockSparsity
 
-PRECISIONS = (None, "int8", "fp8")  # the kernels' 8-bit forward modes (kernels.triton.quant), None = model dtype
+PRECISIONS = (None, *KERNEL_PRECISIONS)  # the kernels' 8-bit forward modes; None = the model's dtype
 
 
 class BlockSparseMethod:

@@ -24,9 +24,10 @@ import torch
 import triton
 import triton.language as tl
 
+from diffattn.kernels import PRECISIONS
+
 INT8_MAX = 127.0  # symmetric int8 range
 FP8_MAX = 448.0  # largest finite float8 e4m3fn value
-PRECISIONS = ("int8", "fp8")
 
 
 def interpreting() -> bool:

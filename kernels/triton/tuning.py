@@ -17,7 +17,8 @@ its GPUs, so a process driving two different GPU models tunes on the first and r
 second (as triton alone would); each file still records only the GPU it was written for.
 
 Location: ``$DIFFATTN_CACHE_DIR`` or ``$XDG_CACHE_HOME/diffattn`` or ``~/.cache/diffattn``, under
-``autotune/``. ``DIFFATTN_AUTOTUNE_CACHE=0`` turns it off. Files are rewritten atomically.
+``autotune/``. ``DIFFATTN_AUTOTUNE_CACHE=0`` turns it off. Both are read at a kernel's first
+launch in a process. Files are rewritten atomically.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import triton
 # Process-wide, like the autotuners' own in-memory caches they mirror (not per-generation state):
 # kernel files read in this process, and the number of entries each file holds.
 _SEEN: dict[str, int] = {}
+_PATHS: dict[tuple[str, int | None], Path | None] = {}  # (kernel, GPU index) -> its file (None: off)
 
 
 def cache_dir() -> Path | None:
@@ -64,9 +66,9 @@ def _config_id(config) -> tuple:
     return tuple(sorted(config.kwargs.items())), config.num_warps, config.num_stages
 
 
-def load(kernel, device: torch.device) -> None:
+def load(kernel, device: torch.device, path: Path | None = None) -> None:
     """Fill ``kernel``'s in-memory autotune cache from its file (once per process and file)."""
-    path = cache_file(kernel, device)
+    path = cache_file(kernel, device) if path is None else path
     if path is None or str(path) in _SEEN:
         return
     _SEEN[str(path)] = 0
@@ -89,9 +91,9 @@ def _tuple(key):
     return tuple(_tuple(k) if isinstance(k, list) else k for k in key)
 
 
-def save(kernel, device: torch.device) -> None:
+def save(kernel, device: torch.device, path: Path | None = None) -> None:
     """Write ``kernel``'s tuned configs to its file when it tuned something new in this process."""
-    path = cache_file(kernel, device)
+    path = cache_file(kernel, device) if path is None else path
     if path is None or _SEEN.get(str(path)) == len(kernel.cache):
         return
     entries, keys = [], set()
@@ -122,7 +124,13 @@ def launch(kernel, grid, device: torch.device, *args, **kwargs):
     """``kernel[grid](*args, **kwargs)`` with its tuned configs read from and written to disk."""
     if device.type != "cuda":  # the interpreter tunes nothing worth keeping
         return kernel[grid](*args, **kwargs)
-    load(kernel, device)
+    slot = (kernel.fn.__name__, device.index)
+    if slot not in _PATHS:  # the file's name, worked out once per process (launches are a hot path)
+        _PATHS[slot] = cache_file(kernel, device)
+    path = _PATHS[slot]
+    if path is None:  # the cache is off
+        return kernel[grid](*args, **kwargs)
+    load(kernel, device, path)
     result = kernel[grid](*args, **kwargs)
-    save(kernel, device)
+    save(kernel, device, path)
     return result
