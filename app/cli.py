@@ -47,6 +47,7 @@ import torch
 
 import diffattn
 from diffattn.app import run as run_tools
+from diffattn.kernels import PRECISIONS
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,7 @@ class GenerateConfig:
     backend: str
     fps: int
     warmup: bool = False  # an untimed 1-step call of each before the timed runs (default on CUDA)
-    precision: str | None = None  # the method's 8-bit forward ("int8", "fp8"), or the model's dtype
+    precision: str | None = None  # the method's 8-bit forward (diffattn.kernels.PRECISIONS), or the model's dtype
     lora: str | None = None
     lora_scale: float = 1.0
     guide: str | None = None  # a guidance method (diffattn.guidance_methods())
@@ -264,7 +265,7 @@ def _parse(argv) -> GenerateConfig:
                      help="cuda or cpu (default: cuda if this machine has one)")
     gen.add_argument("--backend", default="auto", choices=["auto", "triton", "flex", "sdpa"],
                      help="attention backend of the method (auto: the fastest that can run each call)")
-    gen.add_argument("--precision", default=None, choices=["int8", "fp8"],
+    gen.add_argument("--precision", default=None, choices=list(PRECISIONS),
                      help="the method's 8-bit attention forward on the triton backend (CUDA, compute capability >= 8.9; "
                           "the method's dense steps and layers stay at the model's dtype; default: the model's dtype)")
     gen.add_argument("--fps", type=int, default=16, help="frame rate of the written clips")

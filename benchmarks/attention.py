@@ -15,7 +15,7 @@ model (row-major) order with 128 x 64 blocks, the method's default; ``nb-...-til
 tile order (one block per 128-token tile), timed with the gather of q, k, v and the scatter of the
 output. ``--block-n 128`` describes the row-major windows with 128 x 128 blocks instead.
 
-``--precision int8 fp8`` adds the 8-bit forward of our kernel (forward only: it is an inference
+``--precision int8 fp8 int8-qk`` adds the 8-bit forward of our kernel (forward only: it is an inference
 mode) and prints every kernel's relative error against an fp32 reference on 512 query rows of 4
 heads (block-level patterns). ``--compare-backward`` adds our kernel with the split deterministic
 backward next to the default fused one.
@@ -43,6 +43,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from diffattn.app.bench import time_pair
 from diffattn.core.layout import TokenLayout
+from diffattn.kernels import PRECISIONS
 from diffattn.kernels.block_sparse import block_sparse_attention, element_bits
 from diffattn.kernels.flex import FlexBackend
 from diffattn.methods.neighborhood import PRESETS, rescale
@@ -291,7 +292,7 @@ def main(argv=None) -> None:
     parser.add_argument("--patterns", nargs="*", default=["radial"], choices=PATTERNS)
     parser.add_argument("--compare-rule", action="store_true", help="also time element rules evaluated per score in the kernel")
     parser.add_argument("--block-n", type=int, default=64, choices=(64, 128), help="key block of the row-major windows")
-    parser.add_argument("--precision", nargs="*", default=[], choices=["int8", "fp8"], help="also time the 8-bit forward")
+    parser.add_argument("--precision", nargs="*", default=[], choices=PRECISIONS, help="also time the 8-bit forward")
     parser.add_argument("--compare-backward", action="store_true", help="also time the split deterministic backward")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():

@@ -13,20 +13,21 @@ part=${1:-all}
 if [[ $part == all || $part == tests ]]; then
   python3 -P -c "from diffattn.kernels import block_sparse as b; print('bulk reduce-add through descriptors:', b._TMA_REDUCE)"
   python3 -P -m pytest -q -m gpu tests/test_kernels.py -p no:cacheprovider -s -k "${TESTS:-8bit or fused}" 2>&1 | tee "$OUT/gpu_tests.log"
+
 fi
 if [[ $part == all || $part == wan ]]; then
-  python3 benchmarks/attention.py --shapes wan14b --precision int8 fp8 --compare-backward --json "$OUT/attention_wan14b.json" 2>&1 | tee "$OUT/attention_wan.log"
+  python3 benchmarks/attention.py --shapes wan14b --precision int8 fp8 int8-qk ${WAN_FLAGS:---compare-backward} --json "$OUT/attention_wan14b.json" 2>&1 | tee "$OUT/attention_wan.log"
 fi
 if [[ $part == all || $part == hunyuan ]]; then
-  python3 benchmarks/attention.py --shapes hunyuan129 hunyuan509 --precision int8 fp8 --compare-backward --json "$OUT/attention_hv.json" 2>&1 | tee "$OUT/attention_hv.log"
+  python3 benchmarks/attention.py --shapes hunyuan129 hunyuan509 --precision int8 fp8 int8-qk --compare-backward --json "$OUT/attention_hv.json" 2>&1 | tee "$OUT/attention_hv.log"
 fi
 if [[ $part == all || $part == tune ]]; then
   python3 benchmarks/tune_cache.py 2>&1 | tee "$OUT/tune_cache.log"
 fi
 if [[ $part == all || $part == e2e ]]; then
-  python3 benchmarks/e2e.py --models 14b --repeats 2 --backends triton --methods radial "radial:precision='int8'" "radial:precision='fp8'" 2>&1 | tee "$OUT/e2e.log"
+  python3 benchmarks/e2e.py --models 14b --repeats 2 --backends triton --methods radial "radial:precision='int8'" "radial:precision='fp8'" "radial:precision='int8-qk'" 2>&1 | tee "$OUT/e2e.log"
 fi
 if [[ $part == all || $part == quality ]]; then
   python3 benchmarks/quality.py --kinds video --prompts 64 --json "$OUT/quality_video.json" --versus radial \
-    --methods "radial,radial:precision='int8',radial:precision='fp8'" 2>&1 | tail -8 | tee "$OUT/quality.log"
+    --methods "radial,radial:precision='int8',radial:precision='fp8',radial:precision='int8-qk'" 2>&1 | tail -9 | tee "$OUT/quality.log"
 fi

@@ -7,6 +7,8 @@
 #   bash benchmarks/length_round.sh train2           # ... at 57 frames
 #   bash benchmarks/length_round.sh eval             # both lengths, 64 held-out prompts
 # Writes logs, LoRAs and JSON to ${OUT:-/tmp/out}; the data caches go to ${DATA:-/tmp/lendata}.
+# Env: STEPS, CLIPS, BATCH, METHODS, EXTRA (more trainer flags), ROWS4 / ROWS2 (eval rows), R2 (the
+# radial LoRA judged at 57 frames; default the one trained at 57).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 DATA=${DATA:-/tmp/lendata}
@@ -18,7 +20,7 @@ python3 -c "import torch, triton, diffusers; print('torch', torch.__version__, '
 part=${1:-all}
 BATCH=${BATCH:-32}
 common=(--dense-blocks 1 --lora-rank 32 --batch-size "$BATCH" --lr 5e-4 --warmup 50 --checkpoint-every 400 --self-generate "$CLIPS"
-        --gradient-checkpointing "${CHECKPOINTING:-false}")
+        --gradient-checkpointing "${CHECKPOINTING:-false}" ${EXTRA:-})  # EXTRA: more trainer flags
 
 train() {  # train FRAMES METHOD STEPS OUTNAME
   python3 -P -m diffattn.app.cli train length --frames "$1" --method "$2" --steps "$3" "${common[@]}" \
@@ -53,6 +55,6 @@ evaluate() {  # evaluate FRAMES TAG ROWS RADIAL_LORA DENSE_LORA
 }
 if [[ $part == all || $part == eval ]]; then  # LoRAs from $RUNS (default $OUT)
   R=${RUNS:-$OUT}
-  evaluate 113 4x truth,reference,dense,radial,dense-lora,radial-lora "$R/len4x-radial" "$R/len4x-dense"
-  evaluate 57 2x truth,dense,radial,dense-lora,radial-lora "$R/len2x-radial" "$R/len2x-dense"
+  evaluate 113 4x "${ROWS4:-truth,reference,dense,radial,dense-lora,radial-lora}" "$R/len4x-radial" "$R/len4x-dense"
+  evaluate 57 2x "${ROWS2:-truth,dense,radial,dense-lora,radial-lora}" "${R2:-$R/len2x-radial}" "$R/len2x-dense"
 fi

@@ -3,5 +3,6 @@ forward and backward, a FlexAttention backend, a masked-SDPA backend, the LSE me
 reference twin."""
 
 # the 8-bit forward modes of the block-sparse kernel (kernels/triton/quant.py); None = the inputs' dtype.
+# "int8" / "fp8": Q.K^T in int8 / e4m3 and P.V in e4m3; "int8-qk": int8 Q.K^T, P.V in the inputs' dtype.
 # Here, not in quant.py, so that code without triton can name them.
-PRECISIONS = ("int8", "fp8")
+PRECISIONS = ("int8", "fp8", "int8-qk")

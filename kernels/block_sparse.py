@@ -15,8 +15,8 @@ another walks each query block's key list and accumulates dQ. No atomics: determ
 ``backward="fused"`` the first kernel also adds each pair's dQ share atomically into an fp32 buffer
 and the second is skipped (fewer matmuls, but slower on the H200 with triton 3.6: kernels/NOTES.md).
 
-``precision="int8" | "fp8"``: the forward on 8-bit operands (``kernels.triton.quant``), same
-kernel, QUANT constexpr.
+``precision="int8" | "fp8" | "int8-qk"``: the forward on 8-bit operands (``kernels.triton.quant``),
+same kernel, QUANT constexpr.
 
 Order follows the Triton fused-attention tutorial: helpers, inner loops, configs, kernels,
 autograd wrapper (a ``torch.library.custom_op`` with fake implementations, so torch.compile traces
@@ -82,7 +82,7 @@ def can_run(q: torch.Tensor, sparsity: BlockSparsity, forced: bool = False, prec
         if precision not in PRECISIONS:
             return False, f"precision must be None or one of {PRECISIONS}, got {precision!r}"
         if sparsity.block_n < 32:
-            return False, (f"precision={precision!r} needs key blocks of at least 32 (the 8-bit MMA sums over 32 keys), got "
+            return False, (f"precision={precision!r} needs key blocks of at least 32 (the 8-bit kernel's key tiles, which the fp8 P.V sums over), got "
                            f"block_n={sparsity.block_n}: use block_n >= 32 or precision=None")
         if q.is_cuda and torch.cuda.get_device_capability(q.device) < (8, 9):
             name = torch.cuda.get_device_name(q.device)
@@ -170,17 +170,18 @@ if HAS_TRITON:
         HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr, PREDICATE: tl.constexpr, RULE: tl.constexpr, W: tl.constexpr,
         SPARSE_M: tl.constexpr, ks_row, QUANT: tl.constexpr, PREROUND: tl.constexpr,
     ):
-        # QUANT (kernels.triton.quant): q, k are int8 / fp8 with k's scale per sparse key block at
-        # ks_row[kb] (q's is folded into qk_scale); v is fp8, transposed ([Dp, Sk'] per head); p
-        # and l carry a factor 448 (p fills e4m3's range)
+        # QUANT (kernels.triton.quant, _quant_code): q, k are int8 / fp8 with k's scale per sparse
+        # key block at ks_row[kb] (q's is folded into qk_scale). With an 8-bit P.V (PV8) v is fp8,
+        # transposed ([Dp, Sk'] per head), and p and l carry a factor 448 (p fills e4m3's range)
         tl.static_assert(SPARSE_N % BLOCK_N == 0, "the kernel tile must divide the sparse block")
         SUB: tl.constexpr = SPARSE_N // BLOCK_N
+        PV8: tl.constexpr = (QUANT == 1) | (QUANT == 2)
         for t in range(0, count * SUB):
             kb = tl.load(idx_ptr + t // SUB)
             start = kb * SPARSE_N + (t % SUB) * BLOCK_N
             offs_n = start + tl.arange(0, BLOCK_N)
             k = _load_rows(k_desc, k_base, b, h, start, offs_n, offs_d, stride_kn, stride_kd, kv_end, head_dim, BLOCK_N, HEAD_DIM, MASKED | (RULE == 2), PAD_D, USE_TMA)
-            if QUANT:
+            if PV8:
                 v = _load_vt(v_desc, v_base, b, h, start, offs_n, offs_d, stride_vn, stride_vd, kv_end, BLOCK_N, HEAD_DIM, MASKED | (RULE == 2), USE_TMA)
             else:
                 v = _load_rows(v_desc, v_base, b, h, start, offs_n, offs_d, stride_vn, stride_vd, kv_end, head_dim, BLOCK_N, HEAD_DIM, MASKED | (RULE == 2), PAD_D, USE_TMA)
@@ -208,11 +209,12 @@ if HAS_TRITON:
             else:
                 m_safe = m_new
             alpha = tl.math.exp2(m_i - m_safe)
-            if QUANT:  # p x 448 (e4m3's range) by a shifted max: l carries the same factor, which cancels
+            if PV8:  # p x 448 (e4m3's range) by a shifted max: l carries the same factor, which cancels
                 m_safe = m_safe - 8.807354922057604  # log2(448)
             p = tl.math.exp2(qk * tile_scale - m_safe[:, None])  # one FMA per score, then exp2
             l_i = l_i * alpha + tl.sum(p, 1)
-            if QUANT:  # p in [0, 448]
+            if PV8:  # p in [0, 448]; the running sum goes through the MMA's accumulator (kernels/NOTES.md:
+                # adding each tile's P.V in fp32 outside it changed the error by 0.5 % and cost 27 %)
                 acc = tl.dot(to_fp8(p, PREROUND), v, acc * alpha[:, None])
             else:
                 acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])  # rescale, then accumulate in the MMA
@@ -227,7 +229,7 @@ if HAS_TRITON:
         for name, rows in (("K_desc", "BLOCK_N"), ("V_desc", "BLOCK_N"), ("Q_desc", "BLOCK_M"), ("dO_desc", "BLOCK_M"), ("DQ_desc", "BLOCK_M")):
             desc = nargs.get(name)
             if TensorDescriptor is not None and isinstance(desc, TensorDescriptor):
-                if name == "V_desc" and nargs.get("QUANT"):  # the 8-bit V is transposed: [Dp, Sk'] per head
+                if name == "V_desc" and nargs.get("QUANT", 0) in (1, 2):  # the 8-bit V is transposed: [Dp, Sk'] per head
                     desc.block_shape = [1, 1, head, nargs[rows]]
                 else:
                     desc.block_shape = [1, 1, nargs[rows], head]
@@ -326,7 +328,7 @@ if HAS_TRITON:
         empty = l_i == 0.0
         l_safe = tl.where(empty, 1.0, l_i)
         out = acc / l_safe[:, None]
-        if QUANT:  # v's channel scales (p's 448 cancelled against l's)
+        if (QUANT == 1) | (QUANT == 2):  # the 8-bit P.V: v's channel scales (p's 448 cancelled against l's)
             out = out * tl.load(VS + bh.to(tl.int64) * HEAD_DIM + offs_d)[None, :]
             l_safe = l_safe * (1.0 / 448.0)  # l summed p x 448
         lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)  # natural log
@@ -601,6 +603,12 @@ def _rule_mode(predicate: int, bits, bound: bool) -> dict:
     return {"RULE": rule, "W": words, "PART_BOUND": rule != 2 or bound}
 
 
+def _quant_code(precision: str | None) -> int:
+    """The forward's QUANT constant: 0 the inputs' dtype; 1 int8 and 2 fp8 Q.K^T with fp8 P.V; 3 int8
+    Q.K^T with P.V in v's dtype."""
+    return 0 if precision is None else {"int8": 1, "fp8": 2, "int8-qk": 3}[precision]
+
+
 def _forward(q, k, v, full_num, full_idx, part_num, part_idx, kv_len, pred, predicate, bits, bound, scale, sparse_m, sparse_n, tma,
              precision=None):
     b, h, sq, d = q.shape
@@ -615,9 +623,14 @@ def _forward(q, k, v, full_num, full_idx, part_num, part_idx, kv_len, pred, pred
         v_strides = v.stride()
     else:  # 8-bit operands, head dim padded with zeros in the tensors (kernels.triton.quant)
         head = max(head, 32)  # the 8-bit MMA sums over at least 32 elements
-        q, k, v, qs, ks, vs, shift = quantize(q, k, v, precision, sparse_m, sparse_n, head, kv_len)
+        q, k, v8, qs, ks, vs, shift = quantize(q, k, v, precision, sparse_m, sparse_n, head, kv_len)
+        if v8 is None:  # "int8-qk": P.V in v's dtype
+            vs = ks  # never read
+            v_strides = v.stride()
+        else:
+            v = v8
+            v_strides = (v.stride(0), v.stride(1), v.stride(3), v.stride(2))  # V is [B, H, Dp, Sk']: (b, h, key, dim)
         use_tma = tma and _use_tma(q, k, v)
-        v_strides = (v.stride(0), v.stride(1), v.stride(3), v.stride(2))  # V is [B, H, Dp, Sk']: (b, h, key, dim)
     k_desc, v_desc = _descriptors(use_tma, head, k, v)
     kv_ptr = kv_len if kv_len is not None else full_num  # never read when HAS_KV_LEN is False
     grid = (-(-sq // sparse_m), b * h)
@@ -629,7 +642,7 @@ def _forward(q, k, v, full_num, full_idx, part_num, part_idx, kv_len, pred, pred
         _list_head_stride(full_num), full_num.shape[1], full_idx.shape[-1], part_idx.shape[-1], -(-sk // sparse_n),
         HEAD_DIM=head, SPARSE_M=sparse_m, SPARSE_N=sparse_n, HAS_KV_LEN=kv_len is not None,
         PAD_D=head != d, USE_TMA=use_tma, PREDICATE=predicate, **_rule_mode(predicate, bits, bound),
-        QUANT=0 if precision is None else PRECISIONS.index(precision) + 1, PREROUND=_interpreting(),
+        QUANT=_quant_code(precision), PREROUND=_interpreting(),
     )
     if shift is not None:  # the kernel's lse is of the smoothed scores: add back q . c (x softmax scale)
         lse = lse + shift * scale
@@ -815,8 +828,9 @@ def block_sparse_attention(
             variant measured faster for the description (performance knob, see ``_BOUND_BELOW``).
     precision: None (the inputs' dtype), or ``"int8"`` / ``"fp8"``: the 8-bit forward
             (``kernels.triton.quant``; SageAttention-style int8 or fp8 Q.K^T with per-block scales
-            and K smoothing, fp8 P.V accumulated in fp32). Inference only: faster, with a few times
-            bf16's error (RESULTS.md); needs a GPU with fp8 tensor cores (compute capability >= 8.9).
+            and K smoothing, fp8 P.V accumulated in fp32); ``"int8-qk"``: int8 Q.K^T, P.V in the
+            inputs' dtype (less error, less speed). Inference only: faster, with a few times bf16's
+            error (RESULTS.md); needs a GPU with fp8 tensor cores (compute capability >= 8.9).
     backward: ``"fused"``: one pass per key tile computes dK, dV and adds dQ atomically into an
             fp32 buffer (fewer matmuls; the sum order, so the last bits of dQ, vary run to run);
             ``"split"``: a dK/dV pass and a dQ pass, deterministic; ``"auto"``: split when

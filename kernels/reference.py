@@ -54,11 +54,13 @@ def quantized_reference(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Twin of the 8-bit forward (``kernels.triton.quant``): the same quantized Q, K (per block of
     ``block_m`` / ``block_n`` rows, K smoothed by its mean over the valid keys) and V (fp8 per
-    channel), dequantized, scores and softmax in float64, P rounded to fp8 against its row's maximum.
+    channel), dequantized, scores and softmax in float64, P rounded to fp8 against its row's maximum
+    (``"int8-qk"``: V as it is and P rounded to V's dtype).
     Differs from the kernel only in that the kernel rounds P against the running maximum of its
     online softmax. Returns (out [B, H, Sq, D] fp32, lse [B, H, Sq]).
     """
-    qmax = 127.0 if precision == "int8" else 448.0
+    int8 = precision in ("int8", "int8-qk")
+    qmax = 127.0 if int8 else 448.0
     sk = k.shape[-2]
     if kv_len is None:
         valid = torch.ones(k.shape[0], 1, sk, 1, dtype=torch.bool, device=k.device)
@@ -73,13 +75,16 @@ def quantized_reference(
         xb = torch.nn.functional.pad(x.float(), (0, 0, 0, pad)).unflatten(-2, (-1, block))  # [B, H, n, block, D]
         sc = xb.abs().amax(dim=(-2, -1), keepdim=True) / qmax
         y = xb / torch.where(sc > 0, sc, 1.0)
-        y = torch.sign(y) * torch.floor(y.abs() + 0.5) if precision == "int8" else y.to(torch.float8_e4m3fn).float()
+        y = torch.sign(y) * torch.floor(y.abs() + 0.5) if int8 else y.to(torch.float8_e4m3fn).float()
         return (y.double() * sc.double()).flatten(-3, -2)[..., :s, :]
 
     qd = blocks(q, block_m)
     kd = blocks(torch.where(valid, k.double() - center, 0.0).float(), block_n)  # padded keys: 0, in no block's scale
-    vs = torch.where(valid, v.abs().float(), 0.0).amax(dim=2, keepdim=True) / 448.0  # [B, H, 1, D]
-    vd = (torch.where(valid, v.float(), 0.0) / torch.where(vs > 0, vs, 1.0)).to(torch.float8_e4m3fn).double() * vs.double()
+    if precision == "int8-qk":  # v as it is
+        vd = torch.where(valid, v.double(), 0.0)
+    else:
+        vs = torch.where(valid, v.abs().float(), 0.0).amax(dim=2, keepdim=True) / 448.0  # [B, H, 1, D]
+        vd = (torch.where(valid, v.float(), 0.0) / torch.where(vs > 0, vs, 1.0)).to(torch.float8_e4m3fn).double() * vs.double()
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     scores = (qd @ kd.transpose(-1, -2)) * scale  # [B, H, Sq, Sk] float64
     allowed = valid.transpose(-1, -2)  # [B, 1, 1, Sk]
@@ -89,7 +94,10 @@ def quantized_reference(
     m = scores.amax(dim=-1, keepdim=True).clamp(min=-1e300)  # rows with no key: p = 0
     p = torch.exp(scores - m)  # [B, H, Sq, Sk], row max 1
     lse = (m + torch.log(p.sum(-1, keepdim=True))).squeeze(-1)
-    pv = (p * 448.0).float().to(torch.float8_e4m3fn).double() / 448.0  # the kernel's fp8 P (against the row max)
+    if precision == "int8-qk":  # the kernel's P in v's dtype
+        pv = p.to(v.dtype).double()
+    else:  # the kernel's fp8 P (against the row max)
+        pv = (p * 448.0).float().to(torch.float8_e4m3fn).double() / 448.0
     out = (pv @ vd) / p.sum(-1, keepdim=True).clamp(min=1e-300)
     lse = lse + scale * (q.double() @ center.transpose(-1, -2)).squeeze(-1)  # the smoothing's shift, added back
     return out.float(), lse.float()

@@ -19,7 +19,8 @@ The recipe of research/radial.md §3 (the radial paper's §4.3 / App. B; its cod
   timestep 1000 s, noise levels s from a logit-normal shifted by the scheduler's flow shift;
   ``caption_dropout`` of the captions replaced by the empty one (classifier-free guidance; by default 0.1,
   and 0 for guidance-distilled models such as HunyuanVideo, which run without CFG);
-- bf16 mixed precision (accelerate), gradient checkpointing, AdamW with a linear warm-up.
+- bf16 mixed precision (accelerate), gradient checkpointing, AdamW with a linear warm-up (and with
+  ``lr_decay`` a linear ramp to 0 over that last share of the steps).
 
 Data: ``--data DIR`` (videos with .txt/.json captions, ``diffattn.lora.video_data``: resized,
 centre-cropped, resampled to the model's frame rate (``--fps``), ``frames`` frames from the start;
@@ -69,7 +70,7 @@ from diffattn.core.weights import LORA_NAME, write_meta
 
 from .common import (
     Killed, RunLog, RunOptions, batch_indices, check_resume, config_from_argv, deadline_reached, enable_sequence_parallel, load_checkpoint,
-    make_accelerator, now, parse_context_parallel, save_checkpoint, warmup_lr,
+    make_accelerator, now, parse_context_parallel, save_checkpoint, scheduled_lr,
 )
 from .video_data import BadClip, DataReport, check_caption, fit, folder_clips
 
@@ -97,6 +98,7 @@ class LengthConfig(RunOptions):
     batch_size: int = 1           # per process
     lr: float = 1e-4
     warmup: int = 50
+    lr_decay: float = 0.0         # last share of the steps over which the learning rate ramps to 0 (0: constant after warm-up)
     weight_decay: float = 1e-4
     caption_dropout: float = -1.0    # share of empty captions (CFG); -1: 0.1, or 0 for guidance-distilled models (HunyuanVideo)
     shift: float = 0.0            # flow shift of the noise levels (0: the scheduler's)
@@ -126,6 +128,8 @@ class LengthConfig(RunOptions):
             raise ValueError(f"length: caption_dropout must be in [0, 1) (or -1: automatic), got {self.caption_dropout}")
         if self.warmup < 0:
             raise ValueError(f"length: warmup must be >= 0, got {self.warmup}")
+        if not 0.0 <= self.lr_decay <= 1.0:
+            raise ValueError(f"length: lr_decay is a share of the steps in [0, 1], got {self.lr_decay}")
         if self.method != "dense" and self.method not in diffattn.methods():
             raise ValueError(f"length: unknown method {self.method!r}; use 'dense' or one of {list(diffattn.methods())}")
         parse_options(self.method_options)
@@ -507,7 +511,9 @@ def train(cfg: LengthConfig, *, pipe=None, clips=None, _stop_after: int | None =
             f"caption dropout {dropout}"
             + (f", sequence parallel over {ulysses * ring} processes (ulysses {ulysses}, ring {ring})" if sequence_parallel else ""))
         optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_lr(s, 1.0, cfg.warmup))
+        # the decay follows --steps (a resume with more steps moves it; --max-minutes does not)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: scheduled_lr(s, 1.0, cfg.warmup, decay=cfg.lr_decay, progress=(s + 1) / cfg.steps))
         start = load_checkpoint(out, model, optimizer, scheduler, world=accelerator.num_processes)
         if start:
             log(f"resuming at step {start}")

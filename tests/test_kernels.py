@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from diffattn.kernels import block_sparse, sdpa
+from diffattn.kernels import PRECISIONS, block_sparse, sdpa
 from diffattn.kernels.merge import merge_attention
 from diffattn.kernels.reference import attention_reference
 from diffattn.patterns.blocks import dense, expand_block_mask, from_block_mask
@@ -102,7 +102,7 @@ def test_triton_fused_backward_matches_reference_cpu():
 
 @needs_interpreter
 @pytest.mark.cpu
-@pytest.mark.parametrize("precision", ["int8", "fp8"])
+@pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("b,h,s,d,block,heads_in_mask,kv_pad,dtype", [
     (2, 2, 77, 24, 32, 1, 0, torch.float32),    # tail, head dim padded to 32
     (2, 2, 96, 40, 32, 2, 21, torch.float16),   # per-head lists, padded keys, fp16 in and out
@@ -130,7 +130,7 @@ def test_triton_8bit_matches_its_twin_cpu(precision, b, h, s, d, block, heads_in
 
 @needs_interpreter
 @pytest.mark.cpu
-@pytest.mark.parametrize("precision", ["int8", "fp8"])
+@pytest.mark.parametrize("precision", PRECISIONS)
 def test_8bit_zero_blocks_and_padded_keys_stay_finite_cpu(precision):
     # an all-zero query block (scale 0 would make masked scores 0 x -inf = NaN) and huge padded keys
     # (which must not set a block's scale) next to a key tail
@@ -442,7 +442,7 @@ def test_fused_backward_matches_split_gpu():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("precision", ["int8", "fp8"])
+@pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("d,kv_pad", [(128, 0), (64, 300), (80, 0)])
 def test_triton_8bit_matches_its_twin_gpu(precision, d, kv_pad):
     from diffattn.kernels.reference import quantized_reference

@@ -183,6 +183,8 @@ def test_bad_trainer_inputs_name_the_fix(tmp_path, trained):
         _train(_cfg(tmp_path / "a", method_options="dense_steps=3"))
     with pytest.raises(ValueError, match="decay"):
         _train(_cfg(tmp_path / "a", method_options="decay=-1.0"))
+    with pytest.raises(ValueError, match="lr_decay is a share of the steps"):
+        _cfg(tmp_path, lr_decay=1.5)
     with pytest.raises(ValueError, match="pass --frames"):
         _train(_cfg(tmp_path / "b", frames=0))
     with pytest.raises(ValueError, match="unknown method 'radiall'"):
@@ -255,9 +257,12 @@ def test_caption_check_reads_clip_style_tokenizers():
 
 @pytest.mark.cpu
 def test_dense_method_trains_on_the_stock_processors(tmp_path):
-    out = _train(_cfg(tmp_path, method="dense", steps=2, checkpoint_every=2))
+    out = _train(_cfg(tmp_path, method="dense", steps=4, checkpoint_every=4, lr_decay=0.5))
     meta = json.loads((out / "diffattn.json").read_text())
     assert meta["method"] == "dense" and meta["options"] == {}
+    # lr_decay 0.5: full rate for the first half of the steps, then a linear ramp to 0
+    lrs = [json.loads(line)["lr"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert lrs == pytest.approx([1e-3, 5e-4, 0.0, 0.0])
 
 
 @pytest.mark.cpu

@@ -26,6 +26,7 @@ import torch
 
 import diffattn
 from diffattn.core.context import AttnContext
+from diffattn.kernels import PRECISIONS
 from diffattn.kernels.reference import attention_reference
 from diffattn.methods import METHODS
 
@@ -237,7 +238,7 @@ class MethodTester:
         g = torch.Generator().manual_seed(77)
         q, k, v = (torch.randn(1, 1, s, 32, generator=g) for _ in range(3))
         want = self.build(options, "triton")(q, k, v, make_context(layout)[0])
-        for precision in ("int8", "fp8"):
+        for precision in PRECISIONS:
             method = METHODS[self.method].from_options(self.family, backend="triton", precision=precision,
                                                        **{"dense_steps": 0, "dense_layers": 0, **options})
             assert f"precision={precision!r}" in repr(method)
@@ -329,7 +330,7 @@ class BackendTester:
                 continue
             ran += desc.rule is not None
             want, want_lse = attention_reference(q, k, v, tok, kv_len=kv_len)
-            for precision in (("int8", "fp8")[ran % 2],):  # the cases take turns (CI time); both run at every size in test_kernels
+            for precision in (PRECISIONS[ran % len(PRECISIONS)],):  # the cases take turns (CI time); all run at every size in test_kernels
                 out, lse = block_sparse.block_sparse_attention(q, k, v, desc, kv_len=kv_len, precision=precision, return_lse=True)
                 twin, twin_lse = quantized_reference(q, k, v, precision, desc.block_m, desc.block_n, tok, kv_len)
                 err, twin_err = ((out - want).norm() / want.norm()).item(), ((twin - want).norm() / want.norm()).item()

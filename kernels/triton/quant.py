@@ -7,6 +7,8 @@
 keys (SageAttention, Zhang et al. 2024, section 3.2). V in FP8 (e4m3) with one scale per channel;
 P is scaled by 448 into e4m3's range in the kernel and P.V accumulates in fp32.
 ``precision="fp8"``: the same, with Q and K in e4m3 instead of int8.
+``precision="int8-qk"``: Q and K in int8 as for ``"int8"``, V and P.V in V's own dtype
+(SageAttention 1's split): the 8-bit Q.K^T only, for a few times less error than the fp8 P.V.
 
 Layout: every 8-bit tensor is ``[B, H, S, Dp]`` contiguous with ``Dp`` the kernel's padded head
 dim (>= 32, padded columns 0), so the kernel reads it through TMA at any head dim. Scales are fp32:
@@ -112,12 +114,14 @@ def quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, precision: str, 
 
     q ``[B, H, Sq, D]``, k, v ``[B, H, Sk, D]``; ``head``: the padded head dim Dp (>= 32). The key
     mean, K's block scales and V's channel maxima are over the valid keys (``kv_len[b]``; padded
-    keys quantize to 0), so padded text cannot spend the range."""
+    keys quantize to 0), so padded text cannot spend the range. With ``"int8-qk"`` v8 and v_scale
+    are None (V stays as it is)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS} or None, got precision={precision!r}")
     b, h, sq, d = q.shape
     sk = k.shape[2]
-    int8 = precision == "int8"
+    int8 = precision in ("int8", "int8-qk")
+    pv8 = precision != "int8-qk"
     dev = q.device
     fp8 = torch.float8_e4m3fn
     if kv_len is None:
@@ -135,12 +139,14 @@ def quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, precision: str, 
     k8 = torch.empty(b, h, sk, head, device=dev, dtype=torch.int8 if int8 else fp8)
     # V transposed, [B, H, Dp, Sk'] (Sk' = Sk rounded up to 16 for TMA's 16-byte rows): the 8-bit
     # MMA takes its second operand K-major, i.e. contiguous along the keys it sums over
-    v8 = torch.zeros(b, h, head, -(-sk // 16) * 16, device=dev, dtype=fp8)
+    v8 = torch.zeros(b, h, head, -(-sk // 16) * 16, device=dev, dtype=fp8) if pv8 else None
     q_scale = torch.empty(b, h, -(-sq // block_m), device=dev, dtype=torch.float32)
     k_scale = torch.empty(b, h, -(-sk // block_n), device=dev, dtype=torch.float32)
     shift = torch.empty(b, h, sq, device=dev, dtype=torch.float32)
     lens = None if kv_len is None else kv_len.to(dev, torch.int32).contiguous()
     _launch(k, k8, block_n, head, int8=int8, scale=k_scale, center=center, qmax=qmax, lens=lens)
     _launch(q, q8, block_m, head, int8=int8, scale=q_scale, center=center, shift=shift, qmax=qmax)  # and shift = q . c
+    if not pv8:
+        return q8, k8, None, q_scale, k_scale, None, shift
     _launch(v, v8, 64, head, int8=False, chan=vscale, transpose=True, lens=lens)
     return q8, k8, v8, q_scale, k_scale, vscale, shift
