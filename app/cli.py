@@ -813,7 +813,7 @@ def _train_length(argv):
         if cfg.data:
             raise SystemExit("diffattn train length: pass --data or --self-generate, not both")
         clips = procedural_clips(cfg.self_generate, cfg.seed)
-    return length.train(cfg, pipe=pipe, clips=clips)
+    return length.train(cfg, pipe=pipe, clips=clips, consume=True)  # the testbed pipeline was loaded for this run
 
 
 def procedural_clips(count: int, seed: int):

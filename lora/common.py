@@ -195,26 +195,82 @@ def has_tensorboard() -> bool:
     return True
 
 
-def save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, keep: int = 2, world: int = 1) -> None:
+def _is_sharded(t) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """A tensor as one CPU tensor; a sharded one (FSDP's DTensor) is gathered, a collective that
+    every process must join in the same order."""
+    t = t.detach()
+    return (t.full_tensor() if _is_sharded(t) else t).contiguous().cpu()
+
+
+def _like(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """A whole tensor read from a checkpoint, sharded as ``param`` is (a collective for DTensors)."""
+    if not _is_sharded(param):
+        return value
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(value.to(param.device, param.dtype), param.device_mesh, param.placements)
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    """The trainable parameters by name, whole, on the CPU (a collective under FSDP)."""
+    return {n: _whole(p) for n, p in model.named_parameters() if p.requires_grad}
+
+
+def shard_model(model, accelerator, mixed_precision: str, name: str):
+    """FSDP (torch's ``fully_shard``, FSDP2) over every process: each block of the model's block
+    lists, then the model, so that a process holds 1/N of the frozen base and of the trainable
+    tensors and gathers one block at a time. Parameters are replaced by sharded ones: build the
+    optimizer after this. accelerate still runs the processes, autocast and the optimizer; it does
+    not wrap the model (its own FSDP plugin refuses CPU process groups, where the tests run)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    dtypes = {p.dtype for p in model.parameters()}
+    if mixed_precision == "no" and len(dtypes) > 1:
+        raise ValueError(f"{name}: fsdp with mixed_precision 'no' needs every parameter in one dtype, the model has "
+                         f"{sorted(map(str, dtypes))}: load the pipeline in fp32, or train with --mixed-precision bf16")
+    compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
+    policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32) if compute else MixedPrecisionPolicy()
+    mesh = init_device_mesh(accelerator.device.type, (accelerator.num_processes,))
+    blocks = [m for lst in model.children() if isinstance(lst, torch.nn.ModuleList) for m in lst]
+    if not blocks:
+        raise ValueError(f"{name}: fsdp shards the model's block lists, and {type(model).__name__} has none")
+    for block in blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    return model
+
+
+def save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, keep: int = 2, world: int = 1,
+                    write: bool = True) -> None:
     """Trainable tensors, optimizer state, scheduler state and step, written to a temporary folder
-    and renamed (a kill while writing leaves the previous checkpoint intact)."""
+    and renamed (a kill while writing leaves the previous checkpoint intact). Under FSDP every
+    process calls it (the tensors are gathered whole) and one writes (``write``)."""
     from safetensors.torch import save_file
 
-    root = Path(folder) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    tmp, final = root / f".step_{step:07d}", root / f"step_{step:07d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    trainable = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
-    save_file(trainable, str(tmp / "trainable.safetensors"))
+    trainable = trainable_state(model)
     state = optimizer.state_dict()
     tensors, scalars = {}, {}
     for idx, entry in state["state"].items():
         for name, value in entry.items():
             if torch.is_tensor(value):
-                tensors[f"{idx}.{name}"] = value.detach().contiguous().cpu()
+                tensors[f"{idx}.{name}"] = _whole(value)
             else:
                 scalars[f"{idx}.{name}"] = value
+    if not write:
+        return
+    root = Path(folder) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    tmp, final = root / f".step_{step:07d}", root / f"step_{step:07d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(trainable, str(tmp / "trainable.safetensors"))
     save_file(tensors, str(tmp / "optimizer.safetensors"))
     meta = {"step": step, "param_groups": state["param_groups"], "scalars": scalars, "scheduler": scheduler.state_dict(),
             "processes": world}
@@ -242,13 +298,16 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler, world: int = 1) -
     trainable = load_file(str(last / "trainable.safetensors"))
     params = dict(model.named_parameters())
     with torch.no_grad():
-        for name, value in trainable.items():
-            params[name].copy_(value)
+        for name, value in sorted(trainable.items()):  # sorted: sharding is a collective, same order everywhere
+            params[name].copy_(_like(value, params[name]))
     meta = json.loads((last / "state.json").read_text())
     tensors = load_file(str(last / "optimizer.safetensors"))
+    ordered = [p for group in optimizer.param_groups for p in group["params"]]  # the state's indices
     state: dict = {}
-    for key, value in list(tensors.items()) + list(meta["scalars"].items()):
+    for key, value in sorted(tensors.items()) + list(meta["scalars"].items()):
         idx, name = key.split(".", 1)
+        if torch.is_tensor(value) and value.dim() > 0:  # moments, sharded as their parameter ("step" is a scalar)
+            value = _like(value, ordered[int(idx)])
         state.setdefault(int(idx), {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     scheduler.load_state_dict(meta["scheduler"])

@@ -4,6 +4,7 @@ with a sparse attention method (radial) in the loop, forward and backward on dif
     diffattn train length --frames 113 --method radial --self-generate 1024 --out runs/len4x   # testbed, 4x
     diffattn train length --pipeline PATH --frames 161 --height 720 --width 1280 --data clips/ --out wan-2x
     accelerate launch -m diffattn.lora.length --pipeline PATH --frames 161 --data clips/ ...      # N processes
+    accelerate launch -m diffattn.lora.length --pipeline PATH ... --fsdp true                      # the model sharded over them
     pipe = WanPipeline.from_pretrained(PATH); diffattn.apply(pipe, "radial", lora="wan-2x")        # then frames=161
     diffattn generate --model PATH --lora wan-2x --frames 161
 
@@ -36,6 +37,11 @@ are drawn from generators seeded by (seed, step, process), so the data position 
 the step. Rerunning the same command resumes from the newest checkpoint (at most one interval is
 lost) and ends where an uninterrupted run ends. A changed option (other than ``steps``,
 ``max_minutes``, ``checkpoint_every`` and the validation options) raises, naming the difference.
+
+FSDP (``--fsdp true``): torch's FSDP2 shards the model over every process, block by block
+(``diffattn.lora.common.shard_model``); it composes with ``--context-parallel``; checkpoints and the
+export are gathered whole (the same files as without it). The transformer is sharded in place, so
+``train`` loads the pipeline itself or takes a passed one only with ``consume=True``.
 
 Logs: a tqdm bar (loss, seconds per step, ETA), TensorBoard under ``out/logs`` (``pip install
 diffattn[train]``), ``out/log.jsonl``; every ``validate_every`` steps an mp4 sample at the target
@@ -70,7 +76,7 @@ from diffattn.core.weights import LORA_NAME, write_meta
 
 from .common import (
     Killed, RunLog, RunOptions, batch_indices, check_resume, config_from_argv, deadline_reached, enable_sequence_parallel, load_checkpoint,
-    make_accelerator, now, parse_context_parallel, save_checkpoint, scheduled_lr,
+    make_accelerator, now, parse_context_parallel, save_checkpoint, scheduled_lr, shard_model, trainable_state,
 )
 from .video_data import BadClip, DataReport, check_caption, fit, folder_clips
 
@@ -113,6 +119,7 @@ class LengthConfig(RunOptions):
     validation_prompt: str = ""   # "": the first training caption
     validation_steps: int = 0     # 0: the pipeline's default
     context_parallel: str = ""    # sequence parallelism for long clips: "ulysses=N", "ring=N" or both ("ulysses=2,ring=2")
+    fsdp: bool = False            # shard the model (frozen base and LoRA) over the processes: FSDP2, one block at a time
 
     def __post_init__(self):
         super().__post_init__()
@@ -438,11 +445,13 @@ def lora_targets(model) -> list[str]:
     return targets
 
 
-def train(cfg: LengthConfig, *, pipe=None, clips=None, _stop_after: int | None = None) -> Path:
+def train(cfg: LengthConfig, *, pipe=None, clips=None, consume: bool = False, _stop_after: int | None = None) -> Path:
     """Run (or resume) a length-extension LoRA training; returns the output folder.
 
     ``pipe``: an already loaded pipeline (else ``cfg.pipeline`` is loaded; a passed one is left as
-    it was found, also when training fails). ``clips``: a callable ``clips(frames, height, width,
+    it was found, also when training fails). With ``cfg.fsdp`` the transformer is sharded in place,
+    which cannot be undone: a passed pipeline is then refused unless ``consume=True`` hands it to
+    the trainer (it is not usable afterwards). ``clips``: a callable ``clips(frames, height, width,
     report)`` returning an iterable of ``(name, uint8 [F, H, W, 3], caption)`` (the testbed's
     procedural generator; clips it cannot use go to ``report.add(name, BadClip(reason, detail))``),
     used instead of ``cfg.data``; it is only called when the data cache has to be built."""
@@ -453,6 +462,9 @@ def train(cfg: LengthConfig, *, pipe=None, clips=None, _stop_after: int | None =
                          + (" or, on the testbed, --self-generate N" if cfg.pipeline == "testbed" else ""))
     if clips is not None and cfg.data:
         raise ValueError("length: pass either --data or generated clips, not both")
+    if cfg.fsdp and pipe is not None and not consume:
+        raise ValueError("length: fsdp shards the transformer in place and cannot hand a passed pipeline back as it was: "
+                         "pass the pipeline's path (cfg.pipeline) and no pipe=, or train(..., consume=True) to give it to the trainer")
     out = Path(cfg.out)
     accelerator = make_accelerator(cfg.mixed_precision, out, lambda msg: print(f"[length] {msg}", flush=True))
     log = lambda msg: print(f"[length] {msg}", flush=True) if accelerator.is_main_process else None  # noqa: E731
@@ -504,12 +516,17 @@ def train(cfg: LengthConfig, *, pipe=None, clips=None, _stop_after: int | None =
         group = (accelerator.process_index, accelerator.num_processes)  # (data-parallel rank, world)
         if sequence_parallel:
             group = enable_sequence_parallel(model, accelerator, ulysses, ring, "length")
+        model_name = type(model).__name__
+        if cfg.fsdp:  # the parameters become shards: the optimizer takes the new ones
+            shard_model(model, accelerator, cfg.mixed_precision, "length")
+            trainable = [p for p in model.parameters() if p.requires_grad]
         latent_frames = data["latents"].shape[2]
-        log(f"{type(model).__name__}: {sum(p.numel() for p in trainable) / 1e6:.2f} M trainable (LoRA r={cfg.lora_rank}, "
+        log(f"{model_name}: {sum(p.numel() for p in trainable) / 1e6:.2f} M trainable (LoRA r={cfg.lora_rank}, "
             f"alpha={lora_config.lora_alpha}, {len(targets)} projections), method {cfg.method} {options}, "
             f"{data['latents'].shape[0]} clips of {cfg.frames} frames ({latent_frames} latent) at {height}x{width}, "
             f"caption dropout {dropout}"
-            + (f", sequence parallel over {ulysses * ring} processes (ulysses {ulysses}, ring {ring})" if sequence_parallel else ""))
+            + (f", sequence parallel over {ulysses * ring} processes (ulysses {ulysses}, ring {ring})" if sequence_parallel else "")
+            + (f", sharded over {accelerator.num_processes} processes (FSDP)" if cfg.fsdp else ""))
         optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
         # the decay follows --steps (a resume with more steps moves it; --max-minutes does not)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -517,32 +534,42 @@ def train(cfg: LengthConfig, *, pipe=None, clips=None, _stop_after: int | None =
         start = load_checkpoint(out, model, optimizer, scheduler, world=accelerator.num_processes)
         if start:
             log(f"resuming at step {start}")
-        wrapped, optimizer = accelerator.prepare(model, optimizer)
+        if cfg.fsdp:  # sharded already: accelerate must not wrap it in DDP too
+            wrapped, optimizer = model, accelerator.prepare(optimizer)
+        else:
+            wrapped, optimizer = accelerator.prepare(model, optimizer)
         step = _loop(cfg, accelerator, wrapped, optimizer, scheduler, trainable, family, data, captions, shift, dropout,
                      guided, start, pipe, model, height, width, limit, log, _stop_after, group, ulysses * ring)
         accelerator.wait_for_everyone()
-        if accelerator.is_main_process and step >= cfg.steps:
-            _export(out, pipe, accelerator.unwrap_model(wrapped), cfg, lora_config, options, height, width, latent_frames, limit)
+        if step >= cfg.steps:
+            state = trainable_state(accelerator.unwrap_model(wrapped))  # gathered whole on every process under FSDP
+            if accelerator.is_main_process:
+                _export(out, pipe, accelerator.unwrap_model(wrapped), cfg, lora_config, options, height, width, latent_frames, limit, state)
         elif step < cfg.steps:
             log(f"stopped at step {step} of {cfg.steps}: no LoRA exported yet; the same command resumes")
         accelerator.end_training()
     finally:  # the caller's pipeline as it was: processors, no adapter, checkpointing, modes, requires_grad
-        if wrapped is not None:
-            accelerator.unwrap_model(wrapped, keep_fp32_wrapper=False)
-        if handle is not None:
-            handle.remove()
-        if sequence_parallel:
-            diffattn.disable_parallelism(model)
-        if getattr(model, "peft_config", None):
-            model.unload_lora()  # ours was the only adapter (others are refused above)
-        if cfg.gradient_checkpointing and not checkpointing:
-            model.disable_gradient_checkpointing()
-        for name, (training, flags) in saved.items():
-            module = pipe.components[name]
-            module.train(training)
-            for p, flag in zip(module.parameters(), flags):
-                p.requires_grad_(flag)
+        if not cfg.fsdp:  # (sharded in place, the pipeline was the trainer's: nothing to hand back)
+            _restore(pipe, model, accelerator, wrapped, handle, sequence_parallel, cfg, checkpointing, saved)
     return out
+
+
+def _restore(pipe, model, accelerator, wrapped, handle, sequence_parallel, cfg, checkpointing, saved) -> None:
+    if wrapped is not None:
+        accelerator.unwrap_model(wrapped, keep_fp32_wrapper=False)
+    if handle is not None:
+        handle.remove()
+    if sequence_parallel:
+        diffattn.disable_parallelism(model)
+    if getattr(model, "peft_config", None):
+        model.unload_lora()  # ours was the only adapter (others are refused above)
+    if cfg.gradient_checkpointing and not checkpointing:
+        model.disable_gradient_checkpointing()
+    for name, (training, flags) in saved.items():
+        module = pipe.components[name]
+        module.train(training)
+        for p, flag in zip(module.parameters(), flags):
+            p.requires_grad_(flag)
 
 
 def _add_lora(model, cfg: LengthConfig):
@@ -598,10 +625,10 @@ def _loop(cfg, accelerator, wrapped, optimizer, scheduler, trainable, family, da
             stop = deadline_reached(accelerator, deadline)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop:
                 accelerator.wait_for_everyone()
-                if accelerator.is_main_process:
-                    save_checkpoint(out, step, accelerator.unwrap_model(wrapped), optimizer, scheduler, world=accelerator.num_processes)
+                save_checkpoint(out, step, accelerator.unwrap_model(wrapped), optimizer, scheduler, world=accelerator.num_processes,
+                                write=accelerator.is_main_process)  # every process: FSDP gathers the shards
             if cfg.validate_every and (step % cfg.validate_every == 0 or step == cfg.steps):
-                if accelerator.is_main_process or cp_degree > 1:  # under sequence parallelism every process samples
+                if accelerator.is_main_process or cp_degree > 1 or cfg.fsdp:  # sequence parallel or sharded: every process samples
                     _validate(pipe, model, cfg, validation, step, height, width, limit, log, write=accelerator.is_main_process)
                 accelerator.wait_for_everyone()
             if stop_after is not None and step >= stop_after:
@@ -637,11 +664,12 @@ def _validate(pipe, model, cfg: LengthConfig, prompt: str, step: int, height: in
 
 
 def _export(out: Path, pipe, model, cfg: LengthConfig, lora_config, options: dict, height: int, width: int, latent_frames: int,
-            limit: int) -> None:
+            limit: int, state: dict) -> None:
+    """``state``: the trainable tensors, whole (``trainable_state``)."""
     from peft.utils import get_peft_model_state_dict
 
     metadata = {k: (sorted(v) if isinstance(v, set) else v) for k, v in lora_config.to_dict().items()}
-    type(pipe).save_lora_weights(out, transformer_lora_layers=get_peft_model_state_dict(model), weight_name=LORA_NAME,
+    type(pipe).save_lora_weights(out, transformer_lora_layers=get_peft_model_state_dict(model, state_dict=state), weight_name=LORA_NAME,
                                  transformer_lora_adapter_metadata=metadata)
     write_meta(out, method=cfg.method, options=options, model=model, kind="lora", extra={
         "combinable": True, "purpose": "length", "frames": cfg.frames, "latent_frames": latent_frames,

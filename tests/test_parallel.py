@@ -253,11 +253,11 @@ def test_remove_hands_parallel_config_to_the_stock_processors():
 TRAIN_WORKER = Path(__file__).with_name("train_worker.py")
 
 
-def _torchrun(world: int, out: Path, context_parallel: str) -> None:
+def _torchrun(world: int, out: Path, context_parallel: str, *extra: str, code: int = 0) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
-                          str(TRAIN_WORKER), str(out), context_parallel], capture_output=True, text=True, env=env, timeout=600)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+                          str(TRAIN_WORKER), str(out), context_parallel, *extra], capture_output=True, text=True, env=env, timeout=600)
+    assert (run.returncode == 0) == (code == 0), run.stdout[-3000:] + run.stderr[-3000:]
 
 
 def _losses(out: Path) -> list[float]:
@@ -333,6 +333,57 @@ def test_sequence_parallel_groups_are_data_parallel(data_parallel_run, tmp_path)
     b = load_file(str(tmp_path / "pytorch_lora_weights.safetensors"))
     for key in a:
         torch.testing.assert_close(b[key], a[key], atol=5e-4, rtol=1e-3)
+
+
+def test_fsdp_training_equals_ddp_and_resumes_after_a_kill(data_parallel_run, tmp_path):
+    """FSDP over two processes (torch's fully_shard per block: each process holds half of the frozen
+    base and of the LoRA): killed after step 3, the same command resumes from the step-2 checkpoint
+    (gathered whole, so it is the plain format), and the losses and the exported LoRA are the DDP
+    run's; the LoRA's metadata names the model's own class, not FSDP's subclass."""
+    from safetensors.torch import load_file
+
+    _torchrun(2, tmp_path, "", "fsdp", "3", code=3)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_0000002"]
+    _torchrun(2, tmp_path, "", "fsdp")
+    lines = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2, 3, 3, 4]
+    want = _losses(data_parallel_run)
+    assert [line["loss"] for line in lines if line is not lines[2]] == pytest.approx(want, rel=1e-5)
+    a = load_file(str(data_parallel_run / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(tmp_path / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=5e-4, rtol=1e-3)
+    assert json.loads((tmp_path / "diffattn.json").read_text())["base"]["class"] == "WanTransformer3DModel"
+    sys.path.insert(0, str(TRAIN_WORKER.parent))
+    from train_worker import clips, config
+
+    from diffattn.lora import length
+    from diffattn_testbed.pipelines import load_pipeline
+
+    with pytest.raises(ValueError, match="fsdp shards the transformer in place.*consume=True"):
+        length.train(config(tmp_path / "x", fsdp=True), pipe=load_pipeline("video"), clips=clips)
+
+
+def test_fsdp_with_ulysses_equals_one_process(single_process_run, tmp_path):
+    """Sharded and sequence parallel at once (FSDP over both processes, Ulysses over the same two):
+    the single-process run's losses and LoRA."""
+    from safetensors.torch import load_file
+
+    _torchrun(2, tmp_path, "ulysses=2", "fsdp")
+    assert _losses(tmp_path) == pytest.approx(_losses(single_process_run), rel=1e-5)
+    a = load_file(str(single_process_run / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(tmp_path / "pytorch_lora_weights.safetensors"))
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=5e-4, rtol=1e-3)
+
+
+def test_fsdp_refuses_mixed_dtypes_without_mixed_precision():
+    from diffattn.lora.common import shard_model
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2).to(torch.bfloat16))
+    with pytest.raises(ValueError, match="one dtype.*--mixed-precision bf16"):
+        shard_model(model, None, "no", "length")
 
 
 def test_context_parallel_option_is_checked():

@@ -1,9 +1,10 @@
 """One process of the multi-process trainer tests (``tests/test_parallel.py``), under torchrun:
 
-    torchrun --standalone --nproc_per_node N tests/train_worker.py OUT CONTEXT_PARALLEL
+    torchrun --standalone --nproc_per_node N tests/train_worker.py OUT CONTEXT_PARALLEL [fsdp [STOP_AFTER]]
 
 trains the testbed video LoRA of ``test_length.py``'s tiny config with ``context_parallel`` ("" for
-plain data parallelism) into OUT.
+plain data parallelism) into OUT; ``fsdp``: sharded over the processes (the pipeline is handed to
+the trainer); STOP_AFTER: killed after that step (exit code 3), as a crash would.
 """
 
 from __future__ import annotations
@@ -35,8 +36,19 @@ def config(out, context_parallel: str = "", **kw) -> length.LengthConfig:
 
 def main() -> int:
     out, cp = Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else ""
+    fsdp = len(sys.argv) > 3 and sys.argv[3] == "fsdp"
+    stop = int(sys.argv[4]) if len(sys.argv) > 4 else None
     torch.set_num_threads(1)
     pipe = load_pipeline("video")
+    if fsdp:
+        try:
+            length.train(config(out, cp, fsdp=True), pipe=pipe, clips=clips, consume=True, _stop_after=stop)
+        except length.Killed:
+            return 3
+        from torch.distributed.tensor import DTensor
+
+        assert all(isinstance(p, DTensor) for p in pipe.transformer.parameters()), "every parameter is a shard"
+        return 0
     length.train(config(out, cp), pipe=pipe, clips=clips)
     assert not [n for n, _ in pipe.transformer.named_parameters() if "lora" in n], "the caller's pipeline is as it was"
     assert pipe.transformer._parallel_config is None and pipe.transformer.attn_processors["blocks.0.attn1.processor"]._parallel_config is None

@@ -31,7 +31,9 @@ _FINGERPRINT_SKIP = ("_", "sample_size", "pos_embed_max_size")  # keys that do n
 def fingerprint(model: torch.nn.Module) -> dict:
     """The base model's class and the config entries that fix its weights' shapes."""
     config = {k: v for k, v in dict(model.config).items() if not k.startswith(_FINGERPRINT_SKIP)}
-    return {"class": type(model).__name__, "config": json.loads(json.dumps(config, default=list))}
+    # the model's own class, not the subclass torch.distributed makes of a sharded one (FSDP)
+    cls = next(c for c in type(model).__mro__ if not c.__module__.startswith("torch.distributed"))
+    return {"class": cls.__name__, "config": json.loads(json.dumps(config, default=list))}
 
 
 def write_meta(folder: str | Path, *, method: str, options: dict, model: torch.nn.Module, kind: str, extra: dict | None = None) -> Path:
