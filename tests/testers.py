@@ -17,6 +17,7 @@ itself, never by copying tests.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -242,8 +243,11 @@ class MethodTester:
             method = METHODS[self.method].from_options(self.family, backend="triton", precision=precision,
                                                        **{"dense_steps": 0, "dense_layers": 0, **options})
             assert f"precision={precision!r}" in repr(method)
+            facts = []
+            ctx = dataclasses.replace(make_context(layout)[0], record=lambda site, **f: facts.append(f))
             with torch.no_grad():
-                out = method(q, k, v, make_context(layout)[0])
+                out = method(q, k, v, ctx)
+            assert facts[-1]["backend"] == f"triton:{precision}"  # handle.report() names the 8-bit mode
             rel = ((out - want).norm() / want.norm()).item()
             assert 0 < rel < 0.06, f"{self.method} precision={precision}: relative error {rel:.4f} against fp32"
             with pytest.raises(NotImplementedError, match="triton backend"):

@@ -157,7 +157,8 @@ class BlockSparseMethod:
         if reasons:
             note = f"diffattn {self.name}: using backend {backend.name!r} ({'; '.join(reasons)})"
             ctx.note(note)
-        ctx.record(ctx.site, mode="method", layout=layout, backend=backend.name, density=density, note=note)
+        ran = backend.name if self.precision is None else f"{backend.name}:{self.precision}"  # the report names the 8-bit mode
+        ctx.record(ctx.site, mode="method", layout=layout, backend=ran, density=density, note=note)
         out = backend.run(q, k, v, sparsity, kv_len=kv_len, cache=ctx.cache, key=key,
                           text_key_start=self.text_key_start(layout) if kv_len is not None else None,
                           precision=self.precision)
