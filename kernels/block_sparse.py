@@ -82,11 +82,12 @@ def can_run(q: torch.Tensor, sparsity: BlockSparsity, forced: bool = False, prec
         if precision not in PRECISIONS:
             return False, f"precision must be None or one of {PRECISIONS}, got {precision!r}"
         if sparsity.block_n < 32:
-            return False, (f"precision={precision!r} needs key blocks of at least 32 (the 8-bit kernel's key tiles, which the fp8 P.V sums over), got "
+            return False, (f"precision={precision!r} needs key blocks of at least 32 (the 8-bit kernel's key tiles), got "
                            f"block_n={sparsity.block_n}: use block_n >= 32 or precision=None")
         if q.is_cuda and torch.cuda.get_device_capability(q.device) < (8, 9):
             name = torch.cuda.get_device_name(q.device)
-            return False, f"precision={precision!r} needs fp8 tensor cores (compute capability >= 8.9; {name} has less): use precision=None"
+            return False, (f"precision={precision!r} needs compute capability >= 8.9 (fp8 tensor cores; int8-qk, which needs none, "
+                           f"is measured on those GPUs only; {name} has less): use precision=None")
     if not q.is_cuda and not (_interpreting() and forced):
         return False, "tensors are on the CPU (the Triton backend needs CUDA; under TRITON_INTERPRET=1 it runs on CPU when forced with backend='triton')"
     if q.dtype not in SUPPORTED_DTYPES:

@@ -12,7 +12,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import ClassVar
 from pathlib import Path
 
@@ -196,6 +196,8 @@ def has_tensorboard() -> bool:
 
 
 def _is_sharded(t) -> bool:
+    if not torch.distributed.is_available():  # a torch without distributed has no sharded tensors
+        return False
     from torch.distributed.tensor import DTensor
 
     return isinstance(t, DTensor)
@@ -231,12 +233,17 @@ def shard_model(model, accelerator, mixed_precision: str, name: str):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    if mixed_precision == "fp16":  # accelerate's GradScaler would look for infs in its own shard only
+        raise ValueError(f"{name}: fsdp trains with --mixed-precision bf16 or no, not fp16 (its loss scaler does not "
+                         "see the other processes' gradient shards)")
     dtypes = {p.dtype for p in model.parameters()}
     if mixed_precision == "no" and len(dtypes) > 1:
         raise ValueError(f"{name}: fsdp with mixed_precision 'no' needs every parameter in one dtype, the model has "
                          f"{sorted(map(str, dtypes))}: load the pipeline in fp32, or train with --mixed-precision bf16")
     compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
-    policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32) if compute else MixedPrecisionPolicy()
+    # inputs keep their dtypes (fp32 RoPE tables, timestep embeddings): autocast picks the compute dtype, as without FSDP
+    policy = (MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32, cast_forward_inputs=False) if compute
+              else MixedPrecisionPolicy(cast_forward_inputs=False))
     mesh = init_device_mesh(accelerator.device.type, (accelerator.num_processes,))
     blocks = [m for lst in model.children() if isinstance(lst, torch.nn.ModuleList) for m in lst]
     if not blocks:
@@ -303,10 +310,11 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler, world: int = 1) -
     meta = json.loads((last / "state.json").read_text())
     tensors = load_file(str(last / "optimizer.safetensors"))
     ordered = [p for group in optimizer.param_groups for p in group["params"]]  # the state's indices
+    sharded = any(_is_sharded(p) for p in ordered)
     state: dict = {}
     for key, value in sorted(tensors.items()) + list(meta["scalars"].items()):
         idx, name = key.split(".", 1)
-        if torch.is_tensor(value) and value.dim() > 0:  # moments, sharded as their parameter ("step" is a scalar)
+        if torch.is_tensor(value) and value.dim() > 0 and sharded:  # moments, sharded as their parameter ("step" is a scalar)
             value = _like(value, ordered[int(idx)])
         state.setdefault(int(idx), {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
@@ -321,10 +329,12 @@ def check_resume(folder: Path, cfg, resumable: tuple[str, ...], name: str, write
     current = asdict(cfg)
     if path.is_file():
         saved = json.loads(path.read_text())
-        changed = sorted(k for k in current if k not in resumable and saved.get(k) != current[k])
+        # an option added since the run was started was at its default there
+        defaults = {f.name: f.default for f in fields(cfg)}
+        changed = sorted(k for k in current if k not in resumable and saved.get(k, defaults.get(k)) != current[k])
         if changed:
             raise ValueError(
-                f"{name}: {folder} holds a run with other options ({', '.join(f'{k}: {saved.get(k)!r} -> {current[k]!r}' for k in changed)}); "
+                f"{name}: {folder} holds a run with other options ({', '.join(f'{k}: {saved.get(k, defaults.get(k))!r} -> {current[k]!r}' for k in changed)}); "
                 "rerun with the same options to resume, or pass a new --out"
             )
     if write:

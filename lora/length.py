@@ -80,7 +80,8 @@ from .common import (
 )
 from .video_data import BadClip, DataReport, check_caption, fit, folder_clips
 
-RESUMABLE = ("steps", "max_minutes", "checkpoint_every", "validate_every", "validation_prompt", "validation_steps")
+# options a rerun may change (fsdp: its checkpoints are the plain files, gathered whole)
+RESUMABLE = ("steps", "max_minutes", "checkpoint_every", "validate_every", "validation_prompt", "validation_steps", "fsdp")
 PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 SCHEDULE_FIELDS = ("dense_steps", "last_dense_steps")  # training runs the method at every noise level
 SHARD = 64  # clips per cached data shard
@@ -467,6 +468,9 @@ def train(cfg: LengthConfig, *, pipe=None, clips=None, consume: bool = False, _s
                          "pass the pipeline's path (cfg.pipeline) and no pipe=, or train(..., consume=True) to give it to the trainer")
     out = Path(cfg.out)
     accelerator = make_accelerator(cfg.mixed_precision, out, lambda msg: print(f"[length] {msg}", flush=True))
+    if cfg.fsdp and accelerator.num_processes < 2:
+        raise ValueError("length: --fsdp shards the model over processes and this run has one: launch it with "
+                         "accelerate launch --num_processes N (N >= 2), or drop --fsdp")
     log = lambda msg: print(f"[length] {msg}", flush=True) if accelerator.is_main_process else None  # noqa: E731
     if pipe is None:
         from diffusers import DiffusionPipeline
@@ -530,7 +534,7 @@ def train(cfg: LengthConfig, *, pipe=None, clips=None, consume: bool = False, _s
         optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
         # the decay follows --steps (a resume with more steps moves it; --max-minutes does not)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: scheduled_lr(s, 1.0, cfg.warmup, decay=cfg.lr_decay, progress=(s + 1) / cfg.steps))
+            optimizer, lambda s: scheduled_lr(s, 1.0, cfg.warmup, decay=cfg.lr_decay, progress=s / cfg.steps))
         start = load_checkpoint(out, model, optimizer, scheduler, world=accelerator.num_processes)
         if start:
             log(f"resuming at step {start}")

@@ -175,6 +175,22 @@ def test_bad_clips_are_reported_and_skipped_or_refused(tmp_path, capsys):
 
 
 @pytest.mark.cpu
+def test_a_run_started_before_an_option_existed_still_resumes(tmp_path):
+    from diffattn.lora.common import check_resume
+
+    cfg = _cfg(tmp_path)
+    check_resume(tmp_path, cfg, length.RESUMABLE, "length")
+    saved = json.loads((tmp_path / "config.json").read_text())
+    for newer in ("lr_decay", "fsdp"):  # options this run's version did not have
+        del saved[newer]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    check_resume(tmp_path, cfg, length.RESUMABLE, "length")  # their defaults are what it ran with
+    check_resume(tmp_path, dataclasses.replace(cfg, fsdp=True), length.RESUMABLE, "length")  # the same checkpoint files
+    with pytest.raises(ValueError, match="lr_decay: 0.0 -> 0.5"):
+        check_resume(tmp_path, dataclasses.replace(cfg, lr_decay=0.5), length.RESUMABLE, "length")
+
+
+@pytest.mark.cpu
 def test_bad_trainer_inputs_name_the_fix(tmp_path, trained):
     with pytest.raises(ValueError, match="4k\\+1.*nearest valid lengths are 13 and 17"):
         _train(_cfg(tmp_path / "a", frames=15))
@@ -262,7 +278,7 @@ def test_dense_method_trains_on_the_stock_processors(tmp_path):
     assert meta["method"] == "dense" and meta["options"] == {}
     # lr_decay 0.5: full rate for the first half of the steps, then a linear ramp to 0
     lrs = [json.loads(line)["lr"] for line in (out / "log.jsonl").read_text().splitlines()]
-    assert lrs == pytest.approx([1e-3, 5e-4, 0.0, 0.0])
+    assert lrs == pytest.approx([1e-3, 1e-3, 5e-4, 0.0])  # the rate after each step: the last step ran at half
 
 
 @pytest.mark.cpu

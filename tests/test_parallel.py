@@ -343,6 +343,7 @@ def test_fsdp_training_equals_ddp_and_resumes_after_a_kill(data_parallel_run, tm
     from safetensors.torch import load_file
 
     _torchrun(2, tmp_path, "", "fsdp", "3", code=3)
+    assert (tmp_path / "killed.0").is_file() and (tmp_path / "killed.1").is_file()  # both stopped by the kill, no crash
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_0000002"]
     _torchrun(2, tmp_path, "", "fsdp")
     lines = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
@@ -363,6 +364,8 @@ def test_fsdp_training_equals_ddp_and_resumes_after_a_kill(data_parallel_run, tm
 
     with pytest.raises(ValueError, match="fsdp shards the transformer in place.*consume=True"):
         length.train(config(tmp_path / "x", fsdp=True), pipe=load_pipeline("video"), clips=clips)
+    with pytest.raises(ValueError, match="this run has one: launch it with accelerate launch --num_processes N"):
+        length.train(config(tmp_path / "y", fsdp=True), pipe=load_pipeline("video"), clips=clips, consume=True)
 
 
 def test_fsdp_with_ulysses_equals_one_process(single_process_run, tmp_path):
@@ -384,6 +387,8 @@ def test_fsdp_refuses_mixed_dtypes_without_mixed_precision():
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2).to(torch.bfloat16))
     with pytest.raises(ValueError, match="one dtype.*--mixed-precision bf16"):
         shard_model(model, None, "no", "length")
+    with pytest.raises(ValueError, match="bf16 or no, not fp16"):
+        shard_model(model, None, "fp16", "length")
 
 
 def test_context_parallel_option_is_checked():

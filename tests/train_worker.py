@@ -44,6 +44,7 @@ def main() -> int:
         try:
             length.train(config(out, cp, fsdp=True), pipe=pipe, clips=clips, consume=True, _stop_after=stop)
         except length.Killed:
+            (out / f"killed.{torch.distributed.get_rank()}").write_text("")  # the stand-in kill, not a crash
             return 3
         from torch.distributed.tensor import DTensor
 

@@ -35,7 +35,7 @@ class BlockSparseMethod:
 
     def __init__(self, config, *, backend: str = "auto", precision: str | None = None):
         """backend: ``kernels.select``'s name. precision: None (the model's dtype), or ``"int8"`` /
-        ``"fp8"``: the 8-bit forward on the triton backend (inference only; measured 1.34x our bf16
+        ``"fp8"``: the 8-bit forward on the triton backend (inference only; measured 1.39x our bf16
         forward at Wan2.1-14B 720p on an H200, with several times bf16's error, RESULTS.md; no other
         backend runs it); ``"int8-qk"``: only Q.K^T in int8, P.V at the model's dtype (less error,
         less speed)."""

@@ -126,14 +126,15 @@ def quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, precision: str, 
     fp8 = torch.float8_e4m3fn
     if kv_len is None:
         center = k.mean(dim=2, dtype=torch.float32)  # [B, H, D]
-        vmax = v.abs().amax(dim=2).float()  # [B, H, D]
+        vmax = v.abs().amax(dim=2).float() if pv8 else None  # [B, H, D]
     else:
         valid = (torch.arange(sk, device=dev)[None, :] < kv_len.to(dev)[:, None])[:, None, :, None]  # [B, 1, Sk, 1]
         count = kv_len.to(dev, torch.float32).clamp(min=1)[:, None, None]
         center = torch.where(valid, k.float(), 0.0).sum(dim=2) / count
-        vmax = torch.where(valid, v.abs(), 0).amax(dim=2).float()
+        vmax = torch.where(valid, v.abs(), 0).amax(dim=2).float() if pv8 else None
     pad = lambda t: torch.nn.functional.pad(t, (0, head - d)).contiguous()  # noqa: E731  [B, H, Dp]
-    center, vscale = pad(center), pad(vmax / FP8_MAX)
+    center = pad(center)
+    vscale = pad(vmax / FP8_MAX) if pv8 else None
     qmax = INT8_MAX if int8 else FP8_MAX
     q8 = torch.empty(b, h, sq, head, device=dev, dtype=torch.int8 if int8 else fp8)
     k8 = torch.empty(b, h, sk, head, device=dev, dtype=torch.int8 if int8 else fp8)
