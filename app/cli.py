@@ -795,7 +795,7 @@ def _train_clear(argv):
         shapes = _testbed("shapes")
         if not cfg.prompts:
             prompts = [shapes.sample(cfg.seed * 100_003 + i, image=True).caption for i in range(cfg.num_samples)]
-    return clear_distill.train(cfg, pipe=pipe, prompts=prompts)
+    return clear_distill.train(cfg, pipe=pipe, prompts=prompts, consume=True)  # the testbed pipeline was loaded for this run
 
 
 def _train_length(argv):

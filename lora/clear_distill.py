@@ -26,6 +26,11 @@ follow from the step. Running the same command again resumes from the newest che
 ``checkpoint_every`` steps are lost) and gives the same result as an uninterrupted run. A changed
 option (other than ``steps``, ``max_minutes``, ``checkpoint_every``) raises.
 
+FSDP (``--fsdp true``, under ``accelerate launch``): the student, and a full fine-tune's teacher
+copy, sharded over the processes (``diffattn.lora.common.shard_model``); checkpoints and outputs
+are gathered whole. A passed pipeline is sharded in place, so ``train`` takes one only with
+``consume=True``.
+
 Output: ``out/pytorch_lora_weights.safetensors`` (diffusers ``load_lora_weights``) or
 ``out/full_weights.safetensors``, with ``out/diffattn.json`` (radius, down_factor, base model).
 Logs: a tqdm bar (loss, ETA), TensorBoard under ``out/logs`` (when ``tensorboard`` is installed:
@@ -54,15 +59,15 @@ import diffattn
 from diffattn.core.weights import FULL_NAME, LORA_NAME, write_meta
 
 from .common import (
-    Killed, RunLog, RunOptions, batch_indices, check_resume, config_from_argv, deadline_reached, load_checkpoint, make_accelerator, now,
-    save_checkpoint, warmup_lr,
+    Killed, RunLog, RunOptions, batch_indices, check_fsdp, check_resume, config_from_argv, deadline_reached, load_checkpoint,
+    make_accelerator, now, save_checkpoint, shard_model, trainable_state, warmup_lr,
 )
 
 FAMILY_TARGETS = {  # image-stream projections the student trains (module name suffixes)
     "flux": ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0"),
     "sd3": ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"),
 }
-RESUMABLE = ("steps", "max_minutes", "checkpoint_every")  # options a resumed run may change
+RESUMABLE = ("steps", "max_minutes", "checkpoint_every", "fsdp")  # options a resumed run may change (fsdp: the same files)
 SHARD = 16  # teacher samples per data shard
 
 
@@ -206,12 +211,15 @@ def attention_sites(handle, model, attn_every: int) -> list[str]:
     return [r["site"] for r in pool if r["layer"] % attn_every == 0]
 
 
-def train(cfg: DistillConfig, *, pipe=None, prompts: list[str] | None = None, _stop_after: int | None = None) -> Path:
+def train(cfg: DistillConfig, *, pipe=None, prompts: list[str] | None = None, consume: bool = False,
+          _stop_after: int | None = None) -> Path:
     """Run (or resume) a distillation; returns the output folder. ``pipe``: an already loaded
-    pipeline (else ``cfg.pipeline`` is loaded; a passed one is left as it was found);
-    ``prompts``: the prompts (else ``cfg.prompts``, a file)."""
+    pipeline (else ``cfg.pipeline`` is loaded; a passed one is left as it was found; with
+    ``cfg.fsdp``, which shards it in place, only with ``consume=True``, and it is not usable
+    afterwards); ``prompts``: the prompts (else ``cfg.prompts``, a file)."""
     out = Path(cfg.out)
     accelerator = make_accelerator(cfg.mixed_precision, out, lambda msg: print(f"[clear_distill] {msg}", flush=True))
+    check_fsdp(cfg, accelerator, pipe is not None, consume)
     log = lambda msg: print(f"[clear_distill] {msg}", flush=True) if accelerator.is_main_process else None  # noqa: E731
     check_resume(out, cfg, RESUMABLE, "clear_distill", write=accelerator.is_main_process)  # every process raises alike
     accelerator.wait_for_everyone()
@@ -280,15 +288,24 @@ def train(cfg: DistillConfig, *, pipe=None, prompts: list[str] | None = None, _s
     if cfg.attn_weight > 0 and not sites:
         raise ValueError(f"clear_distill: no layer has an index that is a multiple of attn_every={cfg.attn_every}; "
                          "pass a smaller --attn-every (1: every layer) or --attn-weight 0")
+    if cfg.fsdp:  # the student (and a full fine-tune's teacher copy) sharded: the optimizer takes the new parameters
+        shard_model(model, accelerator, cfg.mixed_precision, "clear_distill")
+        if teacher is not None:
+            shard_model(teacher, accelerator, cfg.mixed_precision, "clear_distill")
+        trainable = [p for p in model.parameters() if p.requires_grad]
     log(f"{family}: {sum(p.numel() for p in trainable) / 1e6:.2f} M trainable ({'full' if cfg.full else f'LoRA r={cfg.rank}'}), "
-        f"attention loss on {len(sites)} layers, {data['latents'].shape[0]} teacher samples")
+        f"attention loss on {len(sites)} layers, {data['latents'].shape[0]} teacher samples"
+        + (f", sharded over {accelerator.num_processes} processes (FSDP)" if cfg.fsdp else ""))
 
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_lr(s, 1.0, cfg.warmup))
     start = load_checkpoint(out, model, optimizer, scheduler, world=accelerator.num_processes)
     if start:
         log(f"resuming at step {start}")
-    wrapped, optimizer = accelerator.prepare(model, optimizer)
+    if cfg.fsdp:  # sharded already: accelerate must not wrap it in DDP too
+        wrapped, optimizer = model, accelerator.prepare(optimizer)
+    else:
+        wrapped, optimizer = accelerator.prepare(model, optimizer)
     run = RunLog(accelerator, out, "clear_distill", cfg, cfg.steps, start)
     deadline = None if not cfg.max_minutes else now() + 60 * cfg.max_minutes
     step = start
@@ -317,8 +334,8 @@ def train(cfg: DistillConfig, *, pipe=None, prompts: list[str] | None = None, _s
             stop = deadline_reached(accelerator, deadline)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop:
                 accelerator.wait_for_everyone()
-                if accelerator.is_main_process:
-                    save_checkpoint(out, step, accelerator.unwrap_model(wrapped), optimizer, scheduler, world=accelerator.num_processes)
+                save_checkpoint(out, step, accelerator.unwrap_model(wrapped), optimizer, scheduler, world=accelerator.num_processes,
+                                write=accelerator.is_main_process)  # every process: FSDP gathers the shards
             if _stop_after is not None and step >= _stop_after:
                 raise Killed(step)
             if stop:
@@ -327,13 +344,16 @@ def train(cfg: DistillConfig, *, pipe=None, prompts: list[str] | None = None, _s
     finally:
         run.close()
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process and step >= cfg.steps:
-        _export(out, pipe, accelerator.unwrap_model(wrapped), cfg, family)
-    elif step < cfg.steps:
+    if step >= cfg.steps:
+        state = trainable_state(accelerator.unwrap_model(wrapped))  # gathered whole on every process under FSDP
+        if accelerator.is_main_process:
+            _export(out, pipe, accelerator.unwrap_model(wrapped), cfg, family, state)
+    else:
         log(f"stopped at step {step} of {cfg.steps}: no student exported yet; the same command resumes")
     accelerator.end_training()
     accelerator.unwrap_model(wrapped, keep_fp32_wrapper=False)  # drops accelerate's autocast wrapper from the model
-    _restore(model, teacher, handle, teacher_handle, cfg, dtypes)
+    if not cfg.fsdp:  # (sharded in place, the pipeline was the trainer's: nothing to hand back)
+        _restore(model, teacher, handle, teacher_handle, cfg, dtypes)
     return out
 
 
@@ -369,19 +389,20 @@ def _teacher_mode(model, lora: bool):
         model.enable_adapters()
 
 
-def _export(out: Path, pipe, model, cfg: DistillConfig, family: str) -> None:
+def _export(out: Path, pipe, model, cfg: DistillConfig, family: str, state: dict) -> None:
+    """``state``: the trainable tensors, whole (``trainable_state``)."""
     from safetensors.torch import save_file
 
     if cfg.full:
         names = FAMILY_TARGETS[family]
-        tensors = {f"transformer.{n}": p.detach().to(torch.bfloat16 if cfg.mixed_precision == "bf16" else p.dtype).contiguous().cpu()
-                   for n, p in model.named_parameters() if n.rsplit(".", 1)[0].endswith(names)}
+        tensors = {f"transformer.{n}": p.to(torch.bfloat16 if cfg.mixed_precision == "bf16" else p.dtype).contiguous()
+                   for n, p in state.items() if n.rsplit(".", 1)[0].endswith(names)}
         save_file(tensors, str(out / FULL_NAME))
         kind = "full"
     else:
         from peft.utils import get_peft_model_state_dict
 
-        type(pipe).save_lora_weights(out, transformer_lora_layers=get_peft_model_state_dict(model), weight_name=LORA_NAME)
+        type(pipe).save_lora_weights(out, transformer_lora_layers=get_peft_model_state_dict(model, state_dict=state), weight_name=LORA_NAME)
         kind = "lora"
     write_meta(out, method="clear", options={"radius": cfg.radius, "down_factor": cfg.down_factor}, model=model,
                kind=kind, extra={"base_path": cfg.pipeline, "steps": cfg.steps})

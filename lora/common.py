@@ -171,6 +171,7 @@ class RunOptions:
     gradient_checkpointing: bool = True
     max_minutes: float = 0.0       # 0: no deadline; else stop (and save) after this long
     backend: str = "auto"
+    fsdp: bool = False             # shard the model (frozen base and trainable tensors) over the processes: FSDP2, by block
 
     def __post_init__(self):
         if self.checkpoint_every < 1:
@@ -252,6 +253,18 @@ def shard_model(model, accelerator, mixed_precision: str, name: str):
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
+
+
+def check_fsdp(cfg, accelerator, passed: bool, consume: bool) -> None:
+    """The run can shard: more than one process, and a pipeline that is the trainer's to shard."""
+    if not cfg.fsdp:
+        return
+    if passed and not consume:
+        raise ValueError(f"{cfg.NAME}: fsdp shards the transformer in place and cannot hand a passed pipeline back as it was: "
+                         "pass the pipeline's path (cfg.pipeline) and no pipe=, or train(..., consume=True) to give it to the trainer")
+    if accelerator.num_processes < 2:
+        raise ValueError(f"{cfg.NAME}: --fsdp shards the model over processes and this run has one: launch it with "
+                         "accelerate launch --num_processes N (N >= 2), or drop --fsdp")
 
 
 def save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, keep: int = 2, world: int = 1,

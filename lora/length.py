@@ -75,7 +75,7 @@ import diffattn
 from diffattn.core.weights import LORA_NAME, write_meta
 
 from .common import (
-    Killed, RunLog, RunOptions, batch_indices, check_resume, config_from_argv, deadline_reached, enable_sequence_parallel, load_checkpoint,
+    Killed, RunLog, RunOptions, batch_indices, check_fsdp, check_resume, config_from_argv, deadline_reached, enable_sequence_parallel, load_checkpoint,
     make_accelerator, now, parse_context_parallel, save_checkpoint, scheduled_lr, shard_model, trainable_state,
 )
 from .video_data import BadClip, DataReport, check_caption, fit, folder_clips
@@ -120,7 +120,6 @@ class LengthConfig(RunOptions):
     validation_prompt: str = ""   # "": the first training caption
     validation_steps: int = 0     # 0: the pipeline's default
     context_parallel: str = ""    # sequence parallelism for long clips: "ulysses=N", "ring=N" or both ("ulysses=2,ring=2")
-    fsdp: bool = False            # shard the model (frozen base and LoRA) over the processes: FSDP2, one block at a time
 
     def __post_init__(self):
         super().__post_init__()
@@ -463,14 +462,9 @@ def train(cfg: LengthConfig, *, pipe=None, clips=None, consume: bool = False, _s
                          + (" or, on the testbed, --self-generate N" if cfg.pipeline == "testbed" else ""))
     if clips is not None and cfg.data:
         raise ValueError("length: pass either --data or generated clips, not both")
-    if cfg.fsdp and pipe is not None and not consume:
-        raise ValueError("length: fsdp shards the transformer in place and cannot hand a passed pipeline back as it was: "
-                         "pass the pipeline's path (cfg.pipeline) and no pipe=, or train(..., consume=True) to give it to the trainer")
     out = Path(cfg.out)
     accelerator = make_accelerator(cfg.mixed_precision, out, lambda msg: print(f"[length] {msg}", flush=True))
-    if cfg.fsdp and accelerator.num_processes < 2:
-        raise ValueError("length: --fsdp shards the model over processes and this run has one: launch it with "
-                         "accelerate launch --num_processes N (N >= 2), or drop --fsdp")
+    check_fsdp(cfg, accelerator, pipe is not None, consume)
     log = lambda msg: print(f"[length] {msg}", flush=True) if accelerator.is_main_process else None  # noqa: E731
     if pipe is None:
         from diffusers import DiffusionPipeline

@@ -381,6 +381,28 @@ def test_fsdp_with_ulysses_equals_one_process(single_process_run, tmp_path):
         torch.testing.assert_close(b[key], a[key], atol=5e-4, rtol=1e-3)
 
 
+DISTILL_WORKER = Path(__file__).with_name("distill_worker.py")
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_clear_distillation_under_fsdp_equals_ddp(tmp_path, full):
+    """The CLEAR distillation trainer on two processes, DDP against FSDP (the student sharded; a
+    full fine-tune's teacher copy too): the same losses at every step and the same exported weights."""
+    from safetensors.torch import load_file
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    for mode in ("ddp", "fsdp"):
+        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(DISTILL_WORKER),
+                              str(tmp_path / mode), mode, "full" if full else "lora"], capture_output=True, text=True, env=env, timeout=600)
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert _losses(tmp_path / "fsdp") == pytest.approx(_losses(tmp_path / "ddp"), rel=1e-5)
+    name = "full_weights.safetensors" if full else "pytorch_lora_weights.safetensors"
+    a, b = load_file(str(tmp_path / "ddp" / name)), load_file(str(tmp_path / "fsdp" / name))
+    assert a.keys() == b.keys() and a
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=1e-4)
+
+
 def test_fsdp_refuses_mixed_dtypes_without_mixed_precision():
     from diffattn.lora.common import shard_model
 
