@@ -67,11 +67,13 @@ def test_shell_command(index, tmp_path):
             from diffattn.lora.common import config_from_argv, parse_context_parallel
 
             module = argv[argv.index("-m") + 1]
-            assert module == "diffattn.lora.length", part
-            from diffattn.lora.length import LengthConfig
-
-            cfg = config_from_argv(LengthConfig, argv[argv.index("-m") + 2:], "")
-            u, r = parse_context_parallel(cfg.context_parallel, "readme")
+            assert module in ("diffattn.lora.length", "diffattn.lora.clear_distill"), part
+            if module == "diffattn.lora.length":
+                from diffattn.lora.length import LengthConfig as Config
+            else:
+                from diffattn.lora.clear_distill import DistillConfig as Config
+            cfg = config_from_argv(Config, argv[argv.index("-m") + 2:], "")
+            u, r = parse_context_parallel(getattr(cfg, "context_parallel", ""), "readme")
             assert int(argv[argv.index("--num_processes") + 1]) % (u * r) == 0, part
         elif argv[0] == "diffattn" and "--lora" in argv:  # a stand-in training output: the flags parse, its length is used
             i = argv.index("--lora") + 1
