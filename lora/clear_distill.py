@@ -24,10 +24,12 @@ JSON) and the step are written atomically to ``out/checkpoints``; everything ran
 sigma) is drawn from generators seeded by (seed, step, process), so the data position and RNG
 follow from the step. Running the same command again resumes from the newest checkpoint (at most
 ``checkpoint_every`` steps are lost) and gives the same result as an uninterrupted run. A changed
-option (other than ``steps``, ``max_minutes``, ``checkpoint_every``) raises.
+option (other than ``steps``, ``max_minutes``, ``checkpoint_every``, ``fsdp``) raises.
 
 FSDP (``--fsdp true``, under ``accelerate launch``): the student, and a full fine-tune's teacher
-copy, sharded over the processes (``diffattn.lora.common.shard_model``); checkpoints and outputs
+copy, sharded over the processes (``diffattn.lora.common.shard_model``) once the teacher samples
+are generated (the pipeline is loaded whole on every process first, and its text encoders and VAE
+stay whole); checkpoints and outputs
 are gathered whole. A passed pipeline is sharded in place, so ``train`` takes one only with
 ``consume=True``.
 
@@ -345,7 +347,8 @@ def train(cfg: DistillConfig, *, pipe=None, prompts: list[str] | None = None, co
         run.close()
     accelerator.wait_for_everyone()
     if step >= cfg.steps:
-        state = trainable_state(accelerator.unwrap_model(wrapped))  # gathered whole on every process under FSDP
+        # gathered whole on every process under FSDP (a collective), else read by the writer only
+        state = trainable_state(accelerator.unwrap_model(wrapped)) if cfg.fsdp or accelerator.is_main_process else None
         if accelerator.is_main_process:
             _export(out, pipe, accelerator.unwrap_model(wrapped), cfg, family, state)
     else:
@@ -378,15 +381,25 @@ def _restore(model, teacher, handle, teacher_handle, cfg: DistillConfig, dtypes:
 
 @contextlib.contextmanager
 def _teacher_mode(model, lora: bool):
-    """The LoRA student's weights as the teacher: adapters off inside the block."""
+    """The LoRA student's weights as the teacher: adapters off inside the block. peft's own switch
+    (``model.disable_adapters()``) also sets the adapters' ``requires_grad`` to False; under FSDP the
+    first forward fixes each group's dtypes from the parameters that need gradients then, and
+    with none it would reduce the gradients in bf16 into fp32 shards (which raises). So only the
+    layers' disable flag is flipped here, the one peft's layers read in their forward."""
     if not lora:
         yield
         return
-    model.disable_adapters()
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    before = [m._disable_adapters for m in layers]
+    for m in layers:
+        m._disable_adapters = True
     try:
         yield
     finally:
-        model.enable_adapters()
+        for m, flag in zip(layers, before):
+            m._disable_adapters = flag
 
 
 def _export(out: Path, pipe, model, cfg: DistillConfig, family: str, state: dict) -> None:

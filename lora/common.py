@@ -178,6 +178,9 @@ class RunOptions:
             raise ValueError(f"{self.NAME}: checkpoint_every must be >= 1, got {self.checkpoint_every}")
         if self.mixed_precision not in ("bf16", "fp16", "no"):
             raise ValueError(f"{self.NAME}: mixed_precision must be bf16, fp16 or no, got {self.mixed_precision!r}")
+        if self.fsdp and self.mixed_precision == "fp16":  # accelerate's GradScaler would look for infs in its own shard only
+            raise ValueError(f"{self.NAME}: fsdp trains with --mixed-precision bf16 or no, not fp16 (its loss scaler does not "
+                             "see the other processes' gradient shards)")
 
 
 class Killed(RuntimeError):
@@ -274,6 +277,8 @@ def save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, keep: 
     process calls it (the tensors are gathered whole) and one writes (``write``)."""
     from safetensors.torch import save_file
 
+    if not write and not any(_is_sharded(p) for p in model.parameters()):
+        return  # nothing to gather: only the writer copies the tensors
     trainable = trainable_state(model)
     state = optimizer.state_dict()
     tensors, scalars = {}, {}

@@ -540,7 +540,8 @@ def train(cfg: LengthConfig, *, pipe=None, clips=None, consume: bool = False, _s
                      guided, start, pipe, model, height, width, limit, log, _stop_after, group, ulysses * ring)
         accelerator.wait_for_everyone()
         if step >= cfg.steps:
-            state = trainable_state(accelerator.unwrap_model(wrapped))  # gathered whole on every process under FSDP
+            # gathered whole on every process under FSDP (a collective), else read by the writer only
+            state = trainable_state(accelerator.unwrap_model(wrapped)) if cfg.fsdp or accelerator.is_main_process else None
             if accelerator.is_main_process:
                 _export(out, pipe, accelerator.unwrap_model(wrapped), cfg, lora_config, options, height, width, latent_frames, limit, state)
         elif step < cfg.steps:

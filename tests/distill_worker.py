@@ -1,10 +1,11 @@
 """One process of the multi-process CLEAR distillation test (``tests/test_parallel.py``), under torchrun:
 
-    torchrun --standalone --nproc_per_node N tests/distill_worker.py OUT ddp|fsdp [full]
+    torchrun --standalone --nproc_per_node N tests/distill_worker.py OUT ddp|fsdp [full|lora] [bf16]
 
 distils the testbed FLUX student of ``test_clear_distill.py``'s tiny config into OUT, data
 parallel (DDP) or sharded over the processes (FSDP; the pipeline is handed to the trainer);
-``full``: the projections fine-tuned instead of a LoRA (the teacher is then a sharded copy).
+``full``: the projections fine-tuned instead of a LoRA (the teacher is then a sharded copy);
+``bf16``: bf16 mixed precision (fp32 otherwise).
 """
 
 from __future__ import annotations
@@ -31,9 +32,11 @@ def config(out, **kw) -> clear_distill.DistillConfig:
 def main() -> int:
     out, mode = Path(sys.argv[1]), sys.argv[2]
     full = len(sys.argv) > 3 and sys.argv[3] == "full"
+    precision = sys.argv[4] if len(sys.argv) > 4 else "no"
     torch.set_num_threads(1)
     pipe = load_pipeline("image-dit")
-    clear_distill.train(config(out, fsdp=mode == "fsdp", full=full), pipe=pipe, prompts=PROMPTS, consume=mode == "fsdp")
+    clear_distill.train(config(out, fsdp=mode == "fsdp", full=full, mixed_precision=precision), pipe=pipe, prompts=PROMPTS,
+                        consume=mode == "fsdp")
     if mode == "fsdp":
         from torch.distributed.tensor import DTensor
 
