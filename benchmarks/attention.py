@@ -21,7 +21,8 @@ heads (block-level patterns). ``--compare-backward`` adds our kernel with the sp
 backward next to the default fused one.
 
 Element rules run from per-block bits (the kernel's default; built once per description, their
-build time and memory printed); ``--compare-rule`` also times the in-kernel per-score predicate.
+build time and memory printed); ``--compare-rule`` also times the in-kernel per-score predicate, and
+``--compare-bound`` both partial-block variants (with and without the key bound; the default picks one).
 
 Prints ms, TFLOP/s on computed blocks, and efficiency = density x t(best dense) / t(ours):
 1.0 means our kernel is as fast per computed block as the best dense kernel over all blocks.
@@ -152,7 +153,8 @@ def errors_vs_fp32(q, k, v, sp, outs: dict, rows: int = 512, heads: int = 4) -> 
 
 
 def run_shape(key: str, backward: bool, flex_sparse: bool = True, compare_tma: bool = False, patterns=("radial",),
-              compare_rule: bool = False, block_n: int = 64, precisions=(), compare_backward: bool = False) -> list[Row]:
+              compare_rule: bool = False, block_n: int = 64, precisions=(), compare_backward: bool = False,
+              compare_bound: bool = False) -> list[Row]:
     shape = SHAPES[key]
     backward = backward and shape.backward
     s, h, d = shape.seq, shape.heads, shape.head_dim
@@ -210,6 +212,9 @@ def run_shape(key: str, backward: bool, flex_sparse: bool = True, compare_tma: b
         for prec in precisions:  # forward only (an inference mode)
             kernels[f"diffattn Triton {prec} ({label})"] = (ordered((lambda d, b, p: lambda q, k, v: block_sparse_attention(q, k, v, d, bits=b, precision=p))(sp, bits, prec), order), dens)
             fwd_only.add(f"diffattn Triton {prec} ({label})")
+        if compare_bound and sp.rule is not None:
+            for bound in (False, True):
+                kernels[f"diffattn Triton bound={bound} ({label})"] = (ordered((lambda d, b, x: lambda q, k, v: block_sparse_attention(q, k, v, d, bits=b, bound_partial=x))(sp, bits, bound), order), dens)
         if compare_rule and sp.rule is not None:
             kernels[f"diffattn Triton per-score rule ({label})"] = (ordered((lambda d: lambda q, k, v: block_sparse_attention(q, k, v, d, element_mask="rule"))(sp), order), dens)
         if compare_tma:
@@ -291,6 +296,7 @@ def main(argv=None) -> None:
     parser.add_argument("--compare-tma", action="store_true", help="also time our kernel with pointer loads")
     parser.add_argument("--patterns", nargs="*", default=["radial"], choices=PATTERNS)
     parser.add_argument("--compare-rule", action="store_true", help="also time element rules evaluated per score in the kernel")
+    parser.add_argument("--compare-bound", action="store_true", help="also time partial blocks with and without the key bound")
     parser.add_argument("--block-n", type=int, default=64, choices=(64, 128), help="key block of the row-major windows")
     parser.add_argument("--precision", nargs="*", default=[], choices=PRECISIONS, help="also time the 8-bit forward")
     parser.add_argument("--compare-backward", action="store_true", help="also time the split deterministic backward")
@@ -304,7 +310,7 @@ def main(argv=None) -> None:
     for key in args.shapes:
         print(f"{SHAPES[key].name}: S={SHAPES[key].seq}", flush=True)
         rows += run_shape(key, not args.no_backward, flex_sparse=not args.no_flex_sparse, compare_tma=args.compare_tma,
-                          patterns=args.patterns, compare_rule=args.compare_rule, block_n=args.block_n,
+                          patterns=args.patterns, compare_rule=args.compare_rule, compare_bound=args.compare_bound, block_n=args.block_n,
                           precisions=args.precision, compare_backward=args.compare_backward)
         if args.json:
             with open(args.json, "w") as fh:

@@ -3,7 +3,8 @@
 # benchmark with the 8-bit forward and both backwards, the on-disk autotune cache, the Wan2.1-14B
 # forward end to end at each precision, and the testbed video quality of the 8-bit forward.
 # Run from the repo root on the GPU machine; writes logs to ${OUT:-/tmp/out}. Parts: tests, wan,
-# hunyuan, tune, e2e, quality (default: all).
+# hunyuan, tune, e2e, quality (default: all); nb and nb-e2e (issue 11: element-rule blocks, forward,
+# backward and the Wan2.1-14B forward with 3-D windows) run only when named.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -30,4 +31,16 @@ fi
 if [[ $part == all || $part == quality ]]; then
   python3 benchmarks/quality.py --kinds video --prompts 64 --json "$OUT/quality_video.json" --versus radial \
     --methods "radial,radial:precision='int8',radial:precision='fp8',radial:precision='int8-qk'" 2>&1 | tail -9 | tee "$OUT/quality.log"
+fi
+if [[ $part == nb ]]; then
+  python3 -P -m pytest -q -m gpu tests/test_kernels.py -p no:cacheprovider -s -k "predicates" 2>&1 | tail -15 | tee "$OUT/gpu_tests_rules.log"
+  python3 benchmarks/attention.py --shapes wan14b --no-backward --no-flex-sparse --compare-bound \
+    --patterns radial nb-time nb-3d nb-preset nb-gna nb-3d-tiles nb-gna-tiles --json "$OUT/attention_nb64.json" 2>&1 | tee "$OUT/attention_nb64.log"
+  python3 benchmarks/attention.py --shapes wan14b --no-backward --no-flex-sparse --compare-bound --block-n 128 \
+    --patterns nb-3d nb-preset --json "$OUT/attention_nb128.json" 2>&1 | tee "$OUT/attention_nb128.log"
+fi
+if [[ $part == nb-e2e ]]; then
+  python3 benchmarks/attention.py --shapes wan14b --no-flex-sparse --patterns radial ${NB_PATTERNS:-nb-3d} \
+    ${NB_FLAGS:-} --json "$OUT/attention_nb_bwd.json" 2>&1 | tee "$OUT/attention_nb_bwd.log"
+  python3 benchmarks/e2e.py --models 14b --repeats 2 --backends triton --methods radial ${NB_METHODS:-"neighborhood:kernel_size=(9,23,40)"} 2>&1 | tee "$OUT/e2e_nb.log"
 fi

@@ -117,29 +117,74 @@ if HAS_TRITON:
         else:
             return tl.load(ptrs)
 
+    # The element rule's score select as one PTX block (and to a predicate, select: two SASS
+    # instructions per score). Written in Triton, LLVM's SLP vectorizer packs the tests into <32 x i1>
+    # vectors whose lowering extracts every bit with a shift and an and: about 1.8x the loop's
+    # instructions (kernels/NOTES.md, 2026-12-03 third round). The interpreter runs the Triton form.
+    _ASM_SELECT = tl.constexpr(not _interpreting())
+
     @triton.jit
-    def _bit_test(words_ptr, rows, col0, BLOCK_N: tl.constexpr, W: tl.constexpr, TRANS: tl.constexpr):
-        """The element rule read from its bits (``kernels.triton.bits``): ``words_ptr`` is the
-        [SPARSE_M, W] int64 block of one (query block, key block) pair, ``rows`` the tile's rows in
-        it, ``col0`` the tile's first key column in it. [rows, BLOCK_N] bool, or [BLOCK_N, rows]
-        with TRANS (the dK/dV pass's orientation)."""
-        # one bit per column as a [BLOCK_N] vector, so a score costs one and + one compare
+    def _word_bound(n_ok, lead, i):
+        """The bits of word ``i`` of a tile whose first ``n_ok`` keys are inside the key bound; the
+        tile's first key is bit ``lead`` of word 0 (scalars; a prefix of ones)."""
+        keep = tl.minimum(tl.maximum(n_ok + lead - 32 * i, 0), 32).to(tl.int64)
+        return ((tl.full([], 1, tl.int64) << keep) - 1).to(tl.int32)  # 32 -> all ones
+
+    @triton.jit
+    def _bits_where(x, words_ptr, rows, col0, n_ok, other: tl.constexpr, BLOCK_N: tl.constexpr, W: tl.constexpr,
+                    TRANS: tl.constexpr, BOUND: tl.constexpr):
+        """``x`` where the element rule's bits (``kernels.triton.bits``) allow the score, else ``other``.
+
+        ``words_ptr``: the [SPARSE_M, W] int32 words of one (query block, key block) pair (rows past
+        the sequence have none); ``rows``: the tile's rows in it; ``col0``: the tile's first key
+        column in it. With BOUND only the tile's first ``n_ok`` keys count (the per-batch key
+        length): applied to each row's words, so the bound costs nothing per score. ``x`` is
+        [rows, BLOCK_N], or [BLOCK_N, rows] with TRANS (the dK/dV pass)."""
         cols = tl.arange(0, BLOCK_N)
-        bit = tl.full([BLOCK_N], 1, tl.int64) << ((col0 + cols) % 64).to(tl.int64)
-        if BLOCK_N <= 64:  # one word per row
-            words = tl.load(words_ptr + rows * W + col0 // 64)  # [rows] int64
+        if BLOCK_N <= 32:  # one word per row; a tile of 16 may start mid-word
+            bit = tl.full([BLOCK_N], 1, tl.int32) << ((col0 + cols) % 32)
+            word = tl.load(words_ptr + rows * W + col0 // 32)  # [rows]
+            if BOUND:
+                word = word & _word_bound(n_ok, col0 % 32, 0)
             if TRANS:
-                return (words[None, :] & bit[:, None]) != 0
+                sel = tl.broadcast_to(word[None, :], x.shape)
             else:
-                return (words[:, None] & bit[None, :]) != 0
-        else:  # two words per row, chosen per column
-            tl.static_assert(BLOCK_N == 128, "key tiles of at most 128 columns")
-            lo = tl.load(words_ptr + rows * W + col0 // 64)
-            hi = tl.load(words_ptr + rows * W + col0 // 64 + 1)
+                sel = tl.broadcast_to(word[:, None], x.shape)
+        else:  # BLOCK_N // 32 words per row, chosen per column: the choice folds at compile time
+            bit = tl.full([BLOCK_N], 1, tl.int32) << (cols % 32)  # col0 is a multiple of BLOCK_N
+            which = cols // 32
+            base = words_ptr + rows * W + col0 // 32
+            word = tl.load(base)
+            if BOUND:
+                word = word & _word_bound(n_ok, 0, 0)
             if TRANS:
-                return (tl.where(cols[:, None] < 64, lo[None, :], hi[None, :]) & bit[:, None]) != 0
+                sel = tl.broadcast_to(word[None, :], x.shape)
             else:
-                return (tl.where(cols[None, :] < 64, lo[:, None], hi[:, None]) & bit[None, :]) != 0
+                sel = tl.broadcast_to(word[:, None], x.shape)
+            for i in tl.static_range(1, BLOCK_N // 32):
+                word = tl.load(base + i)
+                if BOUND:
+                    word = word & _word_bound(n_ok, 0, i)
+                if TRANS:
+                    sel = tl.where(which[:, None] == i, word[None, :], sel)
+                else:
+                    sel = tl.where(which[None, :] == i, word[:, None], sel)
+        if TRANS:
+            bits = tl.broadcast_to(bit[:, None], x.shape)
+        else:
+            bits = tl.broadcast_to(bit[None, :], x.shape)
+        if _ASM_SELECT:
+            if other == 0.0:
+                return tl.inline_asm_elementwise(
+                    "{ .reg .pred p; .reg .b32 t; and.b32 t, $2, $3; setp.ne.b32 p, t, 0; selp.f32 $0, $1, 0f00000000, p; }",
+                    "=f,f,r,r", [x, sel, bits], dtype=tl.float32, is_pure=True, pack=1)
+            else:
+                tl.static_assert(other == float("-inf"), "other: 0 or -inf")
+                return tl.inline_asm_elementwise(
+                    "{ .reg .pred p; .reg .b32 t; and.b32 t, $2, $3; setp.ne.b32 p, t, 0; selp.f32 $0, $1, 0fFF800000, p; }",
+                    "=f,f,r,r", [x, sel, bits], dtype=tl.float32, is_pure=True, pack=1)
+        else:
+            return tl.where((sel & bits) != 0, x, other)
 
     # -- forward inner loop ----------------------------------------------------------------------
 
@@ -194,15 +239,12 @@ if HAS_TRITON:
                 tile_scale = qk_scale
             # MASKED: the key bound (kv_end); RULE: the element rule (1 per score, 2 from its bits,
             # which also hold the static sequence tail, so partial blocks may skip the bound)
-            if MASKED:
+            if RULE == 2:  # the rule's bits for this block pair ([SPARSE_M rows, W words]), bounded per word
+                qk = _bits_where(qk, bits_base + (t // SUB) * (SPARSE_M * W), tl.arange(0, SPARSE_M), (t % SUB) * BLOCK_N, kv_end - start, float("-inf"), BLOCK_N, W, False, MASKED)
+            elif MASKED:
                 valid = offs_n[None, :] < kv_end
                 if RULE == 1:
                     valid = valid & _predicate(offs_m[:, None], offs_n[None, :], pred_ptr, PREDICATE)
-                elif RULE == 2:  # the rule's bits for this block pair: [SPARSE_M rows, W words]
-                    valid = valid & _bit_test(bits_base + (t // SUB) * (SPARSE_M * W), tl.arange(0, SPARSE_M), (t % SUB) * BLOCK_N, BLOCK_N, W, False)
-                qk = tl.where(valid, qk, float("-inf"))
-            elif RULE == 2:
-                valid = _bit_test(bits_base + (t // SUB) * (SPARSE_M * W), tl.arange(0, SPARSE_M), (t % SUB) * BLOCK_N, BLOCK_N, W, False)
                 qk = tl.where(valid, qk, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1) * tile_scale)  # running max of base-2 logits
             if MASKED | (RULE != 0):  # a fully masked row keeps m = -inf: subtract 0 instead (exp2(-inf) = 0)
@@ -359,7 +401,7 @@ if HAS_TRITON:
     def _dkdv_inner(
         dk, dv, k, v, q_base, do_base, q_desc, do_desc, b, h, lse_base, delta_base, idx_ptr, count,
         offs_n, offs_d, stride_qm, stride_qd, stride_dom, stride_dod, q_len, kv_end, head_dim, qk_scale,
-        pred_ptr, slot_ptr, bits_head, bits_width, key_col0,
+        pred_ptr, slot_ptr, bits_head, bits_width, key_col0, key_ok,
         BLOCK_M: tl.constexpr, SPARSE_M: tl.constexpr, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr,
         PAD_D: tl.constexpr, USE_TMA: tl.constexpr, PREDICATE: tl.constexpr, RULE: tl.constexpr, W: tl.constexpr,
         BLOCK_N: tl.constexpr, dq_base, dq_desc, FUSED: tl.constexpr, TMA_REDUCE: tl.constexpr,
@@ -379,16 +421,18 @@ if HAS_TRITON:
             delta = tl.load(delta_base + offs_m, mask=offs_m < q_len, other=0.0)
             qkT = tl.dot(k, tl.trans(q)) * qk_scale  # [BLOCK_N, BLOCK_M] base-2
             pT = tl.math.exp2(qkT - lse[None, :])
-            valid = offs_m[None, :] < q_len
-            if MASKED:
-                valid = valid & (offs_n[:, None] < kv_end)
-            if RULE == 1:
-                valid = valid & _predicate(offs_m[None, :], offs_n[:, None], pred_ptr, PREDICATE)
-            elif RULE == 2:  # bits of (query block qb, this key block) at its slot in qb's list
+            if RULE == 2:  # bits of (query block qb, this key block) at its slot in qb's list; rows past
+                # q_len have no bits (the packer), the key bound goes per word
                 slot = tl.load(slot_ptr + t // SUB)
                 words = bits_head + (qb.to(tl.int64) * bits_width + slot) * (SPARSE_M * W)
-                valid = valid & _bit_test(words, (t % SUB) * BLOCK_M + tl.arange(0, BLOCK_M), key_col0, BLOCK_N, W, True)
-            pT = tl.where(valid, pT, 0.0)
+                pT = _bits_where(pT, words, (t % SUB) * BLOCK_M + tl.arange(0, BLOCK_M), key_col0, key_ok, 0.0, BLOCK_N, W, True, MASKED)
+            else:
+                valid = offs_m[None, :] < q_len
+                if MASKED:
+                    valid = valid & (offs_n[:, None] < kv_end)
+                if RULE == 1:
+                    valid = valid & _predicate(offs_m[None, :], offs_n[:, None], pred_ptr, PREDICATE)
+                pT = tl.where(valid, pT, 0.0)
             dv += tl.dot(pT.to(do.dtype), do)
             dpT = tl.dot(v, tl.trans(do))
             dsT = pT * (dpT - delta[None, :])
@@ -476,10 +520,10 @@ if HAS_TRITON:
             n_full = tl.load(q_full_num + row)
             n_part = tl.load(q_part_num + row)
             if clean:
-                dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, Q_desc, dO_desc, b, h, lse_base, delta_base, q_full_idx + row * full_width, n_full, offs_n, offs_d, stride_qm, stride_qd, stride_dom, stride_dod, q_len, kv_end, head_dim, qk_scale, pred_ptr, q_part_slot, bits_head, bits_width, key_col0, BLOCK_M, SPARSE_M, False, HEAD_DIM, PAD_D, USE_TMA, PREDICATE, 0, W, BLOCK_N, dq_base, DQ_desc, FUSED, TMA_REDUCE)
+                dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, Q_desc, dO_desc, b, h, lse_base, delta_base, q_full_idx + row * full_width, n_full, offs_n, offs_d, stride_qm, stride_qd, stride_dom, stride_dod, q_len, kv_end, head_dim, qk_scale, pred_ptr, q_part_slot, bits_head, bits_width, key_col0, kv_end - tile * BLOCK_N, BLOCK_M, SPARSE_M, False, HEAD_DIM, PAD_D, USE_TMA, PREDICATE, 0, W, BLOCK_N, dq_base, DQ_desc, FUSED, TMA_REDUCE)
             else:
-                dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, Q_desc, dO_desc, b, h, lse_base, delta_base, q_full_idx + row * full_width, n_full, offs_n, offs_d, stride_qm, stride_qd, stride_dom, stride_dod, q_len, kv_end, head_dim, qk_scale, pred_ptr, q_part_slot, bits_head, bits_width, key_col0, BLOCK_M, SPARSE_M, True, HEAD_DIM, PAD_D, USE_TMA, PREDICATE, 0, W, BLOCK_N, dq_base, DQ_desc, FUSED, TMA_REDUCE)
-            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, Q_desc, dO_desc, b, h, lse_base, delta_base, q_part_idx + row * part_width, n_part, offs_n, offs_d, stride_qm, stride_qd, stride_dom, stride_dod, q_len, kv_end, head_dim, qk_scale, pred_ptr, q_part_slot + row * part_width, bits_head, bits_width, key_col0, BLOCK_M, SPARSE_M, PART_BOUND, HEAD_DIM, PAD_D, USE_TMA, PREDICATE, RULE, W, BLOCK_N, dq_base, DQ_desc, FUSED, TMA_REDUCE)
+                dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, Q_desc, dO_desc, b, h, lse_base, delta_base, q_full_idx + row * full_width, n_full, offs_n, offs_d, stride_qm, stride_qd, stride_dom, stride_dod, q_len, kv_end, head_dim, qk_scale, pred_ptr, q_part_slot, bits_head, bits_width, key_col0, kv_end - tile * BLOCK_N, BLOCK_M, SPARSE_M, True, HEAD_DIM, PAD_D, USE_TMA, PREDICATE, 0, W, BLOCK_N, dq_base, DQ_desc, FUSED, TMA_REDUCE)
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, Q_desc, dO_desc, b, h, lse_base, delta_base, q_part_idx + row * part_width, n_part, offs_n, offs_d, stride_qm, stride_qd, stride_dom, stride_dod, q_len, kv_end, head_dim, qk_scale, pred_ptr, q_part_slot + row * part_width, bits_head, bits_width, key_col0, kv_end - tile * BLOCK_N, BLOCK_M, SPARSE_M, PART_BOUND, HEAD_DIM, PAD_D, USE_TMA, PREDICATE, RULE, W, BLOCK_N, dq_base, DQ_desc, FUSED, TMA_REDUCE)
         dk = dk * sm_scale
         out_mask = (offs_n[:, None] < kv_len) & (offs_d[None, :] < head_dim)
         dk_off = b.to(tl.int64) * stride_dkb + h.to(tl.int64) * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
@@ -504,15 +548,13 @@ if HAS_TRITON:
             v = _load_rows(v_desc, v_base, b, h, start, offs_n, offs_d, stride_vn, stride_vd, kv_end, head_dim, BLOCK_N, HEAD_DIM, MASKED | (RULE == 2), PAD_D, USE_TMA)
             qk = tl.dot(q, tl.trans(k)) * qk_scale
             p = tl.math.exp2(qk - lse[:, None])
-            if MASKED:
+            if RULE == 2:  # bits of this pair; row0: the tile's first row in its sparse block
+                p = _bits_where(p, bits_base + (t // SUB) * (SPARSE_M * W), row0 + tl.arange(0, BLOCK_M), (t % SUB) * BLOCK_N, kv_end - start, 0.0, BLOCK_N, W, False, MASKED)
+            elif MASKED:
                 valid = offs_n[None, :] < kv_end
                 if RULE == 1:
                     valid = valid & _predicate(offs_m[:, None], offs_n[None, :], pred_ptr, PREDICATE)
-                elif RULE == 2:  # bits of this pair; row0: the tile's first row in its sparse block
-                    valid = valid & _bit_test(bits_base + (t // SUB) * (SPARSE_M * W), row0 + tl.arange(0, BLOCK_M), (t % SUB) * BLOCK_N, BLOCK_N, W, False)
                 p = tl.where(valid, p, 0.0)
-            elif RULE == 2:
-                p = tl.where(_bit_test(bits_base + (t // SUB) * (SPARSE_M * W), row0 + tl.arange(0, BLOCK_M), (t % SUB) * BLOCK_N, BLOCK_N, W, False), p, 0.0)
             dp = tl.dot(do, tl.trans(v))
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(k.dtype), k)

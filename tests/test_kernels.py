@@ -315,7 +315,7 @@ def test_triton_matches_reference_gpu(b, h, s, d, block, heads_in_mask, kv_pad, 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["bits", "rule"])
-@pytest.mark.parametrize("kind", ["neighborhood3d", "neighborhood2d_gna", "circle", "circle_tiled_pooled"])
+@pytest.mark.parametrize("kind", ["neighborhood3d", "neighborhood3d_128_padded", "neighborhood2d_gna", "circle", "circle_tiled_pooled"])
 def test_triton_predicates_gpu(kind, mode):
     from diffattn.core.layout import TokenLayout
     from diffattn.patterns import clear
@@ -325,6 +325,10 @@ def test_triton_predicates_gpu(kind, mode):
         layout = TokenLayout(6, 30, 52, 77, "after")
         spec = nbm.spec(layout, (3, 11, 11))
         desc, tok = nbm.block_sparsity(layout, spec, device="cuda"), nbm.token_mask(layout, spec)
+    elif kind == "neighborhood3d_128_padded":  # 128-key blocks (four words a row), per-batch text lengths
+        layout = TokenLayout(5, 30, 52, 77, "after")
+        spec = nbm.spec(layout, (3, 9, 13), (1, 2, 2))
+        desc, tok = nbm.block_sparsity(layout, spec, block_m=128, block_n=128, device="cuda"), nbm.token_mask(layout, spec)
     elif kind == "neighborhood2d_gna":
         layout = TokenLayout(1, 64, 64)
         spec = nbm.spec(layout, 16, 8)
@@ -338,11 +342,12 @@ def test_triton_predicates_gpu(kind, mode):
         layout = TokenLayout(1, 64, 64, 512, "before")
         desc, tok = clear.block_sparsity(layout, 16, device="cuda"), clear.token_mask(layout, 16)
     g = torch.Generator().manual_seed(13)
-    q, k, v = (torch.randn(1, 2, layout.seq_len, 128, generator=g).to("cuda", torch.bfloat16).requires_grad_(True) for _ in range(3))
-    out = block_sparse.block_sparse_attention(q, k, v, desc, element_mask=mode)
+    batch, kv_len = (2, torch.tensor([layout.seq_len, layout.seq_len - 40], device="cuda")) if kind.endswith("padded") else (1, None)
+    q, k, v = (torch.randn(batch, 2, layout.seq_len, 128, generator=g).to("cuda", torch.bfloat16).requires_grad_(True) for _ in range(3))
+    out = block_sparse.block_sparse_attention(q, k, v, desc, kv_len=kv_len, element_mask=mode)
     tok = tok.to("cuda")[None, None]
-    ref32, _ = attention_reference(q, k, v, tok)
-    ref_lp, _ = attention_reference(q, k, v, tok, compute_dtype=torch.bfloat16)
+    ref32, _ = attention_reference(q, k, v, tok, kv_len=kv_len)
+    ref_lp, _ = attention_reference(q, k, v, tok, compute_dtype=torch.bfloat16, kv_len=kv_len)
     assert_error_ratio(out, ref32, ref_lp.to(torch.bfloat16), f"{kind} forward")
     do = torch.randn_like(out)
     for name, a, r32, rlp in zip("qkv", torch.autograd.grad(out, (q, k, v), do), torch.autograd.grad(ref32, (q, k, v), do.float()), torch.autograd.grad(ref_lp.to(torch.bfloat16), (q, k, v), do)):

@@ -9,14 +9,14 @@ and an and).
 Layout, for a description with lists on ``Hm`` heads (1: shared), ``nq`` query blocks and at most
 ``P`` partial blocks per query block:
 
-- ``bits`` ``[Hm, nq, P, block_m, W]`` int64, ``W = ceil(block_n / 64)``: entry ``j`` of query
+- ``bits`` ``[Hm, nq, P, block_m, W]`` int32, ``W = ceil(block_n / 32)``: entry ``j`` of query
   block ``qb``'s partial list holds, for each of its ``block_m`` query rows, ``W`` words; bit ``i``
-  of word ``w`` is key ``w * 64 + i`` of the key block (1 = attended; keys past ``kv_len`` are 0).
+  of word ``w`` is key ``w * 32 + i`` of the key block (1 = attended; keys past ``kv_len`` and queries past ``q_len`` are 0).
 - ``q_part_slot`` ``[Hm, nk, Pq]`` int32, parallel to the transposed partial lists
   (``q_part_idx``): the position of that (query block, key block) pair in the query block's
   partial list, so that the dK/dV pass reads the same bits.
 
-Memory: ``8 * block_m * W`` bytes per partial block (1 KiB at 128 x 64); e.g. about 240 MiB for the
+Memory: ``4 * block_m * W`` bytes per partial block (1 KiB at 128 x 64); e.g. about 240 MiB for the
 HunyuanVideo window preset on Wan2.1-14B's 720p grid (every block partial). Bits are batch- and
 head-independent unless the lists are per head.
 """
@@ -36,7 +36,7 @@ from .rules import _predicate
 
 @dataclass(frozen=True, eq=False)
 class ElementBits:
-    bits: torch.Tensor  # [Hm, nq, P, block_m, W] int64
+    bits: torch.Tensor  # [Hm, nq, P, block_m, W] int32
     q_part_slot: torch.Tensor  # [Hm, nk, Pq] int32
 
     @property
@@ -45,7 +45,7 @@ class ElementBits:
 
 
 @triton.jit
-def _pack_kernel(part_num, part_idx, pred_ptr, bits, nq, width, kv_len,
+def _pack_kernel(part_num, part_idx, pred_ptr, bits, nq, width, q_len, kv_len,
                  SPARSE_M: tl.constexpr, SPARSE_N: tl.constexpr, W: tl.constexpr, PREDICATE: tl.constexpr):
     row = tl.program_id(0)  # h * nq + query block
     j = tl.program_id(1)  # entry of the row's partial list
@@ -53,14 +53,14 @@ def _pack_kernel(part_num, part_idx, pred_ptr, bits, nq, width, kv_len,
         qb = row % nq
         kb = tl.load(part_idx + row.to(tl.int64) * width + j)
         offs_m = qb * SPARSE_M + tl.arange(0, SPARSE_M)
-        lanes = tl.arange(0, 64)
+        lanes = tl.arange(0, 32)
         base = bits + (row.to(tl.int64) * width + j) * (SPARSE_M * W)
         for w in tl.static_range(W):
-            col = w * 64 + lanes  # key column in the block
+            col = w * 32 + lanes  # key column in the block
             offs_n = kb * SPARSE_N + col
             ok = _predicate(offs_m[:, None], offs_n[None, :], pred_ptr, PREDICATE)
-            ok = ok & (col[None, :] < SPARSE_N) & (offs_n[None, :] < kv_len)  # [SPARSE_M, 64]
-            word = tl.sum(ok.to(tl.int64) << lanes.to(tl.int64)[None, :], 1)  # distinct bits: sum = or
+            ok = ok & (col[None, :] < SPARSE_N) & (offs_n[None, :] < kv_len) & (offs_m[:, None] < q_len)  # [SPARSE_M, 32]
+            word = tl.sum(ok.to(tl.int32) << lanes[None, :], 1)  # distinct bits: sum = or (bit 31 wraps to the sign)
             tl.store(base + tl.arange(0, SPARSE_M) * W + w, word)
 
 
@@ -74,12 +74,12 @@ def element_bits(sparsity: BlockSparsity) -> ElementBits:
         raise ValueError("element_bits: the description has no element rule; its partial blocks only mask the sequence tail")
     hm, nq, width = s.part_idx.shape
     nk = s.q_part_num.shape[1]
-    words = -(-s.block_n // 64)
+    words = -(-s.block_n // 32)
     device = s.part_idx.device
-    bits = torch.zeros(hm, nq, width, s.block_m, words, dtype=torch.int64, device=device)
+    bits = torch.zeros(hm, nq, width, s.block_m, words, dtype=torch.int32, device=device)
     if hm * nq * width:
         _pack_kernel[(hm * nq, width)](
-            s.part_num, s.part_idx, s.rule_params, bits, nq, width, s.kv_len,
+            s.part_num, s.part_idx, s.rule_params, bits, nq, width, s.q_len, s.kv_len,
             SPARSE_M=s.block_m, SPARSE_N=s.block_n, W=words, PREDICATE=s.rule.kernel_id,
         )
     # position of every (query block, key block) pair in its query block's partial list
