@@ -22,7 +22,8 @@ backward next to the default fused one.
 
 Element rules run from per-block bits (the kernel's default; built once per description, their
 build time and memory printed); ``--compare-rule`` also times the in-kernel per-score predicate, and
-``--compare-bound`` both partial-block variants (with and without the key bound; the default picks one).
+``--compare-bound`` both partial-block variants (with and without the key bound; the default picks one);
+``--compare-lazy`` our kernel with FlashAttention-4's lazy rescale of full blocks (an experiment).
 
 Prints ms, TFLOP/s on computed blocks, and efficiency = density x t(best dense) / t(ours):
 1.0 means our kernel is as fast per computed block as the best dense kernel over all blocks.
@@ -95,6 +96,17 @@ class Row:
     bwd_eff: float | None = None
 
 
+def _lazy(fn, *args, **kwargs):
+    """``fn`` with the kernel's lazy-rescale experiment switched on for this call."""
+    from diffattn.kernels import block_sparse as bs
+
+    bs._LAZY_RESCALE = True
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        bs._LAZY_RESCALE = False
+
+
 def _time_pair(attn, q, k, v, backward: bool):
     return time_pair(attn, q, k, v, backward, "cuda")  # (fwd ms, bwd ms or None), as diffattn bench times them
 
@@ -154,7 +166,7 @@ def errors_vs_fp32(q, k, v, sp, outs: dict, rows: int = 512, heads: int = 4) -> 
 
 def run_shape(key: str, backward: bool, flex_sparse: bool = True, compare_tma: bool = False, patterns=("radial",),
               compare_rule: bool = False, block_n: int = 64, precisions=(), compare_backward: bool = False,
-              compare_bound: bool = False) -> list[Row]:
+              compare_bound: bool = False, compare_lazy: bool = False) -> list[Row]:
     shape = SHAPES[key]
     backward = backward and shape.backward
     s, h, d = shape.seq, shape.heads, shape.head_dim
@@ -212,6 +224,8 @@ def run_shape(key: str, backward: bool, flex_sparse: bool = True, compare_tma: b
         for prec in precisions:  # forward only (an inference mode)
             kernels[f"diffattn Triton {prec} ({label})"] = (ordered((lambda d, b, p: lambda q, k, v: block_sparse_attention(q, k, v, d, bits=b, precision=p))(sp, bits, prec), order), dens)
             fwd_only.add(f"diffattn Triton {prec} ({label})")
+        if compare_lazy:
+            kernels[f"diffattn Triton lazy rescale ({label})"] = (ordered((lambda d, b: lambda q, k, v: _lazy(block_sparse_attention, q, k, v, d, bits=b))(sp, bits), order), dens)
         if compare_bound and sp.rule is not None:
             for bound in (False, True):
                 kernels[f"diffattn Triton bound={bound} ({label})"] = (ordered((lambda d, b, x: lambda q, k, v: block_sparse_attention(q, k, v, d, bits=b, bound_partial=x))(sp, bits, bound), order), dens)
@@ -297,6 +311,7 @@ def main(argv=None) -> None:
     parser.add_argument("--patterns", nargs="*", default=["radial"], choices=PATTERNS)
     parser.add_argument("--compare-rule", action="store_true", help="also time element rules evaluated per score in the kernel")
     parser.add_argument("--compare-bound", action="store_true", help="also time partial blocks with and without the key bound")
+    parser.add_argument("--compare-lazy", action="store_true", help="also time the lazy rescale of full blocks (experiment)")
     parser.add_argument("--block-n", type=int, default=64, choices=(64, 128), help="key block of the row-major windows")
     parser.add_argument("--precision", nargs="*", default=[], choices=PRECISIONS, help="also time the 8-bit forward")
     parser.add_argument("--compare-backward", action="store_true", help="also time the split deterministic backward")
@@ -310,7 +325,7 @@ def main(argv=None) -> None:
     for key in args.shapes:
         print(f"{SHAPES[key].name}: S={SHAPES[key].seq}", flush=True)
         rows += run_shape(key, not args.no_backward, flex_sparse=not args.no_flex_sparse, compare_tma=args.compare_tma,
-                          patterns=args.patterns, compare_rule=args.compare_rule, compare_bound=args.compare_bound, block_n=args.block_n,
+                          patterns=args.patterns, compare_rule=args.compare_rule, compare_bound=args.compare_bound, compare_lazy=args.compare_lazy, block_n=args.block_n,
                           precisions=args.precision, compare_backward=args.compare_backward)
         if args.json:
             with open(args.json, "w") as fh:

@@ -214,7 +214,7 @@ if HAS_TRITON:
         stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, offs_m, pred_ptr, bits_base,
         BLOCK_N: tl.constexpr, SPARSE_N: tl.constexpr, MASKED: tl.constexpr, PAD_D: tl.constexpr,
         HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr, PREDICATE: tl.constexpr, RULE: tl.constexpr, W: tl.constexpr,
-        SPARSE_M: tl.constexpr, ks_row, QUANT: tl.constexpr, PREROUND: tl.constexpr,
+        SPARSE_M: tl.constexpr, ks_row, QUANT: tl.constexpr, PREROUND: tl.constexpr, LAZY: tl.constexpr,
     ):
         # QUANT (kernels.triton.quant, _quant_code): q, k are int8 / fp8 with k's scale per sparse
         # key block at ks_row[kb] (q's is folded into qk_scale). With an 8-bit P.V (PV8) v is fp8,
@@ -246,22 +246,36 @@ if HAS_TRITON:
                 if RULE == 1:
                     valid = valid & _predicate(offs_m[:, None], offs_n[None, :], pred_ptr, PREDICATE)
                 qk = tl.where(valid, qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * tile_scale)  # running max of base-2 logits
-            if MASKED | (RULE != 0):  # a fully masked row keeps m = -inf: subtract 0 instead (exp2(-inf) = 0)
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            if LAZY & (not MASKED) & (RULE == 0) & (QUANT == 0):
+                # FlashAttention-4's lazy rescale on full blocks: keep a stale max until some row's
+                # grows by more than 2^8 (p <= 256, exact after the final division), so most tiles
+                # skip the accumulator's rescale (one multiply per output element) for one CTA-wide max
+                m_new = tl.maximum(m_i, tl.max(qk, 1) * tile_scale)
+                if tl.max(m_new - m_i, 0) > 8.0:
+                    alpha = tl.math.exp2(m_i - m_new)
+                    acc = acc * alpha[:, None]
+                    l_i = l_i * alpha
+                    m_i = m_new
+                p = tl.math.exp2(qk * tile_scale - m_i[:, None])
+                l_i = l_i + tl.sum(p, 1)
+                acc = tl.dot(p.to(v.dtype), v, acc)
             else:
-                m_safe = m_new
-            alpha = tl.math.exp2(m_i - m_safe)
-            if PV8:  # p x 448 (e4m3's range) by a shifted max: l carries the same factor, which cancels
-                m_safe = m_safe - 8.807354922057604  # log2(448)
-            p = tl.math.exp2(qk * tile_scale - m_safe[:, None])  # one FMA per score, then exp2
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if PV8:  # p in [0, 448]; the running sum goes through the MMA's accumulator (kernels/NOTES.md:
-                # adding each tile's P.V in fp32 outside it changed the error by 0.5 % and cost 27 %)
-                acc = tl.dot(to_fp8(p, PREROUND), v, acc * alpha[:, None])
-            else:
-                acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])  # rescale, then accumulate in the MMA
-            m_i = m_new
+                m_new = tl.maximum(m_i, tl.max(qk, 1) * tile_scale)  # running max of base-2 logits
+                if MASKED | (RULE != 0):  # a fully masked row keeps m = -inf: subtract 0 instead (exp2(-inf) = 0)
+                    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                else:
+                    m_safe = m_new
+                alpha = tl.math.exp2(m_i - m_safe)
+                if PV8:  # p x 448 (e4m3's range) by a shifted max: l carries the same factor, which cancels
+                    m_safe = m_safe - 8.807354922057604  # log2(448)
+                p = tl.math.exp2(qk * tile_scale - m_safe[:, None])  # one FMA per score, then exp2
+                l_i = l_i * alpha + tl.sum(p, 1)
+                if PV8:  # p in [0, 448]; the running sum goes through the MMA's accumulator (kernels/NOTES.md:
+                    # adding each tile's P.V in fp32 outside it changed the error by 0.5 % and cost 27 %)
+                    acc = tl.dot(to_fp8(p, PREROUND), v, acc * alpha[:, None])
+                else:
+                    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])  # rescale, then accumulate in the MMA
+                m_i = m_new
         return acc, l_i, m_i
 
     # -- configs -----------------------------------------------------------------------------
@@ -304,7 +318,7 @@ if HAS_TRITON:
     # -- forward kernel --------------------------------------------------------------------------
 
     @triton.autotune(
-        configs=_fwd_configs(), key=["HEAD_DIM", "SPARSE_M", "SPARSE_N", "HAS_KV_LEN", "PAD_D", "USE_TMA", "PREDICATE", "RULE", "QUANT"],
+        configs=_fwd_configs(), key=["HEAD_DIM", "SPARSE_M", "SPARSE_N", "HAS_KV_LEN", "PAD_D", "USE_TMA", "PREDICATE", "RULE", "QUANT", "LAZY"],
         prune_configs_by={"early_config_prune": _prune_fwd},
     )
     @triton.jit
@@ -320,7 +334,7 @@ if HAS_TRITON:
         HEAD_DIM: tl.constexpr, SPARSE_M: tl.constexpr, SPARSE_N: tl.constexpr,
         HAS_KV_LEN: tl.constexpr, PAD_D: tl.constexpr, USE_TMA: tl.constexpr, PREDICATE: tl.constexpr,
         RULE: tl.constexpr, W: tl.constexpr, PART_BOUND: tl.constexpr, QUANT: tl.constexpr, PREROUND: tl.constexpr,
-        BLOCK_N: tl.constexpr,
+        LAZY: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         qb = tl.program_id(0)
         bh = tl.program_id(1)
@@ -355,18 +369,18 @@ if HAS_TRITON:
                 kb = tl.load(full_list + i)
                 n_clean += ((kb + 1) * SPARSE_N <= kv_end).to(tl.int32)
             if PAD_D:
-                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, K_desc, V_desc, b, h, full_list, n_clean, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, offs_m, pred_ptr, bits, BLOCK_N, SPARSE_N, False, True, HEAD_DIM, USE_TMA, PREDICATE, 0, W, SPARSE_M, ks_row, QUANT, PREROUND)
-                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, K_desc, V_desc, b, h, full_list + n_clean, n_full - n_clean, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, offs_m, pred_ptr, bits, BLOCK_N, SPARSE_N, True, True, HEAD_DIM, USE_TMA, PREDICATE, 0, W, SPARSE_M, ks_row, QUANT, PREROUND)
+                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, K_desc, V_desc, b, h, full_list, n_clean, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, offs_m, pred_ptr, bits, BLOCK_N, SPARSE_N, False, True, HEAD_DIM, USE_TMA, PREDICATE, 0, W, SPARSE_M, ks_row, QUANT, PREROUND, LAZY)
+                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, K_desc, V_desc, b, h, full_list + n_clean, n_full - n_clean, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, offs_m, pred_ptr, bits, BLOCK_N, SPARSE_N, True, True, HEAD_DIM, USE_TMA, PREDICATE, 0, W, SPARSE_M, ks_row, QUANT, PREROUND, LAZY)
             else:
-                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, K_desc, V_desc, b, h, full_list, n_clean, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, offs_m, pred_ptr, bits, BLOCK_N, SPARSE_N, False, False, HEAD_DIM, USE_TMA, PREDICATE, 0, W, SPARSE_M, ks_row, QUANT, PREROUND)
-                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, K_desc, V_desc, b, h, full_list + n_clean, n_full - n_clean, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, offs_m, pred_ptr, bits, BLOCK_N, SPARSE_N, True, False, HEAD_DIM, USE_TMA, PREDICATE, 0, W, SPARSE_M, ks_row, QUANT, PREROUND)
+                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, K_desc, V_desc, b, h, full_list, n_clean, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, offs_m, pred_ptr, bits, BLOCK_N, SPARSE_N, False, False, HEAD_DIM, USE_TMA, PREDICATE, 0, W, SPARSE_M, ks_row, QUANT, PREROUND, LAZY)
+                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, K_desc, V_desc, b, h, full_list + n_clean, n_full - n_clean, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, offs_m, pred_ptr, bits, BLOCK_N, SPARSE_N, True, False, HEAD_DIM, USE_TMA, PREDICATE, 0, W, SPARSE_M, ks_row, QUANT, PREROUND, LAZY)
         else:
             if PAD_D:
-                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, K_desc, V_desc, b, h, full_list, n_full, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, offs_m, pred_ptr, bits, BLOCK_N, SPARSE_N, False, True, HEAD_DIM, USE_TMA, PREDICATE, 0, W, SPARSE_M, ks_row, QUANT, PREROUND)
+                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, K_desc, V_desc, b, h, full_list, n_full, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, offs_m, pred_ptr, bits, BLOCK_N, SPARSE_N, False, True, HEAD_DIM, USE_TMA, PREDICATE, 0, W, SPARSE_M, ks_row, QUANT, PREROUND, LAZY)
             else:
-                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, K_desc, V_desc, b, h, full_list, n_full, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, offs_m, pred_ptr, bits, BLOCK_N, SPARSE_N, False, False, HEAD_DIM, USE_TMA, PREDICATE, 0, W, SPARSE_M, ks_row, QUANT, PREROUND)
+                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, K_desc, V_desc, b, h, full_list, n_full, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, offs_m, pred_ptr, bits, BLOCK_N, SPARSE_N, False, False, HEAD_DIM, USE_TMA, PREDICATE, 0, W, SPARSE_M, ks_row, QUANT, PREROUND, LAZY)
         part_list = part_idx + row * part_width
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, K_desc, V_desc, b, h, part_list, n_part, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, offs_m, pred_ptr, bits + row * part_width * (SPARSE_M * W), BLOCK_N, SPARSE_N, PART_BOUND, True, HEAD_DIM, USE_TMA, PREDICATE, RULE, W, SPARSE_M, ks_row, QUANT, PREROUND)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, K_desc, V_desc, b, h, part_list, n_part, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, offs_m, pred_ptr, bits + row * part_width * (SPARSE_M * W), BLOCK_N, SPARSE_N, PART_BOUND, True, HEAD_DIM, USE_TMA, PREDICATE, RULE, W, SPARSE_M, ks_row, QUANT, PREROUND, LAZY)
 
         empty = l_i == 0.0
         l_safe = tl.where(empty, 1.0, l_i)
@@ -639,6 +653,11 @@ def _descriptors(use_tma: bool, head: int, *tensors):
     return tuple(TensorDescriptor.from_tensor(t, [1, 1, 16, head]) for t in tensors)
 
 
+# Lazy rescale of full blocks (FlashAttention-4): an experiment, timed against the default by
+# ``benchmarks/attention.py --compare-lazy`` (kernels/NOTES.md)
+_LAZY_RESCALE = False
+
+
 def _rule_mode(predicate: int, bits, bound: bool) -> dict:
     """Kernel constants of the element rule: RULE 0 none, 1 the in-kernel predicate, 2 the bits
     (W words a row); PART_BOUND: partial blocks test keys against kv_end (only bits may skip it)."""
@@ -685,7 +704,7 @@ def _forward(q, k, v, full_num, full_idx, part_num, part_idx, kv_len, pred, pred
         _list_head_stride(full_num), full_num.shape[1], full_idx.shape[-1], part_idx.shape[-1], -(-sk // sparse_n),
         HEAD_DIM=head, SPARSE_M=sparse_m, SPARSE_N=sparse_n, HAS_KV_LEN=kv_len is not None,
         PAD_D=head != d, USE_TMA=use_tma, PREDICATE=predicate, **_rule_mode(predicate, bits, bound),
-        QUANT=_quant_code(precision), PREROUND=_interpreting(),
+        QUANT=_quant_code(precision), PREROUND=_interpreting(), LAZY=_LAZY_RESCALE,
     )
     if shift is not None:  # the kernel's lse is of the smoothed scores: add back q . c (x softmax scale)
         lse = lse + shift * scale

@@ -79,6 +79,24 @@ def test_triton_partial_blocks_cpu():
     _check_against_reference(1, 1, 64, 16, 16, 1, torch.float32, "cpu", partial=partial)
 
 
+@needs_interpreter
+@pytest.mark.cpu
+def test_triton_lazy_rescale_cpu(monkeypatch):
+    # the lazy-rescale experiment (stale row maxima on full blocks) is exact: keys sorted by growing
+    # scores make later tiles raise the max past the 2^8 threshold, so both branches run
+    monkeypatch.setattr(block_sparse, "_LAZY_RESCALE", True)
+    g = torch.Generator().manual_seed(5)
+    s, d = 96, 16
+    q = torch.randn(1, 2, s, d, generator=g)
+    k = torch.randn(1, 2, s, d, generator=g) * torch.linspace(0.2, 6.0, s)[:, None]
+    v = torch.randn(1, 2, s, d, generator=g)
+    sp = dense(s, block_m=16)
+    out, lse = block_sparse.block_sparse_attention(q, k, v, sp, return_lse=True)
+    want, want_lse = attention_reference(q, k, v)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, want_lse, atol=1e-5, rtol=1e-5)
+
+
 # element rules (neighborhood, circle) on every backend: tests/test_backends.py (BackendTester)
 
 
