@@ -100,11 +100,11 @@ def _lazy(fn, *args, **kwargs):
     """``fn`` with the kernel's lazy-rescale experiment switched on for this call."""
     from diffattn.kernels import block_sparse as bs
 
-    bs._LAZY_RESCALE = True
+    before, bs._LAZY_RESCALE = bs._LAZY_RESCALE, True
     try:
         return fn(*args, **kwargs)
     finally:
-        bs._LAZY_RESCALE = False
+        bs._LAZY_RESCALE = before
 
 
 def _time_pair(attn, q, k, v, backward: bool):

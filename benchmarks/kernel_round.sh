@@ -33,14 +33,16 @@ if [[ $part == all || $part == quality ]]; then
     --methods "radial,radial:precision='int8',radial:precision='fp8',radial:precision='int8-qk'" 2>&1 | tail -9 | tee "$OUT/quality.log"
 fi
 if [[ $part == nb ]]; then
-  python3 -P -m pytest -q -m gpu tests/test_kernels.py -p no:cacheprovider -s -k "predicates" 2>&1 | tail -15 | tee "$OUT/gpu_tests_rules.log"
-  python3 benchmarks/attention.py --shapes wan14b --no-backward --no-flex-sparse --compare-bound \
+  timeout 160 python3 -P -m pytest -q -m gpu tests/test_kernels.py -p no:cacheprovider -k "predicates" 2>&1 | tail -15 | tee "$OUT/gpu_tests_rules.log"
+  timeout 290 python3 -P benchmarks/attention.py --shapes wan14b --no-backward --no-flex-sparse --compare-bound \
     --patterns radial nb-time nb-3d nb-preset nb-gna nb-3d-tiles nb-gna-tiles --json "$OUT/attention_nb64.json" 2>&1 | tee "$OUT/attention_nb64.log"
-  python3 benchmarks/attention.py --shapes wan14b --no-backward --no-flex-sparse --compare-bound --block-n 128 \
-    --patterns nb-3d nb-preset --json "$OUT/attention_nb128.json" 2>&1 | tee "$OUT/attention_nb128.log"
+  timeout 120 python3 -P benchmarks/attention.py --shapes wan14b --no-backward --no-flex-sparse --compare-lazy \
+    --patterns radial nb-time --json "$OUT/attention_lazy.json" 2>&1 | tee "$OUT/attention_lazy.log"
 fi
 if [[ $part == nb-e2e ]]; then
-  python3 benchmarks/attention.py --shapes wan14b --no-flex-sparse --patterns radial ${NB_PATTERNS:-nb-3d} \
+  timeout 110 python3 -P benchmarks/attention.py --shapes wan14b --no-backward --no-flex-sparse --compare-bound --block-n 128 \
+    --patterns nb-3d nb-preset --json "$OUT/attention_nb128.json" 2>&1 | tee "$OUT/attention_nb128.log"
+  timeout 170 python3 -P benchmarks/attention.py --shapes wan14b --no-flex-sparse --patterns radial ${NB_PATTERNS:-nb-3d} \
     ${NB_FLAGS:-} --json "$OUT/attention_nb_bwd.json" 2>&1 | tee "$OUT/attention_nb_bwd.log"
-  python3 benchmarks/e2e.py --models 14b --repeats 2 --backends triton --methods radial ${NB_METHODS:-"neighborhood:kernel_size=(9,23,40)"} 2>&1 | tee "$OUT/e2e_nb.log"
+  timeout 280 python3 -P benchmarks/e2e.py --models 14b --repeats 2 --backends triton --methods radial ${NB_METHODS:-"neighborhood:kernel_size=(9,23,40)"} 2>&1 | tee "$OUT/e2e_nb.log"
 fi

@@ -121,7 +121,7 @@ if HAS_TRITON:
     # instructions per score). Written in Triton, LLVM's SLP vectorizer packs the tests into <32 x i1>
     # vectors whose lowering extracts every bit with a shift and an and: about 1.8x the loop's
     # instructions (kernels/NOTES.md, 2026-12-03 third round). The interpreter runs the Triton form.
-    _ASM_SELECT = tl.constexpr(not _interpreting())
+    _ASM_SELECT = tl.constexpr(not _interpreting() and torch.version.hip is None)  # PTX: NVIDIA only
 
     @triton.jit
     def _word_bound(n_ok, lead, i):
@@ -884,7 +884,7 @@ def block_sparse_attention(
             rule from per-block bit masks (``kernels.triton.bits``; built here unless ``bits`` is
             given: build them once with ``element_bits(sparsity)`` when a description is reused),
             ``"rule"`` evaluates the rule per score in the kernel. Same result; bits are faster
-            (RESULTS.md) and cost 8 x block_m x ceil(block_n / 64) bytes per partial block.
+            (RESULTS.md) and cost 4 x block_m x ceil(block_n / 32) bytes per partial block.
     bound_partial: with bits and no ``kv_len``, whether partial blocks still test keys against
             the sequence end (the bits already hold it). Same result either way; ``None`` picks the
             variant measured faster for the description (performance knob, see ``_BOUND_BELOW``).
@@ -933,6 +933,10 @@ def block_sparse_attention(
         bits = element_bits(s) if bits is None else bits
         if bits.bits.device != q.device:
             raise ValueError(f"block_sparse_attention: bits on {bits.bits.device}, tensors on {q.device}; build them with the description's device")
+        want = (*s.part_idx.shape, s.block_m, -(-s.block_n // 32))
+        if bits.bits.dtype != torch.int32 or tuple(bits.bits.shape) != want:
+            raise ValueError(f"block_sparse_attention: bits of {bits.bits.dtype} {tuple(bits.bits.shape)} do not fit this description "
+                             f"(int32 {want}); build them with element_bits(sparsity) for this description")
         words, slot = bits.bits, bits.q_part_slot
     else:
         words = slot = None

@@ -45,10 +45,11 @@ class TestBackends(BackendTester):
         per_head = from_block_mask(mask, e.seq_len, block_m=16, block_n=16, partial=base.partial.expand_as(mask) | ~base.mask[0], rule=base.rule)
         per_head_tok = nbm.token_mask(e, se)[None] & expand_block_mask(mask, e.seq_len, e.seq_len, 16, 16)
         # key blocks of 64 and 128: the kernels pick each score's bit from two / four words a row
+        # (64 x 64: the dK/dV pass's transposed tiles are 64 keys wide too)
         f = TokenLayout(2, 6, 12, 5, "after")
         sf = nbm.spec(f, (1, 3, 5), (1, 1, 2))
         return [
-            ("neighborhood, 64-key blocks", nbm.block_sparsity(f, sf, block_m=32, block_n=64), nbm.token_mask(f, sf)),
+            ("neighborhood, 64-key blocks", nbm.block_sparsity(f, sf, block_m=64, block_n=64), nbm.token_mask(f, sf)),
             ("neighborhood, 128-key blocks", nbm.block_sparsity(f, sf, block_m=16, block_n=128), nbm.token_mask(f, sf)),
             ("neighborhood with per-head lists", per_head, per_head_tok),
             ("per-head block mask with a tail", blocks, blocks_tok),

@@ -81,20 +81,87 @@ def test_triton_partial_blocks_cpu():
 
 @needs_interpreter
 @pytest.mark.cpu
-def test_triton_lazy_rescale_cpu(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_lazy_rescale_cpu(monkeypatch, dtype):
     # the lazy-rescale experiment (stale row maxima on full blocks) is exact: keys sorted by growing
-    # scores make later tiles raise the max past the 2^8 threshold, so both branches run
+    # scores make later tiles raise the max past the 2^8 threshold, so both branches run; a tail block
+    # and per-batch key lengths hand the stale max over to the masked loops
     monkeypatch.setattr(block_sparse, "_LAZY_RESCALE", True)
     g = torch.Generator().manual_seed(5)
-    s, d = 96, 16
-    q = torch.randn(1, 2, s, d, generator=g)
-    k = torch.randn(1, 2, s, d, generator=g) * torch.linspace(0.2, 6.0, s)[:, None]
-    v = torch.randn(1, 2, s, d, generator=g)
+    s, d = 100, 16
+    q = torch.randn(2, 2, s, d, generator=g)
+    k = torch.randn(2, 2, s, d, generator=g) * torch.linspace(0.2, 6.0, s)[:, None]
+    v = torch.randn(2, 2, s, d, generator=g)
+    q, k, v = (x.to(dtype) for x in (q, k, v))
+    kv_len = torch.tensor([s, s - 23], dtype=torch.int32)
     sp = dense(s, block_m=16)
-    out, lse = block_sparse.block_sparse_attention(q, k, v, sp, return_lse=True)
-    want, want_lse = attention_reference(q, k, v)
-    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(lse, want_lse, atol=1e-5, rtol=1e-5)
+    out, lse = block_sparse.block_sparse_attention(q, k, v, sp, kv_len=kv_len, return_lse=True)
+    want, want_lse = attention_reference(q, k, v, kv_len=kv_len)
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(out.float(), want.float(), atol=tol, rtol=tol)
+    torch.testing.assert_close(lse.float(), want_lse.float(), atol=tol, rtol=tol)
+
+
+def _bits_where_cases():
+    """(sparse_n, block_n, col0): every tile width in every block width, first and last tile."""
+    for sparse_n in (16, 32, 64, 128):
+        for block_n in (16, 32, 64, 128):
+            if block_n <= sparse_n:
+                for col0 in sorted({0, sparse_n - block_n}):
+                    yield sparse_n, block_n, col0
+
+
+def _check_bits_where(device: str, rows: int):
+    # the kernels' element-rule select on random words, against torch: every word of a row, tiles
+    # starting mid-block, both orientations, the key bound cutting into every word. On the GPU the
+    # scores come from an MMA (its register layout) and the select runs as PTX
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def probe(words, out, col0, n_ok, M: tl.constexpr, N: tl.constexpr, W: tl.constexpr, TRANS: tl.constexpr,
+              BOUND: tl.constexpr, NEG: tl.constexpr, MMA: tl.constexpr):
+        r = tl.arange(0, M)
+        c = tl.arange(0, N)
+        if TRANS:
+            x = tl.full([N, M], 1.0, tl.float32)
+            if MMA:
+                x = tl.dot(tl.full([N, 16], 1.0, tl.float16), tl.full([16, M], 1.0, tl.float16)) * 0.0625
+            y = block_sparse._bits_where(x, words, r, col0, n_ok, 0.0, N, W, True, BOUND)
+            tl.store(out + c[:, None] * M + r[None, :], y)
+        else:
+            x = tl.full([M, N], 1.0, tl.float32)
+            if MMA:
+                x = tl.dot(tl.full([M, 16], 1.0, tl.float16), tl.full([16, N], 1.0, tl.float16)) * 0.0625
+            if NEG:
+                y = block_sparse._bits_where(x, words, r, col0, n_ok, float("-inf"), N, W, False, BOUND)
+            else:
+                y = block_sparse._bits_where(x, words, r, col0, n_ok, 0.0, N, W, False, BOUND)
+            tl.store(out + r[:, None] * N + c[None, :], y)
+
+    g = torch.Generator().manual_seed(0)
+    checked = 0
+    for sparse_n, block_n, col0 in _bits_where_cases():
+        w = -(-sparse_n // 32)
+        words = torch.randint(-2**31, 2**31 - 1, (rows, w), generator=g, dtype=torch.int64).to(torch.int32)
+        allowed = ((words[..., None] >> torch.arange(32, dtype=torch.int32)) & 1).bool().reshape(rows, -1)[:, col0:col0 + block_n]
+        # (orientation, other): the forward (-inf), dQ (0) and the transposed dK/dV pass (0)
+        for trans, neg in ((False, True), (False, False), (True, False)):
+            for n_ok in (None, -5, 17, 33, 65, 200):
+                out = torch.empty(rows * block_n, device=device)
+                probe[(1,)](words.to(device), out, col0, 0 if n_ok is None else n_ok, rows, block_n, w, trans, n_ok is not None, neg, device == "cuda")
+                ok = allowed if n_ok is None else allowed & (torch.arange(block_n) < n_ok)[None, :]
+                want = torch.where(ok, 1.0, float("-inf") if neg else 0.0)
+                got = out.cpu().view(block_n, rows).T if trans else out.cpu().view(rows, block_n)
+                assert torch.equal(got, want), f"{sparse_n=} {block_n=} {col0=} {trans=} {neg=} {n_ok=}"
+                checked += 1
+    assert checked == 16 * 3 * 6
+
+
+@needs_interpreter
+@pytest.mark.cpu
+def test_bits_where_matches_torch_cpu():
+    _check_bits_where("cpu", 16)
 
 
 # element rules (neighborhood, circle) on every backend: tests/test_backends.py (BackendTester)
@@ -360,7 +427,7 @@ def test_triton_predicates_gpu(kind, mode):
         layout = TokenLayout(1, 64, 64, 512, "before")
         desc, tok = clear.block_sparsity(layout, 16, device="cuda"), clear.token_mask(layout, 16)
     g = torch.Generator().manual_seed(13)
-    batch, kv_len = (2, torch.tensor([layout.seq_len, layout.seq_len - 40], device="cuda")) if kind.endswith("padded") else (1, None)
+    batch, kv_len = (2, torch.tensor([layout.seq_len, layout.seq_len - 100], device="cuda")) if kind.endswith("padded") else (1, None)
     q, k, v = (torch.randn(batch, 2, layout.seq_len, 128, generator=g).to("cuda", torch.bfloat16).requires_grad_(True) for _ in range(3))
     out = block_sparse.block_sparse_attention(q, k, v, desc, kv_len=kv_len, element_mask=mode)
     tok = tok.to("cuda")[None, None]
@@ -370,6 +437,11 @@ def test_triton_predicates_gpu(kind, mode):
     do = torch.randn_like(out)
     for name, a, r32, rlp in zip("qkv", torch.autograd.grad(out, (q, k, v), do), torch.autograd.grad(ref32, (q, k, v), do.float()), torch.autograd.grad(ref_lp.to(torch.bfloat16), (q, k, v), do)):
         assert_error_ratio(a, r32, rlp, f"{kind} d{name}", floor=1e-3)
+
+
+@pytest.mark.gpu
+def test_bits_where_matches_torch_gpu():
+    _check_bits_where("cuda", 64)
 
 
 @pytest.mark.gpu
@@ -489,3 +561,17 @@ def test_triton_8bit_matches_its_twin_gpu(precision, d, kv_pad):
     assert rel(out, twin) < 0.03
     torch.testing.assert_close(lse, twin_lse, atol=5e-3, rtol=1e-4)
     print(f"{precision} d={d}: rel err {rel(out, ref32):.4f}, bf16 {rel(bf16, ref32):.4f}, twin {rel(twin, ref32):.4f}")
+
+
+@needs_interpreter
+@pytest.mark.cpu
+def test_bits_of_another_description_refused():
+    from diffattn.core.layout import TokenLayout
+    from diffattn.patterns import neighborhood as nbm
+
+    layout = TokenLayout(2, 6, 12)
+    spec = nbm.spec(layout, (1, 3, 5))
+    a, b = (nbm.block_sparsity(layout, spec, block_m=32, block_n=n) for n in (32, 64))
+    q = torch.randn(1, 1, layout.seq_len, 16)
+    with pytest.raises(ValueError, match="do not fit this description"):
+        block_sparse.block_sparse_attention(q, q, q, b, bits=block_sparse.element_bits(a))

@@ -275,6 +275,7 @@ class BackendTester:
         return [torch.randn(2, 2, desc.q_len, 16, generator=g).requires_grad_(grad) for _ in range(3)]
 
     def _kv_len(self, desc):
+        # padded text of the second sample (the word-level key bound: test_bits_where_matches_torch_*)
         return torch.tensor([desc.kv_len, desc.kv_len - 3], dtype=torch.int32)
 
     def test_sdpa_equals_reference(self):
