@@ -33,7 +33,7 @@ if [[ $part == all || $part == quality ]]; then
     --methods "radial,radial:precision='int8',radial:precision='fp8',radial:precision='int8-qk'" 2>&1 | tail -9 | tee "$OUT/quality.log"
 fi
 if [[ $part == nb ]]; then
-  timeout 160 python3 -P -m pytest -q -m gpu tests/test_kernels.py -p no:cacheprovider -k "predicates" 2>&1 | tail -15 | tee "$OUT/gpu_tests_rules.log"
+  timeout 160 python3 -P -m pytest -q -m gpu tests/test_kernels.py -p no:cacheprovider -k "predicates or bits_where" 2>&1 | tail -15 | tee "$OUT/gpu_tests_rules.log"
   timeout 290 python3 -P benchmarks/attention.py --shapes wan14b --no-backward --no-flex-sparse --compare-bound \
     --patterns radial nb-time nb-3d nb-preset nb-gna nb-3d-tiles nb-gna-tiles --json "$OUT/attention_nb64.json" 2>&1 | tee "$OUT/attention_nb64.log"
   timeout 120 python3 -P benchmarks/attention.py --shapes wan14b --no-backward --no-flex-sparse --compare-lazy \
