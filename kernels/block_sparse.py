@@ -848,11 +848,9 @@ def _backward_rule(ctx, grad_out, grad_lse):
 block_sparse_fwd.register_autograd(_backward_rule, setup_context=_setup_context)
 
 
-# Partial blocks with bits can skip the key bound. Measured on the H200 (Wan2.1-14B 720p forward,
-# RESULTS.md 2026-12-02 bits session): the kernel compiled without it ran the temporal window
-# (99 % full blocks) at 59.1 ms instead of 66.2 ms, but the 3-D window (every block partial) at
-# 103.1 ms instead of 89.7 ms. So descriptions with fewer full blocks than this keep the bound.
-_BOUND_BELOW = 0.5
+# Partial blocks with bits apply the key bound to each row's words (a scalar mask per word), so it
+# costs nothing per score: measured the same with and without it (RESULTS.md 2026-12-03, Wan2.1-14B
+# 720p: 73.4 / 73.9 ms for the 3-D window, 67.7 / 68.4 ms for the temporal one). The default keeps it.
 
 # The backward ``backward="auto"`` runs when determinism is not asked for (RESULTS.md, kernel session).
 DEFAULT_BACKWARD = "split"
@@ -885,9 +883,9 @@ def block_sparse_attention(
             given: build them once with ``element_bits(sparsity)`` when a description is reused),
             ``"rule"`` evaluates the rule per score in the kernel. Same result; bits are faster
             (RESULTS.md) and cost 4 x block_m x ceil(block_n / 32) bytes per partial block.
-    bound_partial: with bits and no ``kv_len``, whether partial blocks still test keys against
-            the sequence end (the bits already hold it). Same result either way; ``None`` picks the
-            variant measured faster for the description (performance knob, see ``_BOUND_BELOW``).
+    bound_partial: with bits and no ``kv_len``, whether partial blocks still bound their keys by
+            the sequence end (the bits already hold it). Same result either way and, measured, the
+            same speed; ``None`` keeps the bound.
     precision: None (the inputs' dtype), or ``"int8"`` / ``"fp8"``: the 8-bit forward
             (``kernels.triton.quant``; SageAttention-style int8 or fp8 Q.K^T with per-block scales
             and K smoothing, fp8 P.V accumulated in fp32); ``"int8-qk"``: int8 Q.K^T, P.V in the
@@ -941,7 +939,7 @@ def block_sparse_attention(
     else:
         words = slot = None
     # per-batch key lengths are never in the bits: with kv_len partial blocks always bound their keys
-    bound = kv_len is not None or (s.full_share < _BOUND_BELOW if bound_partial is None else bool(bound_partial))
+    bound = kv_len is not None or bound_partial is None or bool(bound_partial)
     if precision is not None:
         out, lse = block_sparse_fwd_8bit(
             q, k, v, s.full_num, s.full_idx, s.part_num, s.part_idx, kv_len, pred, predicate, words, bound, scale,

@@ -155,9 +155,12 @@ class NeighborhoodAttention(BlockSparseMethod):
 
         reorder: put q, k, v in 3-D tile order (NATTEN's token permutation) so that blocks are boxes
                  of the grid and more listed blocks are full (no element rule); the order is undone on
-                 the output. Off by default: measured on an H200 (benchmarks/RESULTS.md, 2026-12-02)
-                 the tiled rule's partial blocks cost so much that every tested window ran slower in
-                 tile order (Wan-14B 720p, (9, 23, 40): 1530 ms against 502 ms row-major).
+                 the output. It pays for GNA windows whose stride is the tile (queries of a tile share
+                 one window, so most blocks are full or absent): Wan-14B 720p attention, window
+                 (9, 24, 48) stride (1, 8, 16), 45.8 ms in tile order against 76.8 ms row-major, gather
+                 and scatter included (H200, benchmarks/RESULTS.md 2026-12-03). Off by default: for
+                 plain 3-D windows tile order pads the grid and computes more (77.1 against 73.8 ms at
+                 (9, 23, 40)).
         tile:    the tile shape (tf, ty, tx) with reorder (default: of 128 tokens, least padding).
         block_m / block_n: block edges without reorder (with reorder a block is one tile); 128 x 64
                  measured best for the row-major description (Wan-14B temporal window: 1.71x e2e).
