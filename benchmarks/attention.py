@@ -11,7 +11,7 @@ Patterns (``--patterns``): ``radial`` (the shape's radial mask, block 128), and 
 neighborhood windows at a density comparable to radial's: ``nb-time`` (a temporal window, kernel
 (5, Y, X)), ``nb-3d`` (kernel (9, 23, 40) on Wan 720p, scaled by grid), ``nb-preset`` (the family
 preset rescaled to the grid) and ``nb-gna`` (stride = tile, windows on tile edges). Each runs in
-model (row-major) order with 128 x 64 blocks, the method's default; ``nb-...-tiles`` runs it in
+model (row-major) order with 128 x 64 blocks (the method's default is now 128 x 128: ``--block-n 128``); ``nb-...-tiles`` runs it in
 tile order (one block per 128-token tile), timed with the gather of q, k, v and the scatter of the
 output. ``--block-n 128`` describes the row-major windows with 128 x 128 blocks instead.
 
@@ -22,7 +22,7 @@ backward next to the default fused one.
 
 Element rules run from per-block bits (the kernel's default; built once per description, their
 build time and memory printed); ``--compare-rule`` also times the in-kernel per-score predicate, and
-``--compare-bound`` both partial-block variants (with and without the key bound; the default picks one);
+``--compare-bound`` both partial-block variants (with and without the key bound; the default keeps it);
 ``--compare-lazy`` our kernel with FlashAttention-4's lazy rescale of full blocks (an experiment).
 
 Prints ms, TFLOP/s on computed blocks, and efficiency = density x t(best dense) / t(ours):

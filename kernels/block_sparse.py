@@ -484,7 +484,7 @@ if HAS_TRITON:
             # element bits in the dK/dV pass's transposed tiles of 128 keys: words 2 and 3 came out
             # wrong on the H200 with triton 3.6 (tests/test_kernels.py test_bits_where_matches_torch_gpu,
             # RESULTS.md 2026-12-03), while 64-key tiles are right; such descriptions use 64-key tiles
-            # (only the dK/dV configs have 128-key tiles)
+            # (on the GPU only the dK/dV configs have 128-key tiles; the interpreter's shared ladder is cut too)
             and not (rule == 2 and c.kwargs["BLOCK_N"] > 64)
         ]
         if _interpreting():
@@ -856,7 +856,7 @@ block_sparse_fwd.register_autograd(_backward_rule, setup_context=_setup_context)
 
 # Partial blocks with bits apply the key bound to each row's words (a scalar mask per word), so it
 # costs nothing per score: measured the same with and without it (RESULTS.md 2026-12-03, Wan2.1-14B
-# 720p: 73.4 / 73.9 ms for the 3-D window, 67.7 / 68.4 ms for the temporal one). The default keeps it.
+# 720p, without / with: 73.4 / 73.9 ms for the 3-D window, 68.4 / 67.7 ms for the temporal one). The default keeps it.
 
 # The backward ``backward="auto"`` runs when determinism is not asked for (RESULTS.md, kernel session).
 DEFAULT_BACKWARD = "split"

@@ -166,7 +166,8 @@ class NeighborhoodAttention(BlockSparseMethod):
                  measured fastest with the two-instruction bit select (Wan-14B 720p attention forward,
                  H200, 2026-12-03: temporal window 56.2 against 68.4 ms at 128 x 64, 3-D (9, 23, 40)
                  70.5 against 73.8 ms, the preset 102.3 against 108.5 ms; whole forward 1.73x against
-                 1.71x dense) despite a few % more computed area.
+                 1.71x dense) despite a few % more computed area. Forward only: the backward at
+                 128 x 128 is not timed.
         """
         super().__init__(config, backend=backend, precision=precision)
         for name, value in (("block_m", block_m), ("block_n", block_n)):
