@@ -536,14 +536,15 @@ if HAS_TRITON:
         clean = (kb + 1) * SPARSE_N <= kv_end
         bits_head = bits + h.to(tl.int64) * bits_head_stride * bits_width * (SPARSE_M * W)  # forward lists' head
         key_col0 = tile * BLOCK_N - kb * SPARSE_N  # this key tile's first column in its sparse block
+        key_ok = kv_end - tile * BLOCK_N  # keys of this tile inside the bound (from its first)
         if tile * BLOCK_N < kv_end:
             n_full = tl.load(q_full_num + row)
             n_part = tl.load(q_part_num + row)
             if clean:
-                dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, Q_desc, dO_desc, b, h, lse_base, delta_base, q_full_idx + row * full_width, n_full, offs_n, offs_d, stride_qm, stride_qd, stride_dom, stride_dod, q_len, kv_end, head_dim, qk_scale, pred_ptr, q_part_slot, bits_head, bits_width, key_col0, kv_end - tile * BLOCK_N, BLOCK_M, SPARSE_M, False, HEAD_DIM, PAD_D, USE_TMA, PREDICATE, 0, W, BLOCK_N, dq_base, DQ_desc, FUSED, TMA_REDUCE)
+                dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, Q_desc, dO_desc, b, h, lse_base, delta_base, q_full_idx + row * full_width, n_full, offs_n, offs_d, stride_qm, stride_qd, stride_dom, stride_dod, q_len, kv_end, head_dim, qk_scale, pred_ptr, q_part_slot, bits_head, bits_width, key_col0, key_ok, BLOCK_M, SPARSE_M, False, HEAD_DIM, PAD_D, USE_TMA, PREDICATE, 0, W, BLOCK_N, dq_base, DQ_desc, FUSED, TMA_REDUCE)
             else:
-                dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, Q_desc, dO_desc, b, h, lse_base, delta_base, q_full_idx + row * full_width, n_full, offs_n, offs_d, stride_qm, stride_qd, stride_dom, stride_dod, q_len, kv_end, head_dim, qk_scale, pred_ptr, q_part_slot, bits_head, bits_width, key_col0, kv_end - tile * BLOCK_N, BLOCK_M, SPARSE_M, True, HEAD_DIM, PAD_D, USE_TMA, PREDICATE, 0, W, BLOCK_N, dq_base, DQ_desc, FUSED, TMA_REDUCE)
-            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, Q_desc, dO_desc, b, h, lse_base, delta_base, q_part_idx + row * part_width, n_part, offs_n, offs_d, stride_qm, stride_qd, stride_dom, stride_dod, q_len, kv_end, head_dim, qk_scale, pred_ptr, q_part_slot + row * part_width, bits_head, bits_width, key_col0, kv_end - tile * BLOCK_N, BLOCK_M, SPARSE_M, PART_BOUND, HEAD_DIM, PAD_D, USE_TMA, PREDICATE, RULE, W, BLOCK_N, dq_base, DQ_desc, FUSED, TMA_REDUCE)
+                dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, Q_desc, dO_desc, b, h, lse_base, delta_base, q_full_idx + row * full_width, n_full, offs_n, offs_d, stride_qm, stride_qd, stride_dom, stride_dod, q_len, kv_end, head_dim, qk_scale, pred_ptr, q_part_slot, bits_head, bits_width, key_col0, key_ok, BLOCK_M, SPARSE_M, True, HEAD_DIM, PAD_D, USE_TMA, PREDICATE, 0, W, BLOCK_N, dq_base, DQ_desc, FUSED, TMA_REDUCE)
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, Q_desc, dO_desc, b, h, lse_base, delta_base, q_part_idx + row * part_width, n_part, offs_n, offs_d, stride_qm, stride_qd, stride_dom, stride_dod, q_len, kv_end, head_dim, qk_scale, pred_ptr, q_part_slot + row * part_width, bits_head, bits_width, key_col0, key_ok, BLOCK_M, SPARSE_M, PART_BOUND, HEAD_DIM, PAD_D, USE_TMA, PREDICATE, RULE, W, BLOCK_N, dq_base, DQ_desc, FUSED, TMA_REDUCE)
         dk = dk * sm_scale
         out_mask = (offs_n[:, None] < kv_len) & (offs_d[None, :] < head_dim)
         dk_off = b.to(tl.int64) * stride_dkb + h.to(tl.int64) * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
