@@ -460,7 +460,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _bwd_delta(Out, dOut, Delta, stride_ob, stride_oh, stride_om, stride_od,
-                   stride_db, stride_dh, stride_dm, stride_dd, num_heads, q_len, head_dim,
+                   stride_db, stride_dh, stride_dm, stride_dd, num_heads, q_len, head_dim, stat_len,
                    BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
         pid = tl.program_id(0)
         bh = tl.program_id(1)
@@ -472,7 +472,7 @@ if HAS_TRITON:
         o = tl.load(Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od, mask=mask, other=0.0)
         do = tl.load(dOut + b.to(tl.int64) * stride_db + h.to(tl.int64) * stride_dh + offs_m[:, None] * stride_dm + offs_d[None, :] * stride_dd, mask=mask, other=0.0)
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-        tl.store(Delta + bh.to(tl.int64) * q_len + offs_m, delta, mask=offs_m < q_len)
+        tl.store(Delta + bh.to(tl.int64) * stat_len + offs_m, delta, mask=offs_m < q_len)
 
     @triton.jit
     def _dkdv_inner(
@@ -493,9 +493,8 @@ if HAS_TRITON:
             offs_m = start + tl.arange(0, BLOCK_M)
             q = _load_rows(q_desc, q_base, b, h, start, offs_m, offs_d, stride_qm, stride_qd, q_len, head_dim, BLOCK_M, HEAD_DIM, True, PAD_D, USE_TMA)
             do = _load_rows(do_desc, do_base, b, h, start, offs_m, offs_d, stride_dom, stride_dod, q_len, head_dim, BLOCK_M, HEAD_DIM, True, PAD_D, USE_TMA)
-            lse = tl.load(lse_base + offs_m, mask=offs_m < q_len, other=0.0) * 1.4426950408889634
-            lse = tl.where(lse == float("-inf"), float("inf"), lse)  # rows with no key: p = 0
-            delta = tl.load(delta_base + offs_m, mask=offs_m < q_len, other=0.0)
+            lse = tl.load(lse_base + offs_m)  # base 2, +inf on rows with no key and past q_len: p = 0
+            delta = tl.load(delta_base + offs_m)  # 0 past q_len
             qkT = tl.dot(k, tl.trans(q)) * qk_scale  # [BLOCK_N, BLOCK_M] base-2
             pT = tl.math.exp2(qkT - lse[None, :])
             if RULE == 2:  # bits of (query block qb, this key block) at its slot in qb's list; rows past
@@ -503,13 +502,15 @@ if HAS_TRITON:
                 slot = tl.load(slot_ptr + t // SUB)
                 words = bits_head + (qb.to(tl.int64) * bits_width + slot) * (SPARSE_M * W)
                 pT = _bits_where(pT, words, (t % SUB) * BLOCK_M + tl.arange(0, BLOCK_M), key_col0, key_ok, 0.0, BLOCK_N, W, True, MASKED)
-            else:
-                valid = offs_m[None, :] < q_len
-                if MASKED:
-                    valid = valid & (offs_n[:, None] < kv_end)
+            elif MASKED:
+                valid = offs_n[:, None] < kv_end
                 if RULE == 1:
                     valid = valid & _predicate(offs_m[None, :], offs_n[:, None], pred_ptr, PREDICATE)
                 pT = tl.where(valid, pT, 0.0)
+            elif RULE == 1:
+                pT = tl.where(_predicate(offs_m[None, :], offs_n[:, None], pred_ptr, PREDICATE), pT, 0.0)
+            # query rows past q_len need no select: their lse is +inf (p = 0) and their dO and
+            # delta load as 0, so they add nothing to dK or dV
             dv += tl.dot(pT.to(do.dtype), do)
             dpT = tl.dot(v, tl.trans(do))
             dsT = pT * (dpT - delta[None, :])
@@ -568,7 +569,7 @@ if HAS_TRITON:
         stride_vb, stride_vh, stride_vn, stride_vd,
         stride_dob, stride_doh, stride_dom, stride_dod,
         stride_dkb, stride_dkh, stride_dkn, stride_dkd,
-        num_heads, q_len, kv_len, head_dim, qk_scale, sm_scale,
+        num_heads, q_len, kv_len, head_dim, qk_scale, sm_scale, stat_len,
         list_head_stride, full_width, part_width, bits_head_stride, bits_width,
         HEAD_DIM: tl.constexpr, SPARSE_M: tl.constexpr, SPARSE_N: tl.constexpr,
         HAS_KV_LEN: tl.constexpr, PAD_D: tl.constexpr, USE_TMA: tl.constexpr, PREDICATE: tl.constexpr,
@@ -592,8 +593,8 @@ if HAS_TRITON:
         dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
         q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
         do_base = dO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-        lse_base = Lse + bh.to(tl.int64) * q_len
-        delta_base = Delta + bh.to(tl.int64) * q_len
+        lse_base = Lse + bh.to(tl.int64) * stat_len  # row statistics padded to whole query blocks
+        delta_base = Delta + bh.to(tl.int64) * stat_len
         dq_base = DQ + bh.to(tl.int64) * q_len * HEAD_DIM  # FUSED: the fp32 dQ buffer [B, H, Sq, HEAD_DIM]
         row = h.to(tl.int64) * list_head_stride + kb
         clean = (kb + 1) * SPARSE_N <= kv_end
@@ -657,7 +658,7 @@ if HAS_TRITON:
         stride_vb, stride_vh, stride_vn, stride_vd,
         stride_dob, stride_doh, stride_dom, stride_dod,
         stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-        num_heads, q_len, kv_len, head_dim, qk_scale, sm_scale,
+        num_heads, q_len, kv_len, head_dim, qk_scale, sm_scale, stat_len,
         list_head_stride, full_width, part_width,
         HEAD_DIM: tl.constexpr, SPARSE_M: tl.constexpr, SPARSE_N: tl.constexpr,
         HAS_KV_LEN: tl.constexpr, PAD_D: tl.constexpr, USE_TMA: tl.constexpr, PREDICATE: tl.constexpr,
@@ -673,10 +674,10 @@ if HAS_TRITON:
         qmask = (offs_m[:, None] < q_len) & (offs_d[None, :] < head_dim)
         q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=qmask, other=0.0)
         do = tl.load(dO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=qmask, other=0.0)
-        lse = tl.load(Lse + bh.to(tl.int64) * q_len + offs_m, mask=offs_m < q_len, other=0.0) * 1.4426950408889634
-        # rows that saw no key have lse = -inf: their gradient is 0 (p = exp2(x - inf) = 0)
-        lse = tl.where(lse == float("-inf"), float("inf"), lse)
-        delta = tl.load(Delta + bh.to(tl.int64) * q_len + offs_m, mask=offs_m < q_len, other=0.0)
+        # row statistics padded to whole query blocks: lse in base 2, +inf on rows that saw no key
+        # (their gradient is 0: p = exp2(x - inf) = 0) and past q_len; delta 0 there
+        lse = tl.load(Lse + bh.to(tl.int64) * stat_len + offs_m)
+        delta = tl.load(Delta + bh.to(tl.int64) * stat_len + offs_m)
         kv_end = kv_len
         if HAS_KV_LEN:
             kv_end = tl.minimum(tl.load(kv_len_ptr + b), kv_len)
@@ -790,11 +791,16 @@ def _backward(do, q, k, v, out, lse, lists, kv_len, pred, predicate, bits, q_par
     b, h, sq, d = q.shape
     sk = k.shape[2]
     head = _head_dim_pow2(d)
-    delta = torch.empty(b, h, sq, device=q.device, dtype=torch.float32)
-    _bwd_delta[(-(-sq // 64), b * h)](out, do, delta, *out.stride(), *do.stride(), h, sq, d, BLOCK=64, HEAD_DIM=head)
+    # row statistics padded to whole query blocks, so that the kernels load them unmasked: delta = 0
+    # and lse = +inf (p = 0) past q_len, lse in base 2 with +inf on rows that saw no key
+    stat_len = -(-sq // sparse_m) * sparse_m
+    delta = torch.zeros(b, h, stat_len, device=q.device, dtype=torch.float32)
+    _bwd_delta[(-(-sq // 64), b * h)](out, do, delta, *out.stride(), *do.stride(), h, sq, d, stat_len, BLOCK=64, HEAD_DIM=head)
     if dlse is not None:
         # a gradient on the lse (partial results merged by it): dS = P (dP - delta + dlse), i.e. delta - dlse
-        delta -= torch.where(torch.isfinite(lse), dlse.float(), torch.zeros_like(delta))
+        delta[..., :sq] -= torch.where(torch.isfinite(lse), dlse.float(), torch.zeros_like(lse, dtype=torch.float32))
+    lse2 = torch.full((b, h, stat_len), float("inf"), device=q.device, dtype=torch.float32)
+    lse2[..., :sq] = torch.where(lse == float("-inf"), float("inf"), lse.float() * LOG2E)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     kv_ptr = kv_len if kv_len is not None else full_num
     has_kv = kv_len is not None
@@ -811,10 +817,10 @@ def _backward(do, q, k, v, out, lse, lists, kv_len, pred, predicate, bits, q_par
     slot_ptr = q_part_slot if q_part_slot is not None else full_num
     tuning.launch(
         _dkdv_kernel, lambda meta: (-(-sk // meta["BLOCK_N"]), b * h), q.device,
-        q, k, v, do, q_desc, do_desc, lse, delta, dk, dv, dq32, dq32_desc, q_full_num, q_full_idx, q_part_num, q_part_idx,
+        q, k, v, do, q_desc, do_desc, lse2, delta, dk, dv, dq32, dq32_desc, q_full_num, q_full_idx, q_part_num, q_part_idx,
         kv_ptr, pred_ptr, bits_ptr, slot_ptr,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(),
-        h, sq, sk, d, scale * LOG2E, scale,
+        h, sq, sk, d, scale * LOG2E, scale, stat_len,
         _list_head_stride(q_full_num), q_full_idx.shape[-1], q_part_idx.shape[-1],
         _list_head_stride(full_num), part_idx.shape[-1],
         HEAD_DIM=head, SPARSE_M=sparse_m, SPARSE_N=sparse_n, HAS_KV_LEN=has_kv, PAD_D=pad_d, USE_TMA=use_tma, PREDICATE=predicate,
@@ -824,9 +830,9 @@ def _backward(do, q, k, v, out, lse, lists, kv_len, pred, predicate, bits, q_par
         return (dq32[..., :d] * scale).to(q.dtype), dk, dv
     tuning.launch(
         _dq_kernel, lambda meta: (-(-sq // meta["BLOCK_M"]), b * h), q.device,
-        q, k, v, do, k_desc, v_desc, lse, delta, dq, full_num, full_idx, part_num, part_idx, kv_ptr, pred_ptr, bits_ptr,
+        q, k, v, do, k_desc, v_desc, lse2, delta, dq, full_num, full_idx, part_num, part_idx, kv_ptr, pred_ptr, bits_ptr,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-        h, sq, sk, d, scale * LOG2E, scale,
+        h, sq, sk, d, scale * LOG2E, scale, stat_len,
         _list_head_stride(full_num), full_idx.shape[-1], part_idx.shape[-1],
         HEAD_DIM=head, SPARSE_M=sparse_m, SPARSE_N=sparse_n, HAS_KV_LEN=has_kv, PAD_D=pad_d, USE_TMA=use_tma, PREDICATE=predicate,
         **rule_mode,
