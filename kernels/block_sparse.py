@@ -361,7 +361,10 @@ if HAS_TRITON:
             return [triton.Config({"BLOCK_N": bn}, num_warps=4, num_stages=1) for bn in (128, 64, 32, 16)]
         # (BLOCK_N, warps, stages): measured candidates on H100/H200 for head dims 64-128
         shapes = ((128, 8, 3), (128, 8, 4), (64, 4, 3), (64, 8, 3), (32, 4, 2)) + _QUANT_ONLY
-        return [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=st, pre_hook=_set_block_shapes) for bn, w, st in shapes]
+        configs = [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=st, pre_hook=_set_block_shapes) for bn, w, st in shapes]
+        # two CTAs per SM (kernels/NOTES.md): 128 registers a thread and under 114 KB of shared memory
+        # each, so one CTA's softmax can run under the other's MMAs without warp specialization
+        return configs + [triton.Config({"BLOCK_N": 64}, num_warps=8, num_stages=st, maxnreg=128, pre_hook=_set_block_shapes) for st in (2, 3)]
 
     # candidates of the 8-bit forward only (QUANT): one warpgroup per 128 query rows won there
     # (64, 4, 3) among the bf16 candidates; these try it deeper and wider
@@ -373,7 +376,8 @@ if HAS_TRITON:
         quant = kwargs.get("QUANT", named_args.get("QUANT", 0))
         kept = [c for c in configs if c.kwargs["BLOCK_N"] <= sparse_n and not (head > 128 and c.kwargs["BLOCK_N"] > 64)
                 and (quant or (c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) not in _QUANT_ONLY)
-                and not (quant and c.kwargs["BLOCK_N"] < 32)]  # the 8-bit P.V sums over >= 32 keys
+                and not (quant and c.kwargs["BLOCK_N"] < 32)  # the 8-bit P.V sums over >= 32 keys
+                and not (c.maxnreg and head > 128)]  # 128 registers cannot hold a wider accumulator
         if _interpreting():
             kept = [max(kept, key=lambda c: c.kwargs["BLOCK_N"])]
         return kept

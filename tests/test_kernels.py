@@ -4,6 +4,7 @@ every backend are in test_backends.py).
 CPU: the Triton kernel under TRITON_INTERPRET=1 at tiny sizes (CI). GPU: real sizes (marker gpu).
 """
 
+import json
 import os
 
 import pytest
@@ -299,7 +300,8 @@ def test_tuned_configs_round_trip_through_the_disk_cache(tmp_path, monkeypatch):
         def __init__(self):
             self.fn, self.cache = Fn(), {}
             self.configs = [triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=3),
-                            triton.Config({"BLOCK_N": 128}, num_warps=8, num_stages=3)]
+                            triton.Config({"BLOCK_N": 128}, num_warps=8, num_stages=3),
+                            triton.Config({"BLOCK_N": 128}, num_warps=8, num_stages=3, maxnreg=128)]  # a register cap only
 
     monkeypatch.setenv("DIFFATTN_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(tuning, "_SEEN", {})
@@ -322,6 +324,22 @@ def test_tuned_configs_round_trip_through_the_disk_cache(tmp_path, monkeypatch):
     both = Kernel()
     tuning.load(both, cpu)
     assert set(both.cache) == {key, key[:-1] + ("torch.float16",)}
+    capped = Kernel()  # a config that differs only by its register cap comes back as itself
+    capped.cache[key] = capped.configs[2]
+    path.unlink()
+    monkeypatch.setattr(tuning, "_SEEN", {})
+    tuning.save(capped, cpu)
+    monkeypatch.setattr(tuning, "_SEEN", {})
+    again = Kernel()
+    tuning.load(again, cpu)
+    assert again.cache[key] is again.configs[2]
+    old = json.loads(path.read_text())  # a file written before caps were saved: the uncapped config
+    del old["entries"][0][1]["maxnreg"]
+    path.write_text(json.dumps(old))
+    monkeypatch.setattr(tuning, "_SEEN", {})
+    before = Kernel()
+    tuning.load(before, cpu)
+    assert before.cache[key] is before.configs[1]
     for damage in ("{not json", '{"entries": [[1, 2]]}'):  # a damaged file is tuned again, not fatal
         path.write_text(damage)
         monkeypatch.setattr(tuning, "_SEEN", {})

@@ -63,7 +63,7 @@ def cache_file(kernel, device: torch.device) -> Path | None:
 
 
 def _config_id(config) -> tuple:
-    return tuple(sorted(config.kwargs.items())), config.num_warps, config.num_stages
+    return tuple(sorted(config.kwargs.items())), config.num_warps, config.num_stages, getattr(config, "maxnreg", None)
 
 
 def load(kernel, device: torch.device, path: Path | None = None) -> None:
@@ -79,7 +79,8 @@ def load(kernel, device: torch.device, path: Path | None = None) -> None:
     by_id = {_config_id(c): c for c in kernel.configs}  # the live configs carry the pre-hooks
     try:
         for key, saved in entries:
-            ident = (tuple(sorted((k, v) for k, v in saved["kwargs"].items())), saved["num_warps"], saved["num_stages"])
+            ident = (tuple(sorted((k, v) for k, v in saved["kwargs"].items())), saved["num_warps"], saved["num_stages"],
+                     saved.get("maxnreg"))  # files written before register caps were tuned: None
             if ident in by_id:
                 kernel.cache.setdefault(_tuple(key), by_id[ident])
     except (TypeError, KeyError, ValueError, AttributeError):
@@ -98,7 +99,8 @@ def save(kernel, device: torch.device, path: Path | None = None) -> None:
         return
     entries, keys = [], set()
     for key, config in kernel.cache.items():
-        entry = [list(key), {"kwargs": dict(config.kwargs), "num_warps": config.num_warps, "num_stages": config.num_stages}]
+        entry = [list(key), {"kwargs": dict(config.kwargs), "num_warps": config.num_warps, "num_stages": config.num_stages,
+                             "maxnreg": getattr(config, "maxnreg", None)}]
         try:
             json.dumps(entry)
         except TypeError:
