@@ -6,7 +6,7 @@
 # hunyuan, tune, e2e, quality (default: all); nb and nb-e2e (issue 11: element-rule blocks, forward,
 # backward and the Wan2.1-14B forward with 3-D windows) and pipe (the software-pipelined full-block
 # loop against the plain one, every precision, Wan2.1-14B and HunyuanVideo 509 frames) and regs (two-CTA
-# forward configs, the backward's unmasked full blocks: GPU tests, Wan2.1-14B forward and backward) run only when named.
+# forward configs, the backward's unmasked full blocks: GPU tests, Wan2.1-14B forward and backward) and regs2, regs3 run only when named.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -60,4 +60,16 @@ if [[ $part == regs ]]; then
   timeout 240 python3 -P benchmarks/attention.py --shapes wan14b --no-flex-sparse --patterns radial --precision int8 fp8 int8-qk \
     --json "$OUT/attention_regs_wan.json" 2>&1 | tee "$OUT/attention_regs_wan.log"
   timeout 150 python3 -P benchmarks/tune_cache.py 2>&1 | tee "$OUT/tune_cache.log"
+fi
+if [[ $part == regs2 ]]; then  # after the size class joined the tuning key: Wan2.1-14B and HunyuanVideo 129, fwd + bwd
+  timeout 250 python3 -P benchmarks/attention.py --shapes wan14b --no-flex-sparse --patterns radial --precision int8 fp8 int8-qk \
+    --json "$OUT/attention_regs2_wan.json" 2>&1 | tee "$OUT/attention_regs2_wan.log"
+  timeout 230 python3 -P benchmarks/attention.py --shapes hunyuan129 --no-flex-sparse --patterns radial \
+    --json "$OUT/attention_regs2_hv.json" 2>&1 | tee "$OUT/attention_regs2_hv.log"
+  timeout 90 python3 -P -m pytest -q -m gpu tests/test_kernels.py -p no:cacheprovider -k "fused_backward" 2>&1 | tail -5 | tee "$OUT/gpu_tests_fused.log"
+fi
+if [[ $part == regs3 ]]; then  # the same, HunyuanVideo 509 frames forward and the Wan2.1-14B forward end to end
+  timeout 170 python3 -P benchmarks/attention.py --shapes hunyuan509 --no-backward --no-flex-sparse --precision int8 \
+    --json "$OUT/attention_regs3_hv509.json" 2>&1 | tee "$OUT/attention_regs3_hv509.log"
+  timeout 300 python3 -P benchmarks/e2e.py --models 14b --repeats 2 --backends triton --methods radial "radial:precision='int8'" 2>&1 | tee "$OUT/e2e_regs3.log"
 fi

@@ -385,7 +385,7 @@ if HAS_TRITON:
     # -- forward kernel --------------------------------------------------------------------------
 
     @triton.autotune(
-        configs=_fwd_configs(), key=["HEAD_DIM", "SPARSE_M", "SPARSE_N", "HAS_KV_LEN", "PAD_D", "USE_TMA", "PREDICATE", "RULE", "QUANT", "LAZY", "PIPE"],
+        configs=_fwd_configs(), key=["size_class", "HEAD_DIM", "SPARSE_M", "SPARSE_N", "HAS_KV_LEN", "PAD_D", "USE_TMA", "PREDICATE", "RULE", "QUANT", "LAZY", "PIPE"],
         prune_configs_by={"early_config_prune": _prune_fwd},
     )
     @triton.jit
@@ -397,7 +397,7 @@ if HAS_TRITON:
         stride_vb, stride_vh, stride_vn, stride_vd,
         stride_ob, stride_oh, stride_om, stride_od,
         num_heads, q_len, kv_len, head_dim, qk_scale,
-        list_head_stride, num_q_blocks, full_width, part_width, num_k_blocks,
+        list_head_stride, num_q_blocks, full_width, part_width, num_k_blocks, size_class,
         HEAD_DIM: tl.constexpr, SPARSE_M: tl.constexpr, SPARSE_N: tl.constexpr,
         HAS_KV_LEN: tl.constexpr, PAD_D: tl.constexpr, USE_TMA: tl.constexpr, PREDICATE: tl.constexpr,
         RULE: tl.constexpr, W: tl.constexpr, PART_BOUND: tl.constexpr, QUANT: tl.constexpr, PREROUND: tl.constexpr,
@@ -560,7 +560,7 @@ if HAS_TRITON:
         return kept or [triton.Config({"BLOCK_M": min(sm, 32), "BLOCK_N": min(sn, 32)}, num_warps=4, num_stages=2, pre_hook=_set_block_shapes)]
 
     @triton.autotune(
-        configs=_bwd_configs("dkdv"), key=["HEAD_DIM", "SPARSE_M", "SPARSE_N", "HAS_KV_LEN", "PAD_D", "USE_TMA", "PREDICATE", "RULE", "FUSED"],
+        configs=_bwd_configs("dkdv"), key=["size_class", "HEAD_DIM", "SPARSE_M", "SPARSE_N", "HAS_KV_LEN", "PAD_D", "USE_TMA", "PREDICATE", "RULE", "FUSED"],
         prune_configs_by={"early_config_prune": _prune_bwd},
         reset_to_zero=["DQ"],  # FUSED adds into DQ: every benchmarked candidate must start from 0
     )
@@ -574,7 +574,7 @@ if HAS_TRITON:
         stride_dob, stride_doh, stride_dom, stride_dod,
         stride_dkb, stride_dkh, stride_dkn, stride_dkd,
         num_heads, q_len, kv_len, head_dim, qk_scale, sm_scale, stat_len,
-        list_head_stride, full_width, part_width, bits_head_stride, bits_width,
+        list_head_stride, full_width, part_width, bits_head_stride, bits_width, size_class,
         HEAD_DIM: tl.constexpr, SPARSE_M: tl.constexpr, SPARSE_N: tl.constexpr,
         HAS_KV_LEN: tl.constexpr, PAD_D: tl.constexpr, USE_TMA: tl.constexpr, PREDICATE: tl.constexpr,
         RULE: tl.constexpr, W: tl.constexpr, PART_BOUND: tl.constexpr, FUSED: tl.constexpr, TMA_REDUCE: tl.constexpr,
@@ -650,7 +650,7 @@ if HAS_TRITON:
         return dq
 
     @triton.autotune(
-        configs=_bwd_configs("dq"), key=["HEAD_DIM", "SPARSE_M", "SPARSE_N", "HAS_KV_LEN", "PAD_D", "USE_TMA", "PREDICATE", "RULE"],
+        configs=_bwd_configs("dq"), key=["size_class", "HEAD_DIM", "SPARSE_M", "SPARSE_N", "HAS_KV_LEN", "PAD_D", "USE_TMA", "PREDICATE", "RULE"],
         prune_configs_by={"early_config_prune": _prune_bwd},
     )
     @triton.jit
@@ -663,7 +663,7 @@ if HAS_TRITON:
         stride_dob, stride_doh, stride_dom, stride_dod,
         stride_dqb, stride_dqh, stride_dqm, stride_dqd,
         num_heads, q_len, kv_len, head_dim, qk_scale, sm_scale, stat_len,
-        list_head_stride, full_width, part_width,
+        list_head_stride, full_width, part_width, size_class,
         HEAD_DIM: tl.constexpr, SPARSE_M: tl.constexpr, SPARSE_N: tl.constexpr,
         HAS_KV_LEN: tl.constexpr, PAD_D: tl.constexpr, USE_TMA: tl.constexpr, PREDICATE: tl.constexpr,
         RULE: tl.constexpr, W: tl.constexpr, PART_BOUND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -736,6 +736,15 @@ _LAZY_RESCALE = False
 _PIPELINE = False
 
 
+def _size_class(programs: int, row_blocks: int) -> int:
+    """The problem size in the kernels' autotune keys: log2 classes of the programs launched and of
+    a row's block-list width (both known on the host, no sync). Tiles that win on a small call lose
+    on a large one (kernels/NOTES.md: GPU tests at 3,000 tokens tuned 64-key tiles that cost 11 % in
+    the forward and 45 % in the backward at Wan2.1-14B's 75,600); without the class the first call of
+    a process, and through the disk cache of a machine, fixed the config for every size."""
+    return int(programs).bit_length() * 64 + int(row_blocks).bit_length()
+
+
 def _rule_mode(predicate: int, bits, bound: bool) -> dict:
     """Kernel constants of the element rule: RULE 0 none, 1 the in-kernel predicate, 2 the bits
     (W words a row); PART_BOUND: partial blocks test keys against kv_end (only bits may skip it)."""
@@ -780,6 +789,7 @@ def _forward(q, k, v, full_num, full_idx, part_num, part_idx, kv_len, pred, pred
         *q.stride(), *k.stride(), *v_strides, *out.stride(),
         h, sq, sk, d, scale * LOG2E,
         _list_head_stride(full_num), full_num.shape[1], full_idx.shape[-1], part_idx.shape[-1], -(-sk // sparse_n),
+        _size_class(grid[0] * grid[1], full_idx.shape[-1] + part_idx.shape[-1]),
         HEAD_DIM=head, SPARSE_M=sparse_m, SPARSE_N=sparse_n, HAS_KV_LEN=kv_len is not None,
         PAD_D=head != d, USE_TMA=use_tma, PREDICATE=predicate, **_rule_mode(predicate, bits, bound),
         QUANT=_quant_code(precision), PREROUND=_interpreting(), LAZY=_LAZY_RESCALE, PIPE=_PIPELINE,
@@ -827,6 +837,7 @@ def _backward(do, q, k, v, out, lse, lists, kv_len, pred, predicate, bits, q_par
         h, sq, sk, d, scale * LOG2E, scale, stat_len,
         _list_head_stride(q_full_num), q_full_idx.shape[-1], q_part_idx.shape[-1],
         _list_head_stride(full_num), part_idx.shape[-1],
+        _size_class(-(-sk // sparse_n) * b * h, q_full_idx.shape[-1] + q_part_idx.shape[-1]),
         HEAD_DIM=head, SPARSE_M=sparse_m, SPARSE_N=sparse_n, HAS_KV_LEN=has_kv, PAD_D=pad_d, USE_TMA=use_tma, PREDICATE=predicate,
         **rule_mode, FUSED=fused, TMA_REDUCE=fused and use_tma and _TMA_REDUCE,
     )
@@ -838,6 +849,7 @@ def _backward(do, q, k, v, out, lse, lists, kv_len, pred, predicate, bits, q_par
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         h, sq, sk, d, scale * LOG2E, scale, stat_len,
         _list_head_stride(full_num), full_idx.shape[-1], part_idx.shape[-1],
+        _size_class(-(-sq // sparse_m) * b * h, full_idx.shape[-1] + part_idx.shape[-1]),
         HEAD_DIM=head, SPARSE_M=sparse_m, SPARSE_N=sparse_n, HAS_KV_LEN=has_kv, PAD_D=pad_d, USE_TMA=use_tma, PREDICATE=predicate,
         **rule_mode,
     )

@@ -286,6 +286,31 @@ def test_8bit_is_inference_only_and_checks_its_name():
         select.choose("sdpa", q, sp, "fp8")
 
 
+@needs_interpreter
+@pytest.mark.cpu
+def test_autotune_keys_hold_the_problem_size(monkeypatch):
+    # a small call and a large one tune apart (a test-sized first call once fixed the tiles of
+    # Wan2.1-14B through the disk cache); calls of one size class share their entry
+    kernels = (block_sparse._fwd_kernel, block_sparse._dkdv_kernel, block_sparse._dq_kernel)
+    for kernel in kernels:
+        monkeypatch.setattr(kernel, "cache", {})
+    g = torch.Generator().manual_seed(5)
+
+    def call(heads, s, seed):
+        mask = _random_mask(1, -(-s // 32), -(-s // 32), 0.5, g)
+        sp = from_block_mask(mask, s, block_m=32)
+        q, k, v = (torch.randn(1, heads, s, 32, generator=torch.Generator().manual_seed(seed + i), requires_grad=True) for i in range(3))
+        block_sparse.block_sparse_attention(q, k, v, sp).sum().backward()
+
+    call(1, 64, 0)
+    call(6, 256, 1)
+    call(1, 64, 2)  # the small size again, other inputs: no new entry
+    for kernel in kernels:
+        keys = list(kernel.cache)
+        assert kernel.keys[0] == "size_class" and len(keys) == 2, (kernel.fn.__name__, keys)
+        assert keys[0][0] < keys[1][0] and keys[0][1:] == keys[1][1:]
+
+
 @pytest.mark.cpu
 def test_tuned_configs_round_trip_through_the_disk_cache(tmp_path, monkeypatch):
     triton = pytest.importorskip("triton")

@@ -4,9 +4,9 @@ Triton's ``@triton.autotune`` benchmarks every candidate config on the first cal
 key (15-30 s per new shape class for the attention kernels on an H200) and keeps the winner in
 memory only. Here the winners are written to one JSON file per (kernel, GPU, triton version,
 kernel source) in the user's cache directory, and read back into the autotuner before its first
-launch in a new process. The tuning key is the kernel's own (head dim, padding, block sizes, the
-element rule, the 8-bit mode, ...; triton appends the tensors' dtypes), so a file entry applies
-exactly where triton would reuse the config in-process.
+launch in a new process. The tuning key is the kernel's own (a log2 class of the problem size,
+head dim, padding, block sizes, the element rule, the 8-bit mode, ...; triton appends the tensors'
+dtypes), so a file entry applies exactly where triton would reuse the config in-process.
 
 Why not ``triton.autotune(cache_results=True)``: its file is keyed by GPU architecture, not by
 GPU (an H100 and an H200 share sm_90 but not their best tiles), and it lives in triton's kernel
