@@ -24,8 +24,6 @@ Element rules run from per-block bits (the kernel's default; built once per desc
 build time and memory printed); ``--compare-rule`` also times the in-kernel per-score predicate, and
 ``--compare-bound`` both partial-block variants (with and without the key bound; the default keeps it);
 ``--compare-lazy`` our kernel with FlashAttention-4's lazy rescale of full blocks (an experiment).
-``--compare-pipe`` our kernel with the software-pipelined full-block loop (an experiment; bf16 and
-every ``--precision``).
 
 Prints ms, TFLOP/s on computed blocks, and efficiency = density x t(best dense) / t(ours):
 1.0 means our kernel is as fast per computed block as the best dense kernel over all blocks.
@@ -99,8 +97,7 @@ class Row:
 
 
 def _switched(flag: str, fn, *args, **kwargs):
-    """``fn`` with one of the kernel's experiment flags (``_LAZY_RESCALE``, ``_PIPELINE``) switched
-    on for this call."""
+    """``fn`` with one of the kernel's experiment flags (``_LAZY_RESCALE``) switched on for this call."""
     from diffattn.kernels import block_sparse as bs
 
     before = getattr(bs, flag)
@@ -170,7 +167,7 @@ def errors_vs_fp32(q, k, v, sp, outs: dict, rows: int = 512, heads: int = 4) -> 
 
 def run_shape(key: str, backward: bool, flex_sparse: bool = True, compare_tma: bool = False, patterns=("radial",),
               compare_rule: bool = False, block_n: int = 64, precisions=(), compare_backward: bool = False,
-              compare_bound: bool = False, compare_lazy: bool = False, compare_pipe: bool = False) -> list[Row]:
+              compare_bound: bool = False, compare_lazy: bool = False) -> list[Row]:
     shape = SHAPES[key]
     backward = backward and shape.backward
     s, h, d = shape.seq, shape.heads, shape.head_dim
@@ -230,12 +227,6 @@ def run_shape(key: str, backward: bool, flex_sparse: bool = True, compare_tma: b
             fwd_only.add(f"diffattn Triton {prec} ({label})")
         if compare_lazy:
             kernels[f"diffattn Triton lazy rescale ({label})"] = (ordered((lambda d, b: lambda q, k, v: _switched("_LAZY_RESCALE", block_sparse_attention, q, k, v, d, bits=b))(sp, bits), order), dens)
-        if compare_pipe:  # the software-pipelined full-block loop, in bf16 and at every --precision
-            for prec in (None, *precisions):
-                name = f"diffattn Triton pipelined{'' if prec is None else ' ' + prec} ({label})"
-                kernels[name] = (ordered((lambda d, b, p: lambda q, k, v: _switched("_PIPELINE", block_sparse_attention, q, k, v, d, bits=b, precision=p))(sp, bits, prec), order), dens)
-                if prec is not None:
-                    fwd_only.add(name)
         if compare_bound and sp.rule is not None:
             for bound in (False, True):
                 kernels[f"diffattn Triton bound={bound} ({label})"] = (ordered((lambda d, b, x: lambda q, k, v: block_sparse_attention(q, k, v, d, bits=b, bound_partial=x))(sp, bits, bound), order), dens)
@@ -322,7 +313,6 @@ def main(argv=None) -> None:
     parser.add_argument("--compare-rule", action="store_true", help="also time element rules evaluated per score in the kernel")
     parser.add_argument("--compare-bound", action="store_true", help="also time partial blocks with and without the key bound")
     parser.add_argument("--compare-lazy", action="store_true", help="also time the lazy rescale of full blocks (experiment)")
-    parser.add_argument("--compare-pipe", action="store_true", help="also time the software-pipelined full-block loop (experiment), at every --precision too")
     parser.add_argument("--block-n", type=int, default=64, choices=(64, 128), help="key block of the row-major windows")
     parser.add_argument("--precision", nargs="*", default=[], choices=PRECISIONS, help="also time the 8-bit forward")
     parser.add_argument("--compare-backward", action="store_true", help="also time the split deterministic backward")
@@ -336,7 +326,7 @@ def main(argv=None) -> None:
     for key in args.shapes:
         print(f"{SHAPES[key].name}: S={SHAPES[key].seq}", flush=True)
         rows += run_shape(key, not args.no_backward, flex_sparse=not args.no_flex_sparse, compare_tma=args.compare_tma,
-                          patterns=args.patterns, compare_rule=args.compare_rule, compare_bound=args.compare_bound, compare_lazy=args.compare_lazy, compare_pipe=args.compare_pipe, block_n=args.block_n,
+                          patterns=args.patterns, compare_rule=args.compare_rule, compare_bound=args.compare_bound, compare_lazy=args.compare_lazy, block_n=args.block_n,
                           precisions=args.precision, compare_backward=args.compare_backward)
         if args.json:
             with open(args.json, "w") as fh:

@@ -4,9 +4,10 @@
 # forward end to end at each precision, and the testbed video quality of the 8-bit forward.
 # Run from the repo root on the GPU machine; writes logs to ${OUT:-/tmp/out}. Parts: tests, wan,
 # hunyuan, tune, e2e, quality (default: all); nb and nb-e2e (issue 11: element-rule blocks, forward,
-# backward and the Wan2.1-14B forward with 3-D windows) and pipe (the software-pipelined full-block
-# loop against the plain one, every precision, Wan2.1-14B and HunyuanVideo 509 frames) and regs (two-CTA
-# forward configs, the backward's unmasked full blocks: GPU tests, Wan2.1-14B forward and backward) and regs2, regs3 run only when named.
+# backward and the Wan2.1-14B forward with 3-D windows), regs (two-CTA forward configs, the
+# backward's unmasked full blocks: GPU tests, Wan2.1-14B forward and backward, the tune cache), regs2
+# (the same after the size class joined the tuning key, with HunyuanVideo 129) and regs3 (HunyuanVideo
+# 509 forward, the Wan2.1-14B forward end to end) run only when named.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -47,13 +48,6 @@ if [[ $part == nb-e2e ]]; then
   timeout 170 python3 -P benchmarks/attention.py --shapes wan14b --no-flex-sparse --patterns radial ${NB_PATTERNS:-nb-3d} \
     ${NB_FLAGS:-} --json "$OUT/attention_nb_bwd.json" 2>&1 | tee "$OUT/attention_nb_bwd.log"
   timeout 280 python3 -P benchmarks/e2e.py --models 14b --repeats 2 --backends triton --methods radial ${NB_METHODS:-"neighborhood:kernel_size=(9,23,40)"} 2>&1 | tee "$OUT/e2e_nb.log"
-fi
-if [[ $part == pipe ]]; then
-  timeout 200 python3 -P -m pytest -q -m gpu tests/test_kernels.py -p no:cacheprovider -s -k pipelined 2>&1 | tail -12 | tee "$OUT/gpu_tests_pipe.log"
-  timeout 300 python3 -P benchmarks/attention.py --shapes wan14b --no-backward --no-flex-sparse --block-n 128 --compare-pipe \
-    --precision int8 fp8 int8-qk --patterns radial nb-time --json "$OUT/attention_pipe_wan.json" 2>&1 | tee "$OUT/attention_pipe_wan.log"
-  timeout 150 python3 -P benchmarks/attention.py --shapes hunyuan509 --no-backward --no-flex-sparse --compare-pipe \
-    --precision int8 --json "$OUT/attention_pipe_hv.json" 2>&1 | tee "$OUT/attention_pipe_hv.log"
 fi
 if [[ $part == regs ]]; then
   timeout 260 python3 -P -m pytest -q -m gpu tests/test_kernels.py -p no:cacheprovider -k "matches_reference_gpu or fused_backward or (predicates and ((neighborhood3d_128_padded and rule) or (circle and bits)))" 2>&1 | tail -15 | tee "$OUT/gpu_tests_regs.log"

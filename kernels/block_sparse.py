@@ -265,7 +265,6 @@ if HAS_TRITON:
         BLOCK_N: tl.constexpr, SPARSE_N: tl.constexpr, MASKED: tl.constexpr, PAD_D: tl.constexpr,
         HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr, PREDICATE: tl.constexpr, RULE: tl.constexpr, W: tl.constexpr,
         SPARSE_M: tl.constexpr, ks_row, QUANT: tl.constexpr, PREROUND: tl.constexpr, LAZY: tl.constexpr,
-        PIPE: tl.constexpr,
     ):
         # QUANT (kernels.triton.quant, _quant_code): q, k are int8 / fp8 with k's scale per sparse
         # key block at ks_row[kb] (q's is folded into qk_scale). With an 8-bit P.V (PV8) v is fp8,
@@ -273,72 +272,27 @@ if HAS_TRITON:
         tl.static_assert(SPARSE_N % BLOCK_N == 0, "the kernel tile must divide the sparse block")
         SUB: tl.constexpr = SPARSE_N // BLOCK_N
         MASK_ROWS: tl.constexpr = MASKED | (RULE == 2)
-        PV8: tl.constexpr = (QUANT == 1) | (QUANT == 2)
-        if PIPE & (not MASKED) & (RULE == 0):
-            # software-pipelined (FlashAttention-3's intra-warpgroup overlap, without warp
-            # specialization): the next tile's Q.K^T is issued before this tile's softmax, so the
-            # tensor cores work while the warps do exp2; the last iteration recomputes its own tile
-            n = count * SUB
-            if n > 0:
-                kb = tl.load(idx_ptr)
-                start = kb * SPARSE_N
-                k = _load_rows(k_desc, k_base, b, h, start, start + tl.arange(0, BLOCK_N), offs_d, stride_kn, stride_kd, kv_end, head_dim, BLOCK_N, HEAD_DIM, False, PAD_D, USE_TMA)
-                qk = tl.dot(q, tl.trans(k))
-                for t in range(0, n):
-                    tn = tl.minimum(t + 1, n - 1)
-                    kb_next = tl.load(idx_ptr + tn // SUB)
-                    start_next = kb_next * SPARSE_N + (tn % SUB) * BLOCK_N
-                    k_next = _load_rows(k_desc, k_base, b, h, start_next, start_next + tl.arange(0, BLOCK_N), offs_d, stride_kn, stride_kd, kv_end, head_dim, BLOCK_N, HEAD_DIM, False, PAD_D, USE_TMA)
-                    if (QUANT == 1) | (QUANT == 2):
-                        v = _load_vt(v_desc, v_base, b, h, start, start + tl.arange(0, BLOCK_N), offs_d, stride_vn, stride_vd, kv_end, BLOCK_N, HEAD_DIM, False, USE_TMA)
-                    else:
-                        v = _load_rows(v_desc, v_base, b, h, start, start + tl.arange(0, BLOCK_N), offs_d, stride_vn, stride_vd, kv_end, head_dim, BLOCK_N, HEAD_DIM, False, PAD_D, USE_TMA)
-                    if QUANT:
-                        scores = qk.to(tl.float32)
-                        tile_scale = qk_scale * tl.load(ks_row + kb)
-                    else:
-                        scores = qk
-                        tile_scale = qk_scale
-                    m_new = tl.maximum(m_i, tl.max(scores, 1) * tile_scale)
-                    alpha = tl.math.exp2(m_i - m_new)
-                    if PV8:  # p x 448 (e4m3's range) by a shifted max, as in _fwd_update
-                        p = tl.math.exp2(scores * tile_scale - (m_new - 8.807354922057604)[:, None])
-                    else:
-                        p = tl.math.exp2(scores * tile_scale - m_new[:, None])
-                    l_i = l_i * alpha + tl.sum(p, 1)
-                    m_i = m_new
-                    # the next Q.K^T waits for every MMA in flight; this tile's P.V, issued after it,
-                    # stays in flight through the next iteration's softmax
-                    qk_next = tl.dot(q, tl.trans(k_next))
-                    if PV8:
-                        acc = tl.dot(to_fp8(p, PREROUND), v, acc * alpha[:, None])
-                    else:
-                        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-                    qk = qk_next
-                    kb = kb_next
-                    start = start_next
-        else:
-            for t in range(0, count * SUB):
-                kb = tl.load(idx_ptr + t // SUB)
-                start = kb * SPARSE_N + (t % SUB) * BLOCK_N
-                offs_n = start + tl.arange(0, BLOCK_N)
-                k, v = _load_kv(k_base, v_base, k_desc, v_desc, b, h, start, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd, kv_end, head_dim, BLOCK_N, HEAD_DIM, MASK_ROWS, PAD_D, USE_TMA, QUANT)
-                qk = tl.dot(q, tl.trans(k))  # [BLOCK_M, BLOCK_N] raw scores (int32 from int8)
-                if QUANT:  # k's block scale joins the per-tile scale: no extra multiply per score
-                    qk = qk.to(tl.float32)
-                    tile_scale = qk_scale * tl.load(ks_row + kb)
-                else:
-                    tile_scale = qk_scale
-                # MASKED: the key bound (kv_end); RULE: the element rule (1 per score, 2 from its bits,
-                # which also hold the static sequence tail, so partial blocks may skip the bound)
-                if RULE == 2:  # the rule's bits for this block pair ([SPARSE_M rows, W words]), bounded per word
-                    qk = _bits_where(qk, bits_base + (t // SUB) * (SPARSE_M * W), tl.arange(0, SPARSE_M), (t % SUB) * BLOCK_N, kv_end - start, float("-inf"), BLOCK_N, W, False, MASKED)
-                elif MASKED:
-                    valid = offs_n[None, :] < kv_end
-                    if RULE == 1:
-                        valid = valid & _predicate(offs_m[:, None], offs_n[None, :], pred_ptr, PREDICATE)
-                    qk = tl.where(valid, qk, float("-inf"))
-                acc, l_i, m_i = _fwd_update(acc, l_i, m_i, qk, v, tile_scale, MASKED, RULE, QUANT, PREROUND, LAZY)
+        for t in range(0, count * SUB):
+            kb = tl.load(idx_ptr + t // SUB)
+            start = kb * SPARSE_N + (t % SUB) * BLOCK_N
+            offs_n = start + tl.arange(0, BLOCK_N)
+            k, v = _load_kv(k_base, v_base, k_desc, v_desc, b, h, start, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd, kv_end, head_dim, BLOCK_N, HEAD_DIM, MASK_ROWS, PAD_D, USE_TMA, QUANT)
+            qk = tl.dot(q, tl.trans(k))  # [BLOCK_M, BLOCK_N] raw scores (int32 from int8)
+            if QUANT:  # k's block scale joins the per-tile scale: no extra multiply per score
+                qk = qk.to(tl.float32)
+                tile_scale = qk_scale * tl.load(ks_row + kb)
+            else:
+                tile_scale = qk_scale
+            # MASKED: the key bound (kv_end); RULE: the element rule (1 per score, 2 from its bits,
+            # which also hold the static sequence tail, so partial blocks may skip the bound)
+            if RULE == 2:  # the rule's bits for this block pair ([SPARSE_M rows, W words]), bounded per word
+                qk = _bits_where(qk, bits_base + (t // SUB) * (SPARSE_M * W), tl.arange(0, SPARSE_M), (t % SUB) * BLOCK_N, kv_end - start, float("-inf"), BLOCK_N, W, False, MASKED)
+            elif MASKED:
+                valid = offs_n[None, :] < kv_end
+                if RULE == 1:
+                    valid = valid & _predicate(offs_m[:, None], offs_n[None, :], pred_ptr, PREDICATE)
+                qk = tl.where(valid, qk, float("-inf"))
+            acc, l_i, m_i = _fwd_update(acc, l_i, m_i, qk, v, tile_scale, MASKED, RULE, QUANT, PREROUND, LAZY)
         return acc, l_i, m_i
 
     # -- configs -----------------------------------------------------------------------------
@@ -385,7 +339,7 @@ if HAS_TRITON:
     # -- forward kernel --------------------------------------------------------------------------
 
     @triton.autotune(
-        configs=_fwd_configs(), key=["size_class", "HEAD_DIM", "SPARSE_M", "SPARSE_N", "HAS_KV_LEN", "PAD_D", "USE_TMA", "PREDICATE", "RULE", "QUANT", "LAZY", "PIPE"],
+        configs=_fwd_configs(), key=["size_class", "HEAD_DIM", "SPARSE_M", "SPARSE_N", "HAS_KV_LEN", "PAD_D", "USE_TMA", "PREDICATE", "RULE", "QUANT", "LAZY"],
         prune_configs_by={"early_config_prune": _prune_fwd},
     )
     @triton.jit
@@ -401,7 +355,7 @@ if HAS_TRITON:
         HEAD_DIM: tl.constexpr, SPARSE_M: tl.constexpr, SPARSE_N: tl.constexpr,
         HAS_KV_LEN: tl.constexpr, PAD_D: tl.constexpr, USE_TMA: tl.constexpr, PREDICATE: tl.constexpr,
         RULE: tl.constexpr, W: tl.constexpr, PART_BOUND: tl.constexpr, QUANT: tl.constexpr, PREROUND: tl.constexpr,
-        LAZY: tl.constexpr, PIPE: tl.constexpr, BLOCK_N: tl.constexpr,
+        LAZY: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         qb = tl.program_id(0)
         bh = tl.program_id(1)
@@ -436,18 +390,18 @@ if HAS_TRITON:
                 kb = tl.load(full_list + i)
                 n_clean += ((kb + 1) * SPARSE_N <= kv_end).to(tl.int32)
             if PAD_D:
-                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, K_desc, V_desc, b, h, full_list, n_clean, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, offs_m, pred_ptr, bits, BLOCK_N, SPARSE_N, False, True, HEAD_DIM, USE_TMA, PREDICATE, 0, W, SPARSE_M, ks_row, QUANT, PREROUND, LAZY, PIPE)
-                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, K_desc, V_desc, b, h, full_list + n_clean, n_full - n_clean, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, offs_m, pred_ptr, bits, BLOCK_N, SPARSE_N, True, True, HEAD_DIM, USE_TMA, PREDICATE, 0, W, SPARSE_M, ks_row, QUANT, PREROUND, LAZY, PIPE)
+                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, K_desc, V_desc, b, h, full_list, n_clean, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, offs_m, pred_ptr, bits, BLOCK_N, SPARSE_N, False, True, HEAD_DIM, USE_TMA, PREDICATE, 0, W, SPARSE_M, ks_row, QUANT, PREROUND, LAZY)
+                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, K_desc, V_desc, b, h, full_list + n_clean, n_full - n_clean, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, offs_m, pred_ptr, bits, BLOCK_N, SPARSE_N, True, True, HEAD_DIM, USE_TMA, PREDICATE, 0, W, SPARSE_M, ks_row, QUANT, PREROUND, LAZY)
             else:
-                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, K_desc, V_desc, b, h, full_list, n_clean, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, offs_m, pred_ptr, bits, BLOCK_N, SPARSE_N, False, False, HEAD_DIM, USE_TMA, PREDICATE, 0, W, SPARSE_M, ks_row, QUANT, PREROUND, LAZY, PIPE)
-                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, K_desc, V_desc, b, h, full_list + n_clean, n_full - n_clean, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, offs_m, pred_ptr, bits, BLOCK_N, SPARSE_N, True, False, HEAD_DIM, USE_TMA, PREDICATE, 0, W, SPARSE_M, ks_row, QUANT, PREROUND, LAZY, PIPE)
+                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, K_desc, V_desc, b, h, full_list, n_clean, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, offs_m, pred_ptr, bits, BLOCK_N, SPARSE_N, False, False, HEAD_DIM, USE_TMA, PREDICATE, 0, W, SPARSE_M, ks_row, QUANT, PREROUND, LAZY)
+                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, K_desc, V_desc, b, h, full_list + n_clean, n_full - n_clean, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, offs_m, pred_ptr, bits, BLOCK_N, SPARSE_N, True, False, HEAD_DIM, USE_TMA, PREDICATE, 0, W, SPARSE_M, ks_row, QUANT, PREROUND, LAZY)
         else:
             if PAD_D:
-                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, K_desc, V_desc, b, h, full_list, n_full, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, offs_m, pred_ptr, bits, BLOCK_N, SPARSE_N, False, True, HEAD_DIM, USE_TMA, PREDICATE, 0, W, SPARSE_M, ks_row, QUANT, PREROUND, LAZY, PIPE)
+                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, K_desc, V_desc, b, h, full_list, n_full, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, offs_m, pred_ptr, bits, BLOCK_N, SPARSE_N, False, True, HEAD_DIM, USE_TMA, PREDICATE, 0, W, SPARSE_M, ks_row, QUANT, PREROUND, LAZY)
             else:
-                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, K_desc, V_desc, b, h, full_list, n_full, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, offs_m, pred_ptr, bits, BLOCK_N, SPARSE_N, False, False, HEAD_DIM, USE_TMA, PREDICATE, 0, W, SPARSE_M, ks_row, QUANT, PREROUND, LAZY, PIPE)
+                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, K_desc, V_desc, b, h, full_list, n_full, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, offs_m, pred_ptr, bits, BLOCK_N, SPARSE_N, False, False, HEAD_DIM, USE_TMA, PREDICATE, 0, W, SPARSE_M, ks_row, QUANT, PREROUND, LAZY)
         part_list = part_idx + row * part_width
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, K_desc, V_desc, b, h, part_list, n_part, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, offs_m, pred_ptr, bits + row * part_width * (SPARSE_M * W), BLOCK_N, SPARSE_N, PART_BOUND, True, HEAD_DIM, USE_TMA, PREDICATE, RULE, W, SPARSE_M, ks_row, QUANT, PREROUND, LAZY, PIPE)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, K_desc, V_desc, b, h, part_list, n_part, kv_end, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, head_dim, qk_scale, offs_m, pred_ptr, bits + row * part_width * (SPARSE_M * W), BLOCK_N, SPARSE_N, PART_BOUND, True, HEAD_DIM, USE_TMA, PREDICATE, RULE, W, SPARSE_M, ks_row, QUANT, PREROUND, LAZY)
 
         empty = l_i == 0.0
         l_safe = tl.where(empty, 1.0, l_i)
@@ -731,9 +685,6 @@ def _descriptors(use_tma: bool, head: int, *tensors):
 # Lazy rescale of full blocks (FlashAttention-4): an experiment, timed against the default by
 # ``benchmarks/attention.py --compare-lazy`` (kernels/NOTES.md)
 _LAZY_RESCALE = False
-# Software-pipelined full blocks (the next tile's Q.K^T issued before this tile's softmax): timed
-# against the plain loop by ``benchmarks/attention.py --compare-pipe`` (kernels/NOTES.md)
-_PIPELINE = False
 
 
 def _size_class(programs: int, row_blocks: int) -> int:
@@ -792,7 +743,7 @@ def _forward(q, k, v, full_num, full_idx, part_num, part_idx, kv_len, pred, pred
         _size_class(grid[0] * grid[1], full_idx.shape[-1] + part_idx.shape[-1]),
         HEAD_DIM=head, SPARSE_M=sparse_m, SPARSE_N=sparse_n, HAS_KV_LEN=kv_len is not None,
         PAD_D=head != d, USE_TMA=use_tma, PREDICATE=predicate, **_rule_mode(predicate, bits, bound),
-        QUANT=_quant_code(precision), PREROUND=_interpreting(), LAZY=_LAZY_RESCALE, PIPE=_PIPELINE,
+        QUANT=_quant_code(precision), PREROUND=_interpreting(), LAZY=_LAZY_RESCALE,
     )
     if shift is not None:  # the kernel's lse is of the smoothed scores: add back q . c (x softmax scale)
         lse = lse + shift * scale

@@ -103,33 +103,6 @@ def test_triton_lazy_rescale_cpu(monkeypatch, dtype):
     torch.testing.assert_close(lse.float(), want_lse.float(), atol=tol, rtol=tol)
 
 
-@needs_interpreter
-@pytest.mark.cpu
-@pytest.mark.parametrize("precision", [None, *PRECISIONS])
-def test_triton_pipelined_full_blocks_cpu(monkeypatch, precision):
-    # the software-pipelined full-block loop (the next tile's Q.K^T issued before this tile's
-    # softmax) gives what the plain loop gives: one-block rows, long rows, a tail block and
-    # per-batch key lengths (masked loops after the pipelined one)
-    g = torch.Generator().manual_seed(11)
-    s, d, block = 150, 32, 32
-    nb = -(-s // block)
-    mask = _random_mask(1, nb, nb, 0.5, g)
-    mask[0, 0] = False
-    mask[0, 0, 0] = True  # a row of one block: the pipelined loop's prologue tile is its last
-    sp = from_block_mask(mask, s, block_m=block)
-    q, k, v = (torch.randn(2, 2, s, d, generator=g) for _ in range(3))
-    kv_len = torch.tensor([s, s - 45], dtype=torch.int32)
-    plain = block_sparse.block_sparse_attention(q, k, v, sp, kv_len=kv_len, precision=precision, return_lse=True)
-    monkeypatch.setattr(block_sparse, "_PIPELINE", True)
-    piped = block_sparse.block_sparse_attention(q, k, v, sp, kv_len=kv_len, precision=precision, return_lse=True)
-    for a, b in zip(piped, plain):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    if precision is None:
-        ref, ref_lse = attention_reference(q, k, v, expand_block_mask(mask, s, s, block, block)[None], kv_len=kv_len)
-        torch.testing.assert_close(piped[0], ref, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(piped[1], ref_lse, atol=1e-5, rtol=1e-5)
-
-
 def _bits_where_cases():
     """(sparse_n, block_n, col0): every tile width in every block width, first and last tile."""
     for sparse_n in (16, 32, 64, 128):
@@ -639,28 +612,6 @@ def test_triton_8bit_matches_its_twin_gpu(precision, d, kv_pad):
     assert rel(out, twin) < 0.03
     torch.testing.assert_close(lse, twin_lse, atol=5e-3, rtol=1e-4)
     print(f"{precision} d={d}: rel err {rel(out, ref32):.4f}, bf16 {rel(bf16, ref32):.4f}, twin {rel(twin, ref32):.4f}")
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("precision", [None, *PRECISIONS])
-def test_triton_pipelined_full_blocks_gpu(monkeypatch, precision):
-    # the software-pipelined full-block loop on the GPU (MMAs in flight across the softmax), at a
-    # real size with two kernel tiles per sparse block, against the plain loop and the fp32 reference
-    g = torch.Generator().manual_seed(23)
-    s = 3000
-    mask = _random_mask(1, 24, 24, 0.4, g)
-    sp = from_block_mask(mask, s, block_m=128).to("cuda")
-    q, k, v = (torch.randn(1, 4, s, 128, generator=g).to("cuda", torch.bfloat16) for _ in range(3))
-    kv_len = torch.tensor([s - 70], dtype=torch.int32, device="cuda")
-    plain = block_sparse.block_sparse_attention(q, k, v, sp, kv_len=kv_len, precision=precision)
-    monkeypatch.setattr(block_sparse, "_PIPELINE", True)
-    piped = block_sparse.block_sparse_attention(q, k, v, sp, kv_len=kv_len, precision=precision)
-    tok = expand_block_mask(mask, s, s, 128, 128).to("cuda")[None]
-    ref32, _ = attention_reference(q, k, v, tok, kv_len=kv_len)
-    rel = lambda a, r: ((a.float() - r.float()).norm() / r.float().norm()).item()  # noqa: E731
-    print(f"pipelined {precision}: rel err {rel(piped, ref32):.3e}, plain {rel(plain, ref32):.3e}, vs plain {rel(piped, plain):.3e}")
-    assert rel(piped, ref32) <= 1.05 * rel(plain, ref32) + 1e-4
-    assert rel(piped, plain) < (2e-3 if precision is None else 2e-2)
 
 
 @needs_interpreter
