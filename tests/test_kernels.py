@@ -626,3 +626,17 @@ def test_bits_of_another_description_refused():
     q = torch.randn(1, 1, layout.seq_len, 16)
     with pytest.raises(ValueError, match="do not fit this description"):
         block_sparse.block_sparse_attention(q, q, q, b, bits=block_sparse.element_bits(a))
+
+
+@pytest.mark.cpu
+def test_kernels_folder_refuses_to_shadow_hugging_face_kernels():
+    # with the checkout's root on sys.path (python -m from the root) kernels/ would be imported as
+    # Hugging Face's 'kernels' (transformers imports it): the error says so and names the fix
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    run = subprocess.run([sys.executable, "-c", "import kernels"], cwd=root, capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0 and "shadowing Hugging Face's 'kernels' package" in run.stderr, run.stderr[-2000:]
+    assert "Run from another directory" in run.stderr

@@ -440,11 +440,11 @@ def test_cli_generate_under_torchrun_equals_one_process(tmp_path):
     common = ["generate", "--device", "cpu", "--steps", "2", "--dense-steps", "1", "--seed", "3"]
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
                           "diffattn.app.cli", *common, "--context-parallel", "ring=2", "--out", str(tmp_path / "cp.mp4")],
-                         capture_output=True, text=True, env=env, timeout=600)
+                         capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)  # not the root: kernels/ shadows HF's
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "context parallel ring=2 over 2 processes: {'mode': 'ring'" in run.stdout
     one = subprocess.run([sys.executable, "-m", "diffattn.app.cli", *common, "--out", str(tmp_path / "one.mp4")],
-                         capture_output=True, text=True, env=env, timeout=600)
+                         capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
     assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
     for name in ("", "_dense"):
         a = iio.imread(tmp_path / f"cp{name}.mp4").astype(int)
