@@ -15,17 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from app.bench import time_call  # noqa: E402
-from app.mask import build_method, layout_of  # noqa: E402
-from diffattn.kernels import block_sparse  # noqa: E402
-from diffattn.pipelines import parallel  # noqa: E402
+from diffattn.app.bench import time_call
+from diffattn.app.mask import build_method, layout_of
+from diffattn.kernels import block_sparse
+from diffattn.pipelines import parallel
 
 CASES = [  # name, preset, frames, heads, backward
     ("Wan2.1-14B 720p 81f", "wan", 81, 40, True),

@@ -637,6 +637,7 @@ def test_kernels_folder_refuses_to_shadow_hugging_face_kernels():
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
-    run = subprocess.run([sys.executable, "-c", "import kernels"], cwd=root, capture_output=True, text=True, timeout=120)
+    code = "import sys; sys.path.insert(0, ''); import kernels"  # the root first, also under PYTHONSAFEPATH
+    run = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
     assert run.returncode != 0 and "shadowing Hugging Face's 'kernels' package" in run.stderr, run.stderr[-2000:]
     assert "Run from another directory" in run.stderr
