@@ -302,19 +302,24 @@ def print_table(rows: list[Row]) -> None:
         )
 
 
+def case_arguments(parser: argparse.ArgumentParser, shapes=None) -> None:
+    """The shape, pattern, key-block and precision options (this benchmark's and kernel_configs.py's)."""
+    parser.add_argument("--shapes", nargs="*", default=list(shapes or SHAPES), choices=list(SHAPES))
+    parser.add_argument("--patterns", nargs="*", default=["radial"], choices=PATTERNS)
+    parser.add_argument("--block-n", type=int, default=64, choices=(64, 128), help="key block of the row-major windows")
+    parser.add_argument("--precision", nargs="*", default=[], choices=PRECISIONS, help="also the 8-bit forward")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--no-backward", action="store_true")
     parser.add_argument("--no-flex-sparse", action="store_true", help="skip Flex with the block mask (slow to compile)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--compare-tma", action="store_true", help="also time our kernel with pointer loads")
-    parser.add_argument("--patterns", nargs="*", default=["radial"], choices=PATTERNS)
+    case_arguments(parser)
     parser.add_argument("--compare-rule", action="store_true", help="also time element rules evaluated per score in the kernel")
     parser.add_argument("--compare-bound", action="store_true", help="also time partial blocks with and without the key bound")
     parser.add_argument("--compare-lazy", action="store_true", help="also time the lazy rescale of full blocks (experiment)")
-    parser.add_argument("--block-n", type=int, default=64, choices=(64, 128), help="key block of the row-major windows")
-    parser.add_argument("--precision", nargs="*", default=[], choices=PRECISIONS, help="also time the 8-bit forward")
     parser.add_argument("--compare-backward", action="store_true", help="also time the split deterministic backward")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():

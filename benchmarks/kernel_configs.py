@@ -20,9 +20,8 @@ os.environ["DIFFATTN_AUTOTUNE_CACHE"] = "0"  # before the kernels are imported: 
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from attention import PATTERNS, SHAPES, sparse_patterns  # noqa: E402
+from attention import SHAPES, case_arguments, sparse_patterns  # noqa: E402
 
-from diffattn.kernels import PRECISIONS  # noqa: E402
 from diffattn.kernels import block_sparse as bs  # noqa: E402
 from diffattn.kernels.block_sparse import block_sparse_attention, element_bits  # noqa: E402
 
@@ -79,10 +78,7 @@ def run(shape_key: str, patterns, block_n: int, precisions, backward: bool) -> N
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", nargs="*", default=["wan14b"], choices=list(SHAPES))
-    parser.add_argument("--patterns", nargs="*", default=["radial"], choices=PATTERNS)
-    parser.add_argument("--block-n", type=int, default=64, choices=(64, 128), help="key block of the row-major windows")
-    parser.add_argument("--precision", nargs="*", default=[], choices=PRECISIONS, help="also the 8-bit forward")
+    case_arguments(parser, shapes=["wan14b"])
     parser.add_argument("--backward", action="store_true", help="also the dK/dV and dQ passes (bf16)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():

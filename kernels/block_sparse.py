@@ -318,8 +318,8 @@ if HAS_TRITON:
         configs = [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=st, pre_hook=_set_block_shapes) for bn, w, st in shapes]
         # capped at 128 registers a thread (kernels/NOTES.md): with 2 stages (about 98 KB of shared
         # memory) two CTAs fit an SM, so one CTA's softmax can run under the other's MMAs without warp
-        # specialization (the bf16 winner); 3 stages (about 130 KB) fit one, which some 8-bit and
-        # element-rule shapes still take
+        # specialization (the bf16 winner); 3 stages (about 130 KB) fit one, within 2-9 % of the
+        # winner for the 3-D window and int8 (RESULTS.md, 2026-12-04)
         return configs + [triton.Config({"BLOCK_N": 64}, num_warps=8, num_stages=st, maxnreg=128, pre_hook=_set_block_shapes) for st in (2, 3)]
 
     # candidates of the 8-bit forward only (QUANT): one warpgroup per 128 query rows won there
@@ -692,10 +692,11 @@ _LAZY_RESCALE = False
 def _size_class(programs: int, row_blocks: int) -> int:
     """The problem size in the kernels' autotune keys: log2 classes of the program count at the
     sparse block size (batch x heads x query or key blocks: config-independent, unlike the launch
-    grid of a tile size) and of the widest row's block list (both known on the host, no sync). Tiles that win on a small call lose
-    on a large one (kernels/NOTES.md: GPU tests at 3,000 tokens tuned 64-key tiles that cost 11 % in
-    the forward and 45 % in the backward at Wan2.1-14B's 75,600); without the class the first call of
-    a process, and through the disk cache of a machine, fixed the config for every size."""
+    grid of a tile size) and of the widest row's block list (both known on the host, no sync).
+    Tiles that win on a small call lose on a large one (kernels/NOTES.md: GPU tests at 3,000 tokens
+    tuned 64-key tiles that cost 11 % in the forward and 45 % in the backward at Wan2.1-14B's
+    75,600); without the class the first call of a process, and through the disk cache of a
+    machine, fixed the config for every size."""
     return int(programs).bit_length() * 64 + int(row_blocks).bit_length()
 
 
