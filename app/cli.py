@@ -48,6 +48,7 @@ import torch
 import diffattn
 from diffattn.app import run as run_tools
 from diffattn.kernels import PRECISIONS
+from diffattn.kernels.select import BACKENDS
 
 
 @dataclass(frozen=True)
@@ -263,8 +264,9 @@ def _parse(argv) -> GenerateConfig:
                      "FLUX.1-dev: its distilled guidance)")
     gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                      help="cuda or cpu (default: cuda if this machine has one)")
-    gen.add_argument("--backend", default="auto", choices=["auto", "triton", "flex", "sdpa"],
-                     help="attention backend of the method (auto: the fastest that can run each call)")
+    gen.add_argument("--backend", default="auto", choices=list(BACKENDS),
+                     help="attention backend of the method (auto: the fastest that can run each call; fa4 needs "
+                          "flash-attn-4 installed, Hopper, block-level patterns)")
     gen.add_argument("--precision", default=None, choices=list(PRECISIONS),
                      help="the method's 8-bit attention forward on the triton backend (CUDA, compute capability >= 8.9; "
                           "the method's dense steps and layers stay at the model's dtype; default: the model's dtype)")

@@ -12,7 +12,7 @@ or, model-level:
     diffattn.remove(model)
 
 Method options (``decay=``, ``kernel_size=``, ``dense_steps=``, ...) go to the method's config;
-``backend=`` ("auto", "triton", "flex", "sdpa"), block sizes and ``family=`` (override the detected
+``backend=`` ("auto", "fa4", "triton", "flex", "sdpa"), block sizes and ``family=`` (override the detected
 family) are keyword-only knobs; ``lora=PATH`` also loads trained weights (a distilled CLEAR student
 from ``diffattn train clear``, a length-extension LoRA from ``diffattn train length``, at weight
 ``lora_scale=``), whose options it takes, and ``remove`` unloads them (a length LoRA joins the LoRA

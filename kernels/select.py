@@ -1,6 +1,9 @@
 """Backends for block descriptions, and the chooser. Choosing is kept apart from running.
 
 Backends, in the order ``backend="auto"`` tries them:
+- ``fa4``: FlashAttention-4's block-sparse CuTe-DSL kernels (``kernels.fa4``), only where the user
+  has ``flash-attn-4`` installed (auto skips it silently otherwise: an absent optional package is
+  not a per-call reason), on Hopper, block-level patterns with 128 x 128 blocks;
 - ``triton``: diffattn's block-sparse flash attention (``kernels.block_sparse``), CUDA (or any
   device under ``TRITON_INTERPRET=1`` when forced);
 - ``flex``: compiled FlexAttention with a BlockMask, element rules as its ``mask_mod`` (CUDA);
@@ -18,9 +21,9 @@ import torch
 
 from diffattn.patterns.blocks import BlockSparsity
 
-from . import block_sparse, flex, sdpa
+from . import block_sparse, fa4, flex, sdpa
 
-BACKENDS = ("auto", "triton", "flex", "sdpa")
+BACKENDS = ("auto", "fa4", "triton", "flex", "sdpa")
 
 
 def _full_precision_only(name: str, precision: str | None) -> tuple[bool, str]:
@@ -29,10 +32,20 @@ def _full_precision_only(name: str, precision: str | None) -> tuple[bool, str]:
     return False, f"{name} runs at the inputs' precision; precision={precision!r} runs on the triton backend (CUDA, compute capability >= 8.9)"
 
 
+class Fa4Backend:
+    name = "fa4"
+
+    def can_run(self, q, sparsity, forced=False, precision=None, padded=False):
+        return fa4.can_run(q, sparsity, forced=forced, precision=precision, padded=padded)
+
+    def run(self, q, k, v, sparsity, *, kv_len=None, cache=None, key=None, text_key_start=None, precision=None):
+        return fa4.run(q, k, v, sparsity, cache=cache, key=key, kv_len=kv_len)
+
+
 class TritonBackend:
     name = "triton"
 
-    def can_run(self, q, sparsity, forced=False, precision=None):
+    def can_run(self, q, sparsity, forced=False, precision=None, padded=False):
         return block_sparse.can_run(q, sparsity, forced=forced, precision=precision)
 
     def run(self, q, k, v, sparsity, *, kv_len=None, cache=None, key=None, text_key_start=None, precision=None):
@@ -47,7 +60,7 @@ class TritonBackend:
 class FlexAttentionBackend:
     name = "flex"
 
-    def can_run(self, q, sparsity, forced=False, precision=None):
+    def can_run(self, q, sparsity, forced=False, precision=None, padded=False):
         ok, why = _full_precision_only(self.name, precision)
         return flex.can_run(q, sparsity, forced=forced) if ok else (ok, why)
 
@@ -63,7 +76,7 @@ class FlexAttentionBackend:
 class SdpaBackend:
     name = "sdpa"
 
-    def can_run(self, q, sparsity, forced=False, precision=None):
+    def can_run(self, q, sparsity, forced=False, precision=None, padded=False):
         ok, why = _full_precision_only(self.name, precision)
         return sdpa.can_run(q, sparsity, forced=forced) if ok else (ok, why)
 
@@ -71,7 +84,7 @@ class SdpaBackend:
         return sdpa.sdpa_block_sparse(q, k, v, sparsity.to(q.device), kv_len=kv_len)
 
 
-BACKEND_OBJECTS = {b.name: b for b in (TritonBackend(), FlexAttentionBackend(), SdpaBackend())}  # stateless
+BACKEND_OBJECTS = {b.name: b for b in (Fa4Backend(), TritonBackend(), FlexAttentionBackend(), SdpaBackend())}  # stateless
 
 
 def check_backend(backend: str) -> str:
@@ -80,16 +93,20 @@ def check_backend(backend: str) -> str:
     return backend
 
 
-def choose(backend: str, q: torch.Tensor, sparsity: BlockSparsity, precision: str | None = None) -> tuple[Any, list[str]]:
+def choose(backend: str, q: torch.Tensor, sparsity: BlockSparsity, precision: str | None = None,
+           padded: bool = False) -> tuple[Any, list[str]]:
     """(the backend to run, reasons the ones tried before it gave). Raises NotImplementedError with
     the reason when ``backend`` is forced and cannot run, or when none can. ``precision``
     (``"int8"`` / ``"fp8"``, the 8-bit forward) only the triton backend runs: no silent fallback to
-    full precision."""
-    names = ("triton", "flex", "sdpa") if backend == "auto" else (check_backend(backend),)
+    full precision. ``padded``: the call has per-batch key lengths (``kv_len``)."""
+    if backend == "auto":
+        names = ("fa4", "triton", "flex", "sdpa") if q.is_cuda and fa4.PRESENT else ("triton", "flex", "sdpa")
+    else:
+        names = (check_backend(backend),)
     reasons = []
     for name in names:
         chosen = BACKEND_OBJECTS[name]
-        ok, why = chosen.can_run(q, sparsity, forced=backend == name, precision=precision)
+        ok, why = chosen.can_run(q, sparsity, forced=backend == name, precision=precision, padded=padded)
         if ok:
             return chosen, reasons
         if backend != "auto":

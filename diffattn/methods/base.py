@@ -152,7 +152,7 @@ class BlockSparseMethod:
         rows = q.shape[-2]
         if extra is not None:
             q, k, v = (torch.cat([t, x.to(t.dtype)], dim=-2) for t, x in zip((q, k, v), extra))  # [B, H, S' + P, D]
-        backend, reasons = select.choose(self.backend, q, sparsity, self.precision)
+        backend, reasons = select.choose(self.backend, q, sparsity, self.precision, padded=kv_len is not None)
         note = None
         if reasons:
             note = f"diffattn {self.name}: using backend {backend.name!r} ({'; '.join(reasons)})"
