@@ -24,6 +24,8 @@ Element rules run from per-block bits (the kernel's default; built once per desc
 build time and memory printed); ``--compare-rule`` also times the in-kernel per-score predicate, and
 ``--compare-bound`` both partial-block variants (with and without the key bound; the default keeps it);
 ``--compare-lazy`` our kernel with FlashAttention-4's lazy rescale of full blocks (an experiment).
+Where ``flash-attn-4`` is installed (Hopper), FA4 dense joins the dense baselines and the fa4
+backend (FA4's block-sparse kernels, ``diffattn.kernels.fa4``) runs each block-level pattern.
 
 Prints ms, TFLOP/s on computed blocks, and efficiency = density x t(best dense) / t(ours):
 1.0 means our kernel is as fast per computed block as the best dense kernel over all blocks.
@@ -45,7 +47,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from diffattn.app.bench import time_pair
 from diffattn.core.layout import TokenLayout
-from diffattn.kernels import PRECISIONS
+from diffattn.kernels import PRECISIONS, fa4
 from diffattn.kernels.block_sparse import block_sparse_attention, element_bits
 from diffattn.kernels.flex import FlexBackend
 from diffattn.methods.neighborhood import PRESETS, rescale
@@ -199,6 +201,13 @@ def run_shape(key: str, backward: bool, flex_sparse: bool = True, compare_tma: b
     if shape.dense_only or key != "hunyuan509":
         flex_dense = FlexBackend(dense_blocks(s, block_m=128), "cuda", compiled=flex_fn)
         kernels["Flex (dense)"] = (lambda q, k, v: flex_dense(q, k, v), 1.0)
+    has_fa4, why_not = fa4.installed()
+    if has_fa4:  # FlashAttention-4 where installed: a dense baseline too, so "best dense" includes it
+        from flash_attn.cute import flash_attn_func
+
+        kernels["FA4 (dense)"] = (lambda q, k, v: flash_attn_func(*(x.transpose(1, 2) for x in (q, k, v)))[0].transpose(1, 2), 1.0)
+    else:
+        print(f"  no FA4 rows: {why_not}", flush=True)
     def ordered(fn, order):
         """``fn`` on tokens in tile order: gather q, k, v, run, scatter the output back (timed)."""
         if order is None:
@@ -219,6 +228,8 @@ def run_shape(key: str, backward: bool, flex_sparse: bool = True, compare_tma: b
             bits = element_bits(sp)
             torch.cuda.synchronize()
             print(f"  {label}: element bits built in {1e3 * (time.perf_counter() - t0):.1f} ms, {bits.nbytes / 2**20:.1f} MiB", flush=True)
+        if has_fa4 and fa4.can_run(q, sp)[0]:  # block-level patterns, 128 x 128 blocks
+            kernels[f"diffattn FA4 ({label})"] = (ordered((lambda lists: lambda q, k, v: fa4.attention(q, k, v, lists))(fa4.block_lists(sp)), order), dens)
         kernels[f"diffattn Triton ({label})"] = (ordered((lambda d, b: lambda q, k, v: block_sparse_attention(q, k, v, d, bits=b))(sp, bits), order), dens)
         if compare_backward:
             kernels[f"diffattn Triton split bwd ({label})"] = (ordered((lambda d, b: lambda q, k, v: block_sparse_attention(q, k, v, d, bits=b, backward="split"))(sp, bits), order), dens)

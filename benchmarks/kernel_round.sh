@@ -7,13 +7,19 @@
 # backward and the Wan2.1-14B forward with 3-D windows), regs (two-CTA forward configs, the
 # backward's unmasked full blocks: GPU tests, Wan2.1-14B forward and backward, the tune cache), regs2
 # (the same after the size class joined the tuning key, with HunyuanVideo 129) and regs3 (HunyuanVideo
-# 509 forward, the Wan2.1-14B forward end to end) run only when named.
+# 509 forward, the Wan2.1-14B forward end to end) run only when named, as do fa4 (the FlashAttention-4
+# backend: its GPU tests, Wan2.1-14B and HunyuanVideo 129 forward + backward, HunyuanVideo 509
+# forward) and fa4-e2e (the Wan2.1-14B forward end to end, triton vs fa4). Both need flash-attn-4
+# importable (pip install flash-attn-4, or FA4_SITE=DIR holding it unpacked).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 python3 -c "import torch, triton, diffusers; print('torch', torch.__version__, 'triton', triton.__version__, 'diffusers', diffusers.__version__, torch.cuda.get_device_name())"
 part=${1:-all}
+if [[ -n ${FA4_SITE:-} ]]; then  # an unpacked flash-attn-4 + nvidia-cutlass-dsl site (its .pth is not read from PYTHONPATH)
+  export PYTHONPATH=$FA4_SITE:$FA4_SITE/nvidia_cutlass_dsl/dsl_packages${PYTHONPATH:+:$PYTHONPATH}
+fi
 if [[ $part == all || $part == tests ]]; then
   python3 -P -c "from diffattn.kernels import block_sparse as b; print('bulk reduce-add through descriptors:', b._TMA_REDUCE)"
   python3 -P -m pytest -q -m gpu tests/test_kernels.py -p no:cacheprovider -s -k "${TESTS:-8bit or fused}" 2>&1 | tee "$OUT/gpu_tests.log"
@@ -66,4 +72,15 @@ if [[ $part == regs3 ]]; then  # the same, HunyuanVideo 509 frames forward and t
   timeout 170 python3 -P benchmarks/attention.py --shapes hunyuan509 --no-backward --no-flex-sparse --precision int8 \
     --json "$OUT/attention_regs3_hv509.json" 2>&1 | tee "$OUT/attention_regs3_hv509.log"
   timeout 300 python3 -P benchmarks/e2e.py --models 14b --repeats 2 --backends triton --methods radial "radial:precision='int8'" 2>&1 | tee "$OUT/e2e_regs3.log"
+fi
+if [[ $part == fa4 ]]; then
+  python3 -P -c "import flash_attn.cute, cutlass, importlib.metadata as m; print('flash-attn-4', m.version('flash-attn-4'), 'cutlass-dsl', m.version('nvidia-cutlass-dsl'))"
+  timeout 200 python3 -P -m pytest -q -m gpu tests/test_fa4.py -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/gpu_tests_fa4.log"
+  timeout 200 python3 -P benchmarks/attention.py --shapes wan14b hunyuan129 --no-flex-sparse --patterns radial \
+    --json "$OUT/attention_fa4.json" 2>&1 | tee "$OUT/attention_fa4.log"
+  timeout 150 python3 -P benchmarks/attention.py --shapes hunyuan509 --no-backward --no-flex-sparse \
+    --json "$OUT/attention_fa4_hv509.json" 2>&1 | tee "$OUT/attention_fa4_hv509.log"
+fi
+if [[ $part == fa4-e2e ]]; then
+  timeout 400 python3 -P benchmarks/e2e.py --models 14b --repeats 2 --backends triton fa4 --methods radial 2>&1 | tee "$OUT/e2e_fa4.log"
 fi
