@@ -13,7 +13,9 @@ tokens), the heads and head size from ``HEADS`` (the largest public config of th
 them with ``--heads``/``--head-dim``). q, k, v are random bf16 ``[1, heads, S, D]``. The method runs
 as it does inside a pipeline (its token order, appended tokens, element rules from per-block bits
 built once, none of that set-up timed), once through each backend; its output through Triton is
-compared with the FlexAttention one (max abs error column).
+compared with the FlexAttention one (max abs error column). Where flash-attn-4 is installed
+(Hopper), FA4 dense joins the dense baselines and the method also runs on the fa4 backend when its
+description fits FA4 (block-level patterns, 128 x 128 blocks; otherwise a line says why not).
 
 Columns: ms per call (median, ``triton.testing.do_bench``), TFLOP/s on the computed part, speed-up
 against dense cuDNN, and efficiency = density x t(best dense) / t: 1.0 means as fast per computed
@@ -34,6 +36,7 @@ import torch.nn.functional as F
 
 from diffattn.app import mask as mask_tool
 from diffattn.core.context import AttnContext
+from diffattn.kernels import fa4
 
 # heads x head size per preset: the largest public config of the family (Wan2.1-14B, HunyuanVideo 13B,
 # Mochi 1, CogVideoX-5B, LTX-Video, LTX-2 19B's video stream, FLUX.1-dev, SD3.5-Large; the testbed's own)
@@ -97,8 +100,13 @@ def _dense_kernels(device: str) -> dict:
 
     if not device.startswith("cuda"):
         return {"SDPA math (dense)": sdpa_with(SDPBackend.MATH)}
-    return {"cuDNN SDPA (dense)": sdpa_with(SDPBackend.CUDNN_ATTENTION),
-            "FA2 SDPA (dense)": sdpa_with(SDPBackend.FLASH_ATTENTION)}
+    kernels = {"cuDNN SDPA (dense)": sdpa_with(SDPBackend.CUDNN_ATTENTION),
+               "FA2 SDPA (dense)": sdpa_with(SDPBackend.FLASH_ATTENTION)}
+    if fa4.installed()[0]:  # the user's FlashAttention-4, a dense baseline too
+        from flash_attn.cute import flash_attn_func
+
+        kernels["FA4 (dense)"] = lambda q, k, v: flash_attn_func(*(x.transpose(1, 2) for x in (q, k, v)))[0].transpose(1, 2)
+    return kernels
 
 
 def _cache():
@@ -153,8 +161,15 @@ def run_case(model: str, method: str, height: int, width: int, frames: int, opti
 
     kernels = {label: (fn, 1.0) for label, fn in _dense_kernels(device).items()}
     dense = list(kernels)
-    names = {"flex": "FlexAttention", "triton": "diffattn Triton", "sdpa": "SDPA token mask"}
-    for backend in ("flex", "triton") if device.startswith("cuda") else ("sdpa", "triton"):
+    names = {"flex": "FlexAttention", "triton": "diffattn Triton", "sdpa": "SDPA token mask", "fa4": "diffattn FA4"}
+    backends = ["flex", "triton"] if device.startswith("cuda") else ["sdpa", "triton"]
+    if device.startswith("cuda") and fa4.PRESENT:  # where the user has flash-attn-4 and it can run the method
+        ok, why = fa4.can_run(q, description)
+        if ok:
+            backends.append("fa4")
+        else:
+            log(f"  no diffattn FA4 row: {why}", flush=True)
+    for backend in backends:
         _, attn = method_runner(model, method, options, layout, backend)
         kernels[f"{names[backend]} ({method})"] = (attn, density)
     outputs = {}  # the method's output per backend, compared below

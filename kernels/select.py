@@ -35,8 +35,8 @@ def _full_precision_only(name: str, precision: str | None) -> tuple[bool, str]:
 class Fa4Backend:
     name = "fa4"
 
-    def can_run(self, q, sparsity, forced=False, precision=None, padded=False):
-        return fa4.can_run(q, sparsity, forced=forced, precision=precision, padded=padded)
+    def can_run(self, q, sparsity, forced=False, precision=None, padded=False, grad=None):
+        return fa4.can_run(q, sparsity, forced=forced, precision=precision, padded=padded, grad=grad)
 
     def run(self, q, k, v, sparsity, *, kv_len=None, cache=None, key=None, text_key_start=None, precision=None):
         return fa4.run(q, k, v, sparsity, cache=cache, key=key, kv_len=kv_len)
@@ -45,7 +45,7 @@ class Fa4Backend:
 class TritonBackend:
     name = "triton"
 
-    def can_run(self, q, sparsity, forced=False, precision=None, padded=False):
+    def can_run(self, q, sparsity, forced=False, precision=None, padded=False, grad=None):
         return block_sparse.can_run(q, sparsity, forced=forced, precision=precision)
 
     def run(self, q, k, v, sparsity, *, kv_len=None, cache=None, key=None, text_key_start=None, precision=None):
@@ -60,7 +60,7 @@ class TritonBackend:
 class FlexAttentionBackend:
     name = "flex"
 
-    def can_run(self, q, sparsity, forced=False, precision=None, padded=False):
+    def can_run(self, q, sparsity, forced=False, precision=None, padded=False, grad=None):
         ok, why = _full_precision_only(self.name, precision)
         return flex.can_run(q, sparsity, forced=forced) if ok else (ok, why)
 
@@ -76,7 +76,7 @@ class FlexAttentionBackend:
 class SdpaBackend:
     name = "sdpa"
 
-    def can_run(self, q, sparsity, forced=False, precision=None, padded=False):
+    def can_run(self, q, sparsity, forced=False, precision=None, padded=False, grad=None):
         ok, why = _full_precision_only(self.name, precision)
         return sdpa.can_run(q, sparsity, forced=forced) if ok else (ok, why)
 
@@ -93,25 +93,31 @@ def check_backend(backend: str) -> str:
     return backend
 
 
+def auto_order(on_cuda: bool) -> tuple[str, ...]:
+    """The backends ``backend="auto"`` tries, in order: fa4 first on CUDA where it is installed."""
+    return ("fa4", "triton", "flex", "sdpa") if on_cuda and fa4.PRESENT else ("triton", "flex", "sdpa")
+
+
 def choose(backend: str, q: torch.Tensor, sparsity: BlockSparsity, precision: str | None = None,
-           padded: bool = False) -> tuple[Any, list[str]]:
+           padded: bool = False, grad: bool | None = None) -> tuple[Any, list[str]]:
     """(the backend to run, reasons the ones tried before it gave). Raises NotImplementedError with
     the reason when ``backend`` is forced and cannot run, or when none can. ``precision``
     (``"int8"`` / ``"fp8"``, the 8-bit forward) only the triton backend runs: no silent fallback to
-    full precision. ``padded``: the call has per-batch key lengths (``kv_len``)."""
-    if backend == "auto":
-        names = ("fa4", "triton", "flex", "sdpa") if q.is_cuda and fa4.PRESENT else ("triton", "flex", "sdpa")
-    else:
-        names = (check_backend(backend),)
+    full precision. ``padded``: the call has per-batch key lengths (``kv_len``); ``grad``: it needs
+    gradients of q, k or v (default: q's). Under ``auto`` a refusal of the optional fa4 backend is
+    not a fallback (it says what this GPU, package or description is, on every call): it is not
+    among the reasons; ``backend="fa4"`` raises it."""
+    names = auto_order(q.is_cuda) if backend == "auto" else (check_backend(backend),)
     reasons = []
     for name in names:
         chosen = BACKEND_OBJECTS[name]
-        ok, why = chosen.can_run(q, sparsity, forced=backend == name, precision=precision, padded=padded)
+        ok, why = chosen.can_run(q, sparsity, forced=backend == name, precision=precision, padded=padded, grad=grad)
         if ok:
             return chosen, reasons
         if backend != "auto":
             raise NotImplementedError(f"backend={backend!r} cannot run here: {why}")
-        reasons.append(f"{name}: {why}")
+        if name != "fa4":
+            reasons.append(f"{name}: {why}")
     raise NotImplementedError(
         "no attention backend can run this call: " + "; ".join(reasons) + " (handle.report() lists them per call site)"
     )

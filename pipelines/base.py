@@ -206,7 +206,8 @@ class DiffattnProcessor:
             if method is not None:
                 return method(qf, kf, vf, ctx, rows=(plan_key, plan.rows))
             handle.record(self.site, mode="dense", layout=layout, note=dense_note)
-            backend, _ = select.choose("auto", qf, plan.rows, padded=valid is not None)
+            grad = torch.is_grad_enabled() and any(t.requires_grad for t in (qf, kf, vf))
+            backend, _ = select.choose("auto", qf, plan.rows, padded=valid is not None, grad=grad)
             return backend.run(qf, kf, vf, plan.rows, kv_len=valid, cache=handle.cache, key=plan_key,
                                text_key_start=layout.video_tokens if valid is not None else None)
 

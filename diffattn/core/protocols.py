@@ -77,12 +77,15 @@ class Adapter(Protocol):
 class Backend(Protocol):
     """Runs a block description. Choosing is kept apart from running (NATTEN's chooser).
 
-    can_run(q, sparsity, forced) -> (ok, reason): reason says why not, and what to use instead.
+    can_run(q, sparsity, forced, precision, padded, grad) -> (ok, reason): reason says why not, and
+    what to use instead. ``precision``: the 8-bit forward asked for; ``padded``: per-batch key
+    lengths; ``grad``: the call needs gradients.
     """
 
     name: ClassVar[str]
 
-    def can_run(self, q: torch.Tensor, sparsity: Any, forced: bool = False) -> tuple[bool, str]: ...
+    def can_run(self, q: torch.Tensor, sparsity: Any, forced: bool = False, precision: str | None = None,
+                padded: bool = False, grad: bool | None = None) -> tuple[bool, str]: ...
 
     def run(self, q, k, v, sparsity, *, kv_len=None, cache=None) -> torch.Tensor: ...
 

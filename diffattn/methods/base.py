@@ -152,7 +152,8 @@ class BlockSparseMethod:
         rows = q.shape[-2]
         if extra is not None:
             q, k, v = (torch.cat([t, x.to(t.dtype)], dim=-2) for t, x in zip((q, k, v), extra))  # [B, H, S' + P, D]
-        backend, reasons = select.choose(self.backend, q, sparsity, self.precision, padded=kv_len is not None)
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        backend, reasons = select.choose(self.backend, q, sparsity, self.precision, padded=kv_len is not None, grad=grad)
         note = None
         if reasons:
             note = f"diffattn {self.name}: using backend {backend.name!r} ({'; '.join(reasons)})"
