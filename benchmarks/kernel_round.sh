@@ -9,7 +9,8 @@
 # (the same after the size class joined the tuning key, with HunyuanVideo 129) and regs3 (HunyuanVideo
 # 509 forward, the Wan2.1-14B forward end to end) run only when named, as do fa4 (the FlashAttention-4
 # backend: its GPU tests, Wan2.1-14B and HunyuanVideo 129 forward + backward, HunyuanVideo 509
-# forward) and fa4-e2e (the Wan2.1-14B forward end to end, triton vs fa4). Both need flash-attn-4
+# forward), fa4-rules (element rules on FA4: Wan2.1-14B 3-D windows at 128 x 128 blocks) and fa4-e2e
+# (the Wan2.1-14B and 1.3B forwards end to end, triton vs fa4). Both need flash-attn-4
 # importable (pip install flash-attn-4, or FA4_SITE=DIR holding it unpacked).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -81,6 +82,11 @@ if [[ $part == fa4 ]]; then
   timeout 150 python3 -P benchmarks/attention.py --shapes hunyuan509 --no-backward --no-flex-sparse \
     --json "$OUT/attention_fa4_hv509.json" 2>&1 | tee "$OUT/attention_fa4_hv509.log"
 fi
+if [[ $part == fa4-rules ]]; then  # element rules through the bits mask_mod: 128 x 128 windows, fwd + bwd
+  timeout 250 python3 -P benchmarks/attention.py --shapes wan14b --no-flex-sparse --block-n 128 --patterns radial nb-3d nb-preset \
+    --json "$OUT/attention_fa4_rules.json" 2>&1 | tee "$OUT/attention_fa4_rules.log"
+fi
 if [[ $part == fa4-e2e ]]; then
   timeout 400 python3 -P benchmarks/e2e.py --models 14b --repeats 2 --backends triton fa4 --methods radial 2>&1 | tee "$OUT/e2e_fa4.log"
+  timeout 200 python3 -P benchmarks/e2e.py --models 1.3b --repeats 3 --backends triton fa4 --methods radial 2>&1 | tee -a "$OUT/e2e_fa4.log"
 fi
