@@ -15,7 +15,8 @@ as it does inside a pipeline (its token order, appended tokens, element rules fr
 built once, none of that set-up timed), once through each backend; its output through Triton is
 compared with the FlexAttention one (max abs error column). Where flash-attn-4 is installed
 (Hopper), FA4 dense joins the dense baselines and the method also runs on the fa4 backend when its
-description fits FA4 (block-level patterns, 128 x 128 blocks; otherwise a line says why not).
+description fits FA4 (128 x 128 blocks; element rules as forced, though ``auto`` leaves them to
+Triton; otherwise a line says why not).
 
 Columns: ms per call (median, ``triton.testing.do_bench``), TFLOP/s on the computed part, speed-up
 against dense cuDNN, and efficiency = density x t(best dense) / t: 1.0 means as fast per computed
@@ -164,7 +165,7 @@ def run_case(model: str, method: str, height: int, width: int, frames: int, opti
     names = {"flex": "FlexAttention", "triton": "diffattn Triton", "sdpa": "SDPA token mask", "fa4": "diffattn FA4"}
     backends = ["flex", "triton"] if device.startswith("cuda") else ["sdpa", "triton"]
     if device.startswith("cuda") and fa4.PRESENT:  # where the user has flash-attn-4 and it can run the method
-        ok, why = fa4.can_run(q, description)
+        ok, why = fa4.can_run(q, description, forced=True)  # a comparison: element rules too, though auto skips them
         if ok:
             backends.append("fa4")
         else:

@@ -26,7 +26,8 @@ build time and memory printed); ``--compare-rule`` also times the in-kernel per-
 ``--compare-lazy`` our kernel with FlashAttention-4's lazy rescale of full blocks (an experiment).
 Where ``flash-attn-4`` is installed (Hopper), FA4 dense joins the dense baselines and the fa4
 backend (FA4's block-sparse kernels, ``diffattn.kernels.fa4``) runs each pattern with 128 x 128
-blocks (windows: ``--block-n 128``), element rules through its bits ``mask_mod``.
+blocks (windows: ``--block-n 128``), element rules through its bits ``mask_mod`` (forced: ``auto``
+leaves them to Triton).
 
 Prints ms, TFLOP/s on computed blocks, and efficiency = density x t(best dense) / t(ours):
 1.0 means our kernel is as fast per computed block as the best dense kernel over all blocks.
@@ -229,7 +230,7 @@ def run_shape(key: str, backward: bool, flex_sparse: bool = True, compare_tma: b
             bits = element_bits(sp)
             torch.cuda.synchronize()
             print(f"  {label}: element bits built in {1e3 * (time.perf_counter() - t0):.1f} ms, {bits.nbytes / 2**20:.1f} MiB", flush=True)
-        if has_fa4 and fa4.can_run(q, sp)[0]:  # 128 x 128 blocks; element rules from the same bits
+        if has_fa4 and fa4.can_run(q, sp, forced=True)[0]:  # 128 x 128 blocks; element rules from the same bits
             kernels[f"diffattn FA4 ({label})"] = (ordered((lambda lists: lambda q, k, v: fa4.attention(q, k, v, lists))(fa4.prepare(sp, bits)), order), dens)
         kernels[f"diffattn Triton ({label})"] = (ordered((lambda d, b: lambda q, k, v: block_sparse_attention(q, k, v, d, bits=b))(sp, bits), order), dens)
         if compare_backward:

@@ -83,7 +83,7 @@ if [[ $part == fa4 ]]; then
     --json "$OUT/attention_fa4_hv509.json" 2>&1 | tee "$OUT/attention_fa4_hv509.log"
 fi
 if [[ $part == fa4-rules ]]; then  # element rules through the bits mask_mod: 128 x 128 windows, fwd + bwd
-  timeout 250 python3 -P benchmarks/attention.py --shapes wan14b --no-flex-sparse --block-n 128 --patterns radial nb-3d nb-preset \
+  timeout 250 python3 -P benchmarks/attention.py --shapes wan14b --no-flex-sparse --block-n 128 --patterns radial nb-3d \
     --json "$OUT/attention_fa4_rules.json" 2>&1 | tee "$OUT/attention_fa4_rules.log"
 fi
 if [[ $part == fa4-e2e ]]; then

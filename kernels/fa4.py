@@ -206,14 +206,26 @@ def rule_tensors(sparsity: BlockSparsity, bits=None) -> list[torch.Tensor]:
     return [partial_slots(sparsity), bits.bits.flatten()]
 
 
+def mask_constants(sparsity: BlockSparsity) -> dict[str, int]:
+    """The shape constants ``bits_mask_mod`` captures: heads = Hm of the lists (1: shared), nq, nk,
+    width = P (the partial lists' width), words = W. Raises ValueError where the flat bits would
+    outgrow the mask_mod's Int32 addressing."""
+    hm, nq, width = sparsity.part_idx.shape
+    words = -(-sparsity.block_n // 32)
+    if hm * nq * width * BLOCK * words >= 2**31:
+        raise ValueError(f"fa4: the element bits of this description ({hm * nq * width * BLOCK * words} words) exceed "
+                         "the mask_mod's 32-bit addressing; use backend='triton'")
+    return {"heads": hm, "nq": nq, "nk": sparsity.num_kv_blocks, "width": width, "words": words}
+
+
 def prepare(sparsity: BlockSparsity, bits=None) -> dict[str, Any]:
     """Everything a call needs, built once per description on its device: the lists, and for an
     element rule the aux tensors (``rule_tensors``) and the ``mask_mod`` (needs FA4 installed)."""
     prepared: dict[str, Any] = dict(block_lists(sparsity))
     if sparsity.rule is not None:
+        constants = mask_constants(sparsity)
         prepared["aux"] = rule_tensors(sparsity, bits)
-        hm, nq, width = sparsity.part_idx.shape
-        prepared["mask_mod"] = bits_mask_mod(hm, nq, sparsity.num_kv_blocks, width, -(-sparsity.block_n // 32))
+        prepared["mask_mod"] = bits_mask_mod(**constants)
     return prepared
 
 

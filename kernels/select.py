@@ -2,8 +2,9 @@
 
 Backends, in the order ``backend="auto"`` tries them:
 - ``fa4``: FlashAttention-4's block-sparse CuTe-DSL kernels (``kernels.fa4``), only where the user
-  has ``flash-attn-4`` installed (auto skips it silently otherwise: an absent optional package is
-  not a per-call reason), on Hopper, block-level patterns with 128 x 128 blocks;
+  has ``flash-attn-4`` installed, on Hopper, block-level patterns with 128 x 128 blocks (element
+  rules run there only when forced: slower than triton). Its refusals under auto are not reasons
+  (they describe the GPU, package or description, not a fallback);
 - ``triton``: diffattn's block-sparse flash attention (``kernels.block_sparse``), CUDA (or any
   device under ``TRITON_INTERPRET=1`` when forced);
 - ``flex``: compiled FlexAttention with a BlockMask, element rules as its ``mask_mod`` (CUDA);

@@ -73,20 +73,24 @@ def test_padded_lists_cut_each_batch_at_its_key_length():
 @needs_interpreter
 @pytest.mark.cpu
 def test_bits_addressing_reproduces_the_token_mask():
-    """The mask_mod's addressing (slot_index, word_index: the same functions it traces) over the
-    Triton-built bits gives the rule's token mask on every partial block, per-head lists included."""
+    """The mask_mod's addressing (slot_index, word_index and the constants prepare() gives it: the
+    same functions it traces) over the Triton-built bits gives the rule's token mask on every
+    partial block: per-head lists, and shared lists read by every head (the head is ignored)."""
     for name, (sp, tok) in _rule_cases().items():
         slots, bits = fa4.rule_tensors(sp)
-        nq, nk, width, words = sp.num_q_blocks, sp.num_kv_blocks, sp.part_idx.shape[-1], 4
-        qi, ki = torch.meshgrid(torch.arange(nq * 128), torch.arange(nk * 128), indexing="ij")
-        for h in range(sp.heads):
-            row = h * nq + qi // 128
-            slot = slots[fa4.slot_index(row, ki, nk)].long()
-            got = ((bits[fa4.word_index(row, slot, qi, ki, width, words)] >> (ki % 32)) & 1).bool()
+        c = fa4.mask_constants(sp)
+        assert (c["heads"], c["nq"], c["nk"]) == (sp.heads, sp.num_q_blocks, sp.num_kv_blocks)
+        assert bits.numel() == c["heads"] * c["nq"] * c["width"] * 128 * c["words"]
+        qi, ki = torch.meshgrid(torch.arange(c["nq"] * 128), torch.arange(c["nk"] * 128), indexing="ij")
+        for head in range(2):  # two query heads: per-head lists read theirs, shared lists head 0's
+            row = (head * c["nq"] if c["heads"] > 1 else 0) + qi // 128  # as rule_bits computes it
+            slot = slots[fa4.slot_index(row, ki, c["nk"])].long()
+            got = ((bits[fa4.word_index(row, slot, qi, ki, c["width"], c["words"])] >> (ki % 32)) & 1).bool()
+            h = min(head, sp.heads - 1)
             part = (sp.partial[h] & sp.mask[h]).repeat_interleave(128, 0).repeat_interleave(128, 1)  # [nq*128, nk*128]
             want = torch.zeros_like(got)
-            want[: sp.q_len, : sp.kv_len] = tok[min(h, tok.shape[0] - 1)]
-            assert torch.equal(got[part], want[part]), name
+            want[: sp.q_len, : sp.kv_len] = tok[min(head, tok.shape[0] - 1)]
+            assert bool(part.any()) and torch.equal(got[part], want[part]), (name, head)
 
 
 def _radial(frames=3, tokens=300):
