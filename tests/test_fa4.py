@@ -165,6 +165,19 @@ def test_present_needs_the_cute_interface(tmp_path, monkeypatch):
 
 # -- GPU: Hopper with flash-attn-4 installed ---------------------------------------------------------
 
+def _assert_matches_reference(out, q, k, v, tok, dtype):
+    """``out`` and its dq, dk, dv within 2x the low-precision reference's error of the fp32 one."""
+    ref32, _ = attention_reference(q, k, v, tok)
+    ref_lp, _ = attention_reference(q, k, v, tok, compute_dtype=dtype)
+    assert_error_ratio(out, ref32, ref_lp.to(dtype), "forward")
+    do = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), do)
+    want32 = torch.autograd.grad(ref32, (q, k, v), do.float())
+    want_lp = torch.autograd.grad(ref_lp.to(dtype), (q, k, v), do)
+    for name, a, r32, rlp in zip("qkv", got, want32, want_lp):
+        assert_error_ratio(a, r32, rlp, f"d{name}", floor=1e-3)
+
+
 def _needs_fa4():
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("fa4 runs on Hopper only")
@@ -198,16 +211,7 @@ def test_fa4_matches_reference_gpu(b, h, s, heads_in_mask, dtype, d):
     q, k, v = (torch.randn(b, h, s, d, generator=g).to("cuda", dtype).requires_grad_() for _ in range(3))
     lists = fa4.block_lists(sp.to("cuda"))
     out = fa4.attention(q, k, v, lists)
-    tok = expand_block_mask(mask, s, s, 128, 128).to("cuda")[None]
-    ref32, _ = attention_reference(q, k, v, tok)
-    ref_lp, _ = attention_reference(q, k, v, tok, compute_dtype=dtype)
-    assert_error_ratio(out, ref32, ref_lp.to(dtype), "forward")
-    do = torch.randn_like(out)
-    got = torch.autograd.grad(out, (q, k, v), do)
-    want32 = torch.autograd.grad(ref32, (q, k, v), do.float())
-    want_lp = torch.autograd.grad(ref_lp.to(dtype), (q, k, v), do)
-    for name, a, r32, rlp in zip("qkv", got, want32, want_lp):
-        assert_error_ratio(a, r32, rlp, f"d{name}", floor=1e-3)
+    _assert_matches_reference(out, q, k, v, expand_block_mask(mask, s, s, 128, 128).to("cuda")[None], dtype)
 
 
 @pytest.mark.gpu
@@ -283,13 +287,4 @@ def test_fa4_element_rules_match_reference_gpu(name):
     g = torch.Generator().manual_seed(s)
     q, k, v = (torch.randn(2, h, s, 128, generator=g).to("cuda", dtype).requires_grad_() for _ in range(3))
     out = backend.run(q, k, v, sp)
-    tok = tok.to("cuda")[None]  # [1, Hm or 1, S, S]
-    ref32, _ = attention_reference(q, k, v, tok)
-    ref_lp, _ = attention_reference(q, k, v, tok, compute_dtype=dtype)
-    assert_error_ratio(out, ref32, ref_lp.to(dtype), "forward")
-    do = torch.randn_like(out)
-    got = torch.autograd.grad(out, (q, k, v), do)
-    want32 = torch.autograd.grad(ref32, (q, k, v), do.float())
-    want_lp = torch.autograd.grad(ref_lp.to(dtype), (q, k, v), do)
-    for n, a, r32, rlp in zip("qkv", got, want32, want_lp):
-        assert_error_ratio(a, r32, rlp, f"d{n}", floor=1e-3)
+    _assert_matches_reference(out, q, k, v, tok.to("cuda")[None], dtype)  # tok: [1, Hm or 1, S, S]
