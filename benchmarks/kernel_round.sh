@@ -10,7 +10,9 @@
 # 509 forward, the Wan2.1-14B forward end to end) run only when named, as do fa4 (the FlashAttention-4
 # backend: its GPU tests, Wan2.1-14B and HunyuanVideo 129 forward + backward, HunyuanVideo 509
 # forward), fa4-rules (element rules on FA4: Wan2.1-14B 3-D windows at 128 x 128 blocks) and fa4-e2e
-# (the Wan2.1-14B and 1.3B forwards end to end, triton vs fa4). Both need flash-attn-4
+# (the Wan2.1-14B and 1.3B forwards end to end, triton vs fa4), fa4-flex (FA4, Triton and FlexAttention
+# with the same block masks in one run: Wan2.1-14B and HunyuanVideo 129 forward + backward) and
+# fa4-flex509 (HunyuanVideo 509 forward, the same three). They need flash-attn-4
 # importable (pip install flash-attn-4, or FA4_SITE=DIR holding it unpacked).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -85,6 +87,14 @@ fi
 if [[ $part == fa4-rules ]]; then  # element rules through the bits mask_mod: 128 x 128 windows, fwd + bwd
   timeout 250 python3 -P benchmarks/attention.py --shapes wan14b --no-flex-sparse --block-n 128 --patterns radial nb-3d \
     --json "$OUT/attention_fa4_rules.json" 2>&1 | tee "$OUT/attention_fa4_rules.log"
+fi
+if [[ $part == fa4-flex ]]; then
+  timeout 330 python3 -P benchmarks/attention.py --shapes wan14b hunyuan129 --patterns radial \
+    --json "$OUT/attention_fa4_flex.json" 2>&1 | tee "$OUT/attention_fa4_flex.log"
+fi
+if [[ $part == fa4-flex509 ]]; then
+  timeout 250 python3 -P benchmarks/attention.py --shapes hunyuan509 --no-backward --patterns radial \
+    --json "$OUT/attention_fa4_flex509.json" 2>&1 | tee "$OUT/attention_fa4_flex509.log"
 fi
 if [[ $part == fa4-e2e ]]; then
   timeout 400 python3 -P benchmarks/e2e.py --models 14b --repeats 2 --backends triton fa4 --methods radial 2>&1 | tee "$OUT/e2e_fa4.log"

@@ -6,6 +6,7 @@
 #   bash benchmarks/length_round.sh train4           # radial and dense LoRAs at 113 frames (800 steps each)
 #   bash benchmarks/length_round.sh train2           # ... at 57 frames
 #   bash benchmarks/length_round.sh eval             # both lengths, 64 held-out prompts
+#   bash benchmarks/length_round.sh compile          # s/step at 113 frames, eager vs --compile true, both methods
 # Writes logs, LoRAs and JSON to ${OUT:-/tmp/out}; the data caches go to ${DATA:-/tmp/lendata}.
 # Env: STEPS, CLIPS, BATCH, METHODS, EXTRA (more trainer flags), ROWS4 / ROWS2 (eval rows), R2 (the
 # radial LoRA judged at 57 frames; default the one trained at 57).
@@ -22,8 +23,8 @@ BATCH=${BATCH:-32}
 common=(--dense-blocks 1 --lora-rank 32 --batch-size "$BATCH" --lr 5e-4 --warmup 50 --checkpoint-every 400 --self-generate "$CLIPS"
         --gradient-checkpointing "${CHECKPOINTING:-false}" ${EXTRA:-})  # EXTRA: more trainer flags
 
-train() {  # train FRAMES METHOD STEPS OUTNAME
-  python3 -P -m diffattn.app.cli train length --frames "$1" --method "$2" --steps "$3" "${common[@]}" \
+train() {  # train FRAMES METHOD STEPS OUTNAME [more trainer flags]
+  python3 -P -m diffattn.app.cli train length --frames "$1" --method "$2" --steps "$3" "${common[@]}" "${@:5}" \
     --data-cache "$DATA/f$1" --out "$OUT/$4" 2>&1 | grep -v "it/s\]" | tail -6
   # the device returns at most 8 files: keep the LoRA, its JSON and log once it is exported
   [[ -f $OUT/$4/pytorch_lora_weights.safetensors ]] && rm -rf "$OUT/$4/checkpoints" "$OUT/$4/logs"
@@ -39,6 +40,10 @@ EOF
 if [[ $part == all || $part == check ]]; then
   python3 -P -m pytest -q -m gpu tests/test_length.py -p no:cacheprovider 2>&1 | tail -4
   for m in radial dense; do train 113 $m 20 "probe-$m"; done
+fi
+if [[ $part == compile ]]; then  # the GPU tests, then per-step cost with and without torch.compile (same data, STEPS steps)
+  python3 -P -m pytest -q -m gpu tests/test_length.py -p no:cacheprovider 2>&1 | tail -4
+  for c in false true; do for m in ${METHODS:-radial dense}; do train 113 $m "$STEPS" "cost-$m-compile-$c" --compile $c; done; done
 fi
 if [[ $part == all || $part == train4 ]]; then
   for m in ${METHODS:-radial dense}; do train 113 $m "$STEPS" "len4x-$m"; done

@@ -75,13 +75,13 @@ import diffattn
 from diffattn.core.weights import LORA_NAME, write_meta
 
 from .common import (
-    Killed, RunLog, RunOptions, batch_indices, check_fsdp, check_resume, config_from_argv, deadline_reached, enable_sequence_parallel, load_checkpoint,
+    Killed, RunLog, RunOptions, batch_indices, check_fsdp, check_resume, compiled, config_from_argv, deadline_reached, enable_sequence_parallel, load_checkpoint,
     make_accelerator, now, parse_context_parallel, save_checkpoint, scheduled_lr, shard_model, trainable_state,
 )
 from .video_data import BadClip, DataReport, check_caption, fit, folder_clips
 
 # options a rerun may change (fsdp: its checkpoints are the plain files, gathered whole)
-RESUMABLE = ("steps", "max_minutes", "checkpoint_every", "validate_every", "validation_prompt", "validation_steps", "fsdp")
+RESUMABLE = ("steps", "max_minutes", "checkpoint_every", "validate_every", "validation_prompt", "validation_steps", "fsdp", "compile")
 PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 SCHEDULE_FIELDS = ("dense_steps", "last_dense_steps")  # training runs the method at every noise level
 SHARD = 64  # clips per cached data shard
@@ -120,6 +120,7 @@ class LengthConfig(RunOptions):
     validation_prompt: str = ""   # "": the first training caption
     validation_steps: int = 0     # 0: the pipeline's default
     context_parallel: str = ""    # sequence parallelism for long clips: "ulysses=N", "ring=N" or both ("ulysses=2,ring=2")
+    compile: bool = False         # torch.compile the training forward and backward (CUDA: fewer launches, fused element-wise work)
 
     def __post_init__(self):
         super().__post_init__()
@@ -606,13 +607,14 @@ def _loop(cfg, accelerator, wrapped, optimizer, scheduler, trainable, family, da
     deadline = None if not cfg.max_minutes else now() + 60 * cfg.max_minutes
     validation = cfg.validation_prompt or captions[0]
     step = start
+    forward = compiled(family.forward, cfg.compile)
     try:
         while step < cfg.steps:
             x0, noise, sigma, cond = _batch(data, cfg, step, group[0], group[1], shift, accelerator.device, dropout)
             s = sigma.view(-1, 1, 1, 1, 1)
             xt = (1 - s) * x0 + s * noise
             with accelerator.autocast():
-                pred = family.forward(wrapped, xt, sigma, {**cond, "guidance_embeds": guided})
+                pred = forward(wrapped, xt, sigma, {**cond, "guidance_embeds": guided})
             loss = F.mse_loss(pred.float(), noise - x0)
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss * cp_degree)
