@@ -43,6 +43,12 @@ FSDP (``--fsdp true``): torch's FSDP2 shards the model over every process, block
 export are gathered whole (the same files as without it). The transformer is sharded in place, so
 ``train`` loads the pipeline itself or takes a passed one only with ``consume=True``.
 
+``--compile true`` runs the training forward and backward through ``torch.compile`` (static shapes;
+the caller's module is left uncompiled): fewer launches and fused element-wise work, which is much
+of a small model's step. The first step of a run (or a resume) runs eagerly, so that the method's
+descriptions are built outside the graph; the second step compiles, and the third once more (the
+first trace notes each attention site on the handle). It may be switched on or off when resuming.
+
 Logs: a tqdm bar (loss, seconds per step, ETA), TensorBoard under ``out/logs`` (``pip install
 diffattn[train]``), ``out/log.jsonl``; every ``validate_every`` steps an mp4 sample at the target
 length in ``out/validation`` (the training attention, the pipeline's sampler).
@@ -120,7 +126,7 @@ class LengthConfig(RunOptions):
     validation_prompt: str = ""   # "": the first training caption
     validation_steps: int = 0     # 0: the pipeline's default
     context_parallel: str = ""    # sequence parallelism for long clips: "ulysses=N", "ring=N" or both ("ulysses=2,ring=2")
-    compile: bool = False         # torch.compile the training forward and backward (CUDA: fewer launches, fused element-wise work)
+    compile: bool = False         # torch.compile the training forward and backward (fewer launches, fused element-wise work)
 
     def __post_init__(self):
         super().__post_init__()
@@ -607,14 +613,18 @@ def _loop(cfg, accelerator, wrapped, optimizer, scheduler, trainable, family, da
     deadline = None if not cfg.max_minutes else now() + 60 * cfg.max_minutes
     validation = cfg.validation_prompt or captions[0]
     step = start
-    forward = compiled(family.forward, cfg.compile)
+    # with --compile, the first step (of a run or a resume) runs eagerly: the method builds its block
+    # descriptions (cached on the handle) and logs its backend choice outside the graph, which is then
+    # traced whole; traced during that first step, each would be a graph break that stays in the
+    # compiled code (the blocks compiled one by one, past dynamo's recompile limit)
+    fast = compiled(family.forward, cfg.compile)
     try:
         while step < cfg.steps:
             x0, noise, sigma, cond = _batch(data, cfg, step, group[0], group[1], shift, accelerator.device, dropout)
             s = sigma.view(-1, 1, 1, 1, 1)
             xt = (1 - s) * x0 + s * noise
             with accelerator.autocast():
-                pred = forward(wrapped, xt, sigma, {**cond, "guidance_embeds": guided})
+                pred = (family.forward if step == start else fast)(wrapped, xt, sigma, {**cond, "guidance_embeds": guided})
             loss = F.mse_loss(pred.float(), noise - x0)
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss * cp_degree)

@@ -158,6 +158,30 @@ def test_compiled_model_has_no_more_graph_breaks_than_stock(method, options):
     assert applied <= stock
 
 
+@pytest.mark.parametrize("method,options", [("radial", dict(block_size=16)), ("neighborhood", dict(kernel_size=3))])
+def test_compiled_model_with_a_method_does_not_recompile_between_calls(method, options):
+    # the handle's per-site counters are Python ints: incremented inside the graph, every call recompiled
+    # (and past dynamo's recompile limit the model ran eagerly)
+    model = tiny_wan_transformer()
+    inputs = _wan_inputs(frames=3, size=16)
+    with torch.no_grad(), diffattn.apply(model, method, dense_steps=0, dense_layers=1, **options) as handle:
+        eager = model(**inputs)[0]  # builds the description outside the graph
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="eager")  # dynamo's tracing and guards only (no code generation)
+        first = compiled(**inputs)[0]
+        compiled(**inputs)  # one recompile: the first trace noted each site (a list that was empty)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for _ in range(2):
+                again = compiled(**inputs)[0]
+        rows = handle.report()
+    torch._dynamo.reset()
+    torch.testing.assert_close(first, eager)
+    assert torch.equal(again, first)
+    assert {r["calls"] for r in rows} == {1}  # the eager call; compiled calls are noted, not counted
+    assert all("not counted" in " ".join(r["notes"]) for r in rows)
+    assert any(r["backends"] and r["density"] is not None for r in rows)  # the method's sites: as traced
+
+
 def test_compiled_pipeline_model_reads_the_step_from_the_scheduler():
     from diffattn_testbed.tiny import tiny_wan_pipeline
 

@@ -316,6 +316,23 @@ def test_compile_option_compiles_the_training_forward_and_may_change_on_resume(t
 
 
 @pytest.mark.cpu
+def test_compiled_training_matches_eager_and_compiles_twice(tmp_path, trained):
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    _train(_cfg(tmp_path, compile=True, gradient_checkpointing=False))  # the fixture's run, compiled
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    assert not torch._dynamo.utils.counters["graph_break"]  # the first step built the descriptions eagerly
+    assert graphs <= 2  # step 2 traces, step 3 once more (the site notes); step 4 runs the compiled code
+    a = load_file(str(trained / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(tmp_path / "pytorch_lora_weights.safetensors"))
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.cpu
 def test_hunyuan_video_trains_and_loads(tmp_path):
     from diffattn_testbed.tiny import tiny_hunyuan_pipeline
 

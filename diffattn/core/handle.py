@@ -163,6 +163,9 @@ class Marker:
             delattr(self.model, HANDLE_ATTR)
 
 
+COMPILED_NOTE = "calls run inside a torch.compile graph are not counted (a counter there would recompile the graph at every call)"
+
+
 @dataclass
 class _Site:
     site: str
@@ -359,10 +362,26 @@ class Handle:
 
     def record(self, site: str, *, mode: str, layout: TokenLayout, backend: str | None = None,
                density: float | None = None, note: str | None = None) -> None:
-        """What one attention call ran: ``mode`` "method" or "dense" (the stock path)."""
+        """What one attention call ran: ``mode`` "method" or "dense" (the stock path).
+
+        Inside a ``torch.compile`` graph the counters are left alone: dynamo specialises on Python
+        ints, so each increment would recompile the graph at every call (past its recompile limit,
+        the model runs eagerly). The site's layout, backend and density are recorded as traced, and
+        a note says that its compiled calls are not counted (the note costs one recompile, on the
+        second call: the first trace changed the list it guards)."""
         entry = self._sites.get(site)
         if entry is None:
             entry = self._sites[site] = _Site(site, "", -1)
+        if torch.compiler.is_compiling():
+            entry.layout = layout
+            if mode == "method":
+                entry.density = density
+                if backend is not None and backend not in entry.backends:
+                    entry.backends[backend] = 0
+            for text in (COMPILED_NOTE, note):
+                if text and text not in entry.notes:
+                    entry.notes.append(text)
+            return
         entry.calls += 1
         entry.layout = layout
         if mode == "method":
