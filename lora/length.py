@@ -46,8 +46,9 @@ export are gathered whole (the same files as without it). The transformer is sha
 ``--compile true`` runs the training forward and backward through ``torch.compile`` (static shapes;
 the caller's module is left uncompiled): fewer launches and fused element-wise work, which is much
 of a small model's step. The first step of a run (or a resume) runs eagerly, so that the method's
-descriptions are built outside the graph; the second step compiles, and the third once more (the
-first trace notes each attention site on the handle). It may be switched on or off when resuming.
+descriptions are built outside the graph; the second step compiles (once: the handle records only
+eager calls, see ``Handle.record``). One process only (no ``--fsdp``, ``--context-parallel`` or
+several processes: untested there, refused). It may be switched on or off when resuming.
 
 Logs: a tqdm bar (loss, seconds per step, ETA), TensorBoard under ``out/logs`` (``pip install
 diffattn[train]``), ``out/log.jsonl``; every ``validate_every`` steps an mp4 sample at the target
@@ -472,6 +473,10 @@ def train(cfg: LengthConfig, *, pipe=None, clips=None, consume: bool = False, _s
     out = Path(cfg.out)
     accelerator = make_accelerator(cfg.mixed_precision, out, lambda msg: print(f"[length] {msg}", flush=True))
     check_fsdp(cfg, accelerator, pipe is not None, consume)
+    if cfg.compile and (accelerator.num_processes > 1 or cfg.fsdp or cfg.context_parallel):
+        raise ValueError(f"length: --compile true is tested in one process without --fsdp or --context-parallel (this run: "
+                         f"{accelerator.num_processes} processes, fsdp={cfg.fsdp}, context_parallel={cfg.context_parallel!r}); "
+                         "run it without --compile")
     log = lambda msg: print(f"[length] {msg}", flush=True) if accelerator.is_main_process else None  # noqa: E731
     if pipe is None:
         from diffusers import DiffusionPipeline

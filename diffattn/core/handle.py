@@ -163,9 +163,6 @@ class Marker:
             delattr(self.model, HANDLE_ATTR)
 
 
-COMPILED_NOTE = "calls run inside a torch.compile graph are not counted (a counter there would recompile the graph at every call)"
-
-
 @dataclass
 class _Site:
     site: str
@@ -364,24 +361,16 @@ class Handle:
                density: float | None = None, note: str | None = None) -> None:
         """What one attention call ran: ``mode`` "method" or "dense" (the stock path).
 
-        Inside a ``torch.compile`` graph the counters are left alone: dynamo specialises on Python
-        ints, so each increment would recompile the graph at every call (past its recompile limit,
-        the model runs eagerly). The site's layout, backend and density are recorded as traced, and
-        a note says that its compiled calls are not counted (the note costs one recompile, on the
-        second call: the first trace changed the list it guards)."""
+        Calls inside a ``torch.compile`` graph are not recorded: dynamo guards on what the graph
+        reads and replays what it writes, so a counter incremented there recompiled the graph at
+        every call (past its recompile limit the model ran eagerly), and any write inside a
+        checkpointed block breaks the graph. The report holds the eager calls (such as the call
+        that built the descriptions before compiling); see ``report``."""
+        if torch.compiler.is_compiling():
+            return
         entry = self._sites.get(site)
         if entry is None:
             entry = self._sites[site] = _Site(site, "", -1)
-        if torch.compiler.is_compiling():
-            entry.layout = layout
-            if mode == "method":
-                entry.density = density
-                if backend is not None and backend not in entry.backends:
-                    entry.backends[backend] = 0
-            for text in (COMPILED_NOTE, note):
-                if text and text not in entry.notes:
-                    entry.notes.append(text)
-            return
         entry.calls += 1
         entry.layout = layout
         if mode == "method":
@@ -403,7 +392,8 @@ class Handle:
 
     def report(self) -> list[dict]:
         """Per attention call site: calls, how many ran the method and how many the stock dense
-        path, the backends used, the last layout and density, and every fallback note (why)."""
+        path, the backends used, the last layout and density, and every fallback note (why).
+        Eager calls only: calls inside a ``torch.compile`` graph are not recorded (``record``)."""
         return [
             {
                 "site": key, "layer": s.layer, "calls": s.calls, "method_calls": s.method_calls,
