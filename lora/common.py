@@ -183,17 +183,6 @@ class RunOptions:
                              "see the other processes' gradient shards)")
 
 
-def compiled(forward, enabled: bool):
-    """``forward`` (a function of the model and the batch) through ``torch.compile`` when ``enabled``.
-
-    The function is compiled, not the model: the caller's module keeps its plain ``forward`` (the
-    trainers hand the pipeline back as they found it, and save the LoRA from the same module). Shapes
-    are static (every batch has the trainer's batch size and clip length); diffattn's kernels are
-    ``torch.library`` custom ops with fake implementations and registered backwards, so the graph
-    holds them whole."""
-    return torch.compile(forward, dynamic=False) if enabled else forward
-
-
 class Killed(RuntimeError):
     """Raised by a trainer's ``train(..., _stop_after=N)``: the tests' stand-in for killing the process."""
 

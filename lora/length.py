@@ -82,7 +82,7 @@ import diffattn
 from diffattn.core.weights import LORA_NAME, write_meta
 
 from .common import (
-    Killed, RunLog, RunOptions, batch_indices, check_fsdp, check_resume, compiled, config_from_argv, deadline_reached, enable_sequence_parallel, load_checkpoint,
+    Killed, RunLog, RunOptions, batch_indices, check_fsdp, check_resume, config_from_argv, deadline_reached, enable_sequence_parallel, load_checkpoint,
     make_accelerator, now, parse_context_parallel, save_checkpoint, scheduled_lr, shard_model, trainable_state,
 )
 from .video_data import BadClip, DataReport, check_caption, fit, folder_clips
@@ -621,8 +621,10 @@ def _loop(cfg, accelerator, wrapped, optimizer, scheduler, trainable, family, da
     # with --compile, the first step (of a run or a resume) runs eagerly: the method builds its block
     # descriptions (cached on the handle) and logs its backend choice outside the graph, which is then
     # traced whole; traced during that first step, each would be a graph break that stays in the
-    # compiled code (the blocks compiled one by one, past dynamo's recompile limit)
-    fast = compiled(family.forward, cfg.compile)
+    # compiled code (the blocks compiled one by one, past dynamo's recompile limit). The function is
+    # compiled, not the module: the caller's pipeline is handed back uncompiled and the LoRA saved
+    # from it; diffattn's kernels are torch.library custom ops, so the graph holds them whole
+    fast = torch.compile(family.forward, dynamic=False) if cfg.compile else family.forward
     try:
         while step < cfg.steps:
             x0, noise, sigma, cond = _batch(data, cfg, step, group[0], group[1], shift, accelerator.device, dropout)
