@@ -12,6 +12,14 @@ The recipe of research/clear.md §3 (Huage001/CLEAR ``distill.py``), with LoRA b
    of a layer subset: the single-stream layers whose index (the adapter's numbering) is a multiple
    of ``attn_every`` (FLUX.1-dev: single blocks 1, 5, ..., 37, CLEAR's 10 layers). Outputs are
    captured per processor through the handle (``handle.capture``).
+   ``caption_dropout`` of the samples are conditioned on the empty prompt instead: a pipeline sampled
+   with classifier-free guidance (SD3; FLUX with ``true_cfg_scale``) runs the student on the empty
+   prompt too, and amplifies that branch's error by the guidance scale minus one. By default 0.1, and
+   0 for guidance-distilled models (FLUX.1-dev, which the reference recipe trains without it).
+   ``guidance_scale`` w > 0 (not in the reference) matches what such a sampler steps with instead:
+   every sample runs on its prompt and on the empty prompt, L_pred and L_attn cover both branches,
+   and a fourth term ``guided_weight`` * mean||g_student - g_teacher||^2, g = v_empty + w (v_prompt -
+   v_empty), is added; a step then costs about twice as much.
 3. **Trainable**: LoRA (rank ``rank``, alpha = rank) on the image-stream ``to_q/to_k/to_v/to_out.0``
    (SD3.5's ``attn2`` too); ``full=True`` fine-tunes those linears instead, as CLEAR does. The teacher
    is the same model with the adapter disabled and attention bypassed to dense (LoRA), or a frozen
@@ -97,12 +105,22 @@ class DistillConfig(RunOptions):
     gen_steps: int = 0             # teacher sampling steps (0: the pipeline's default)
     max_sequence_length: int = 0   # text tokens (0: the pipeline's default); longer prompts are refused
     shift: float = 3.0             # the flow-matching shift of the noise levels
+    caption_dropout: float = -1.0  # share of samples on the empty prompt (CFG); -1: 0.1, or 0 if guidance-distilled
+    guidance_scale: float = 0.0    # > 0: distil the guided prediction at this CFG scale too (both branches per sample)
+    guided_weight: float = 0.5     # the guided prediction's loss weight (with guidance_scale > 0)
 
     def __post_init__(self):
         super().__post_init__()
         for name in ("rank", "steps", "batch_size", "num_samples", "attn_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"clear_distill: {name} must be >= 1, got {getattr(self, name)}")
+        if not (0.0 <= self.caption_dropout < 1.0 or self.caption_dropout == -1.0):
+            raise ValueError(f"clear_distill: caption_dropout must be in [0, 1) (or -1: automatic), got {self.caption_dropout}")
+        if self.guidance_scale < 0:
+            raise ValueError(f"clear_distill: guidance_scale must be >= 0 (0: off), got {self.guidance_scale}")
+        if self.guidance_scale > 0 and self.caption_dropout > 0:
+            raise ValueError("clear_distill: with guidance_scale every sample also runs on the empty prompt; "
+                             "caption_dropout would blank some prompted branches: pass --caption-dropout 0 (or -1)")
 
 
 # ----------------------------------------------------------------------------------- model calls
@@ -191,15 +209,20 @@ def _generate(pipe, family: str, cfg: DistillConfig, prompts: list[str], limit: 
     return data
 
 
-def _batch(data: dict, cfg: DistillConfig, step: int, rank: int, world: int, device):
-    """The batch of (step, process): its samples, noise and noise levels follow from the step."""
+def _batch(data: dict, cfg: DistillConfig, step: int, rank: int, world: int, device, dropout: float):
+    """The batch of (step, process): its samples, noise, noise levels and which samples get the empty
+    prompt (``dropout`` of them, from ``data["empty"]``) follow from the step."""
     idx = batch_indices(data["latents"].shape[0], cfg.batch_size, step, rank, world, cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * world + rank)
     x0 = data["latents"][idx]
     noise = torch.randn(x0.shape, generator=g)
     u = torch.rand(len(idx), generator=g)
     sigma = cfg.shift * u / (1 + (cfg.shift - 1) * u)
-    return tuple(t.to(device) for t in (x0, noise, sigma, data["embeds"][idx], data["pooled"][idx]))
+    embeds, pooled = data["embeds"][idx], data["pooled"][idx]  # [B, T, C], [B, P] (copies: indexed)
+    if dropout > 0:  # drawn after the rest, so that runs without dropout draw what they always drew
+        drop = torch.rand(len(idx), generator=g) < dropout
+        embeds[drop], pooled[drop] = data["empty"][0], data["empty"][1]
+    return tuple(t.to(device) for t in (x0, noise, sigma, embeds, pooled))
 
 
 # ------------------------------------------------------------------------------------------ train
@@ -245,7 +268,9 @@ def train(cfg: DistillConfig, *, pipe=None, prompts: list[str] | None = None, co
 
     model = pipe.transformer
     guided = bool(getattr(model.config, "guidance_embeds", False))
+    dropout = (0.0 if guided or cfg.guidance_scale > 0 else 0.1) if cfg.caption_dropout < 0 else cfg.caption_dropout
     data = _generate(pipe, family, cfg, prompts, limit, out / "data", accelerator, log)
+    data["empty"] = tuple(t.float().cpu() for t in _encode(pipe, family, [""], limit))  # the CFG branch's condition
     grid = None
     if family == "flux":  # packed latents [N, S, C]: the token grid of the generation size
         scale = pipe.vae_scale_factor * 2
@@ -296,7 +321,8 @@ def train(cfg: DistillConfig, *, pipe=None, prompts: list[str] | None = None, co
             shard_model(teacher, accelerator, cfg.mixed_precision, "clear_distill")
         trainable = [p for p in model.parameters() if p.requires_grad]
     log(f"{family}: {sum(p.numel() for p in trainable) / 1e6:.2f} M trainable ({'full' if cfg.full else f'LoRA r={cfg.rank}'}), "
-        f"attention loss on {len(sites)} layers, {data['latents'].shape[0]} teacher samples"
+        f"attention loss on {len(sites)} layers, {data['latents'].shape[0]} teacher samples, caption dropout {dropout}"
+        + (f", guided prediction at scale {cfg.guidance_scale}" if cfg.guidance_scale > 0 else "")
         + (f", sharded over {accelerator.num_processes} processes (FSDP)" if cfg.fsdp else ""))
 
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -313,26 +339,38 @@ def train(cfg: DistillConfig, *, pipe=None, prompts: list[str] | None = None, co
     step = start
     try:
         while step < cfg.steps:
-            x0, noise, sigma, embeds, pooled = _batch(data, cfg, step, accelerator.process_index, accelerator.num_processes, accelerator.device)
+            x0, noise, sigma, embeds, pooled = _batch(data, cfg, step, accelerator.process_index, accelerator.num_processes,
+                                                      accelerator.device, dropout)
             s = sigma.view(-1, *([1] * (x0.dim() - 1)))
             xt = (1 - s) * x0 + s * noise
+            target = noise - x0
+            if cfg.guidance_scale > 0:  # [prompted; empty] of the same noisy latents: both branches of a CFG step
+                n = x0.shape[0]
+                xt, sigma, target = torch.cat([xt, xt]), torch.cat([sigma, sigma]), torch.cat([target, target])
+                empty = tuple(t.to(embeds.device).expand(n, *t.shape[1:]) for t in data["empty"])
+                embeds, pooled = torch.cat([embeds, empty[0]]), torch.cat([pooled, empty[1]])
             with accelerator.autocast():
                 with torch.no_grad(), _teacher_mode(model, teacher is None), teacher_handle.bypass(), teacher_handle.capture(teacher_sites) as t_attn:
                     v_teacher = _forward(teacher if teacher is not None else model, family, xt, sigma, embeds, pooled, grid, guided)
                 with handle.capture(sites) as s_attn:
                     v_student = _forward(wrapped, family, xt, sigma, embeds, pooled, grid, guided)
-                fm = F.mse_loss(v_student.float(), (noise - x0).float())
+                fm = F.mse_loss(v_student.float(), target.float())
                 pred = F.mse_loss(v_student.float(), v_teacher.float())
                 attn = sum(F.mse_loss(s_attn[a].float(), t_attn[b].float()) for a, b in zip(sites, teacher_sites)) / max(len(sites), 1)
                 loss = fm + cfg.pred_weight * pred + cfg.attn_weight * attn
+                if cfg.guidance_scale > 0:  # g = v_empty + w (v_prompt - v_empty), student against teacher
+                    guide = lambda v: v[n:] + cfg.guidance_scale * (v[:n] - v[n:])  # noqa: E731
+                    guided_loss = F.mse_loss(guide(v_student.float()), guide(v_teacher.float()))
+                    loss = loss + cfg.guided_weight * guided_loss
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
             accelerator.clip_grad_norm_(trainable, 1.0)
             optimizer.step()
             scheduler.step()
             step += 1
-            terms = torch.stack([loss.detach(), fm.detach(), pred.detach(), torch.as_tensor(attn, device=loss.device).detach()]).float().tolist()
-            run.step(step, dict(zip(("loss", "fm", "pred", "attn"), terms), lr=scheduler.get_last_lr()[0]))
+            terms = [loss, fm, pred, torch.as_tensor(attn, device=loss.device)] + ([guided_loss] if cfg.guidance_scale > 0 else [])
+            terms = torch.stack([t.detach().float() for t in terms]).tolist()
+            run.step(step, dict(zip(("loss", "fm", "pred", "attn", "guided"), terms), lr=scheduler.get_last_lr()[0]))
             stop = deadline_reached(accelerator, deadline)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop:
                 accelerator.wait_for_everyone()
