@@ -12,14 +12,15 @@ The recipe of research/clear.md §3 (Huage001/CLEAR ``distill.py``), with LoRA b
    of a layer subset: the single-stream layers whose index (the adapter's numbering) is a multiple
    of ``attn_every`` (FLUX.1-dev: single blocks 1, 5, ..., 37, CLEAR's 10 layers). Outputs are
    captured per processor through the handle (``handle.capture``).
-   ``caption_dropout`` of the samples are conditioned on the empty prompt instead: a pipeline sampled
-   with classifier-free guidance (SD3; FLUX with ``true_cfg_scale``) runs the student on the empty
-   prompt too, and amplifies that branch's error by the guidance scale minus one. By default 0.1, and
-   0 for guidance-distilled models (FLUX.1-dev, which the reference recipe trains without it).
-   ``guidance_scale`` w > 0 (not in the reference) matches what such a sampler steps with instead:
-   every sample runs on its prompt and on the empty prompt, L_pred and L_attn cover both branches,
-   and a fourth term ``guided_weight`` * mean||g_student - g_teacher||^2, g = v_empty + w (v_prompt -
-   v_empty), is added; a step then costs about twice as much.
+   A pipeline sampled with classifier-free guidance (SD3; FLUX with ``true_cfg_scale``) also runs the
+   student on the empty prompt, and guidance scale w multiplies that branch's error by w - 1; the
+   reference (guidance-distilled FLUX-dev) never trains it. Two options, both off by default (the
+   reference recipe; on the testbed they bring the student closer to dense pixel for pixel but lower
+   the judge, benchmarks/RESULTS.md 2026-12-08): ``caption_dropout`` conditions that share of the
+   samples on the empty prompt instead; ``guidance_scale`` w > 0 runs every sample on its prompt and
+   on the empty prompt (L_fm, L_pred and L_attn cover both branches) and adds ``guided_weight`` *
+   mean||g_student - g_teacher||^2, g = v_empty + w (v_prompt - v_empty): what the sampler steps
+   with; a step then costs about twice as much.
 3. **Trainable**: LoRA (rank ``rank``, alpha = rank) on the image-stream ``to_q/to_k/to_v/to_out.0``
    (SD3.5's ``attn2`` too); ``full=True`` fine-tunes those linears instead, as CLEAR does. The teacher
    is the same model with the adapter disabled and attention bypassed to dense (LoRA), or a frozen
@@ -29,8 +30,8 @@ The recipe of research/clear.md §3 (Huage001/CLEAR ``distill.py``), with LoRA b
 
 Resuming: every ``checkpoint_every`` steps the trainable tensors, the optimizer state (safetensors +
 JSON) and the step are written atomically to ``out/checkpoints``; everything random (batch, noise,
-sigma) is drawn from generators seeded by (seed, step, process), so the data position and RNG
-follow from the step. Running the same command again resumes from the newest checkpoint (at most
+sigma, caption dropout) is drawn from generators seeded by (seed, step, process), so the data
+position and RNG follow from the step. Running the same command again resumes from the newest checkpoint (at most
 ``checkpoint_every`` steps are lost) and gives the same result as an uninterrupted run. A changed
 option (other than ``steps``, ``max_minutes``, ``checkpoint_every``, ``fsdp``) raises.
 
@@ -105,7 +106,7 @@ class DistillConfig(RunOptions):
     gen_steps: int = 0             # teacher sampling steps (0: the pipeline's default)
     max_sequence_length: int = 0   # text tokens (0: the pipeline's default); longer prompts are refused
     shift: float = 3.0             # the flow-matching shift of the noise levels
-    caption_dropout: float = -1.0  # share of samples on the empty prompt (CFG); -1: 0.1, or 0 if guidance-distilled
+    caption_dropout: float = 0.0   # share of samples trained on the empty prompt (the CFG branch)
     guidance_scale: float = 0.0    # > 0: distil the guided prediction at this CFG scale too (both branches per sample)
     guided_weight: float = 0.5     # the guided prediction's loss weight (with guidance_scale > 0)
 
@@ -114,13 +115,14 @@ class DistillConfig(RunOptions):
         for name in ("rank", "steps", "batch_size", "num_samples", "attn_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"clear_distill: {name} must be >= 1, got {getattr(self, name)}")
-        if not (0.0 <= self.caption_dropout < 1.0 or self.caption_dropout == -1.0):
-            raise ValueError(f"clear_distill: caption_dropout must be in [0, 1) (or -1: automatic), got {self.caption_dropout}")
-        if self.guidance_scale < 0:
-            raise ValueError(f"clear_distill: guidance_scale must be >= 0 (0: off), got {self.guidance_scale}")
+        if not 0.0 <= self.caption_dropout < 1.0:
+            raise ValueError(f"clear_distill: caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        for name in ("guidance_scale", "guided_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"clear_distill: {name} must be >= 0 (guidance_scale 0: off), got {getattr(self, name)}")
         if self.guidance_scale > 0 and self.caption_dropout > 0:
             raise ValueError("clear_distill: with guidance_scale every sample also runs on the empty prompt; "
-                             "caption_dropout would blank some prompted branches: pass --caption-dropout 0 (or -1)")
+                             "caption_dropout would blank some prompted branches: pass --caption-dropout 0")
 
 
 # ----------------------------------------------------------------------------------- model calls
@@ -209,9 +211,9 @@ def _generate(pipe, family: str, cfg: DistillConfig, prompts: list[str], limit: 
     return data
 
 
-def _batch(data: dict, cfg: DistillConfig, step: int, rank: int, world: int, device, dropout: float):
+def _batch(data: dict, cfg: DistillConfig, step: int, rank: int, world: int, device):
     """The batch of (step, process): its samples, noise, noise levels and which samples get the empty
-    prompt (``dropout`` of them, from ``data["empty"]``) follow from the step."""
+    prompt (``caption_dropout`` of them, from ``data["empty"]``) follow from the step."""
     idx = batch_indices(data["latents"].shape[0], cfg.batch_size, step, rank, world, cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * world + rank)
     x0 = data["latents"][idx]
@@ -219,8 +221,8 @@ def _batch(data: dict, cfg: DistillConfig, step: int, rank: int, world: int, dev
     u = torch.rand(len(idx), generator=g)
     sigma = cfg.shift * u / (1 + (cfg.shift - 1) * u)
     embeds, pooled = data["embeds"][idx], data["pooled"][idx]  # [B, T, C], [B, P] (copies: indexed)
-    if dropout > 0:  # drawn after the rest, so that runs without dropout draw what they always drew
-        drop = torch.rand(len(idx), generator=g) < dropout
+    if cfg.caption_dropout > 0:  # drawn after the rest: runs without dropout draw what they always drew
+        drop = torch.rand(len(idx), generator=g) < cfg.caption_dropout
         embeds[drop], pooled[drop] = data["empty"][0], data["empty"][1]
     return tuple(t.to(device) for t in (x0, noise, sigma, embeds, pooled))
 
@@ -268,7 +270,9 @@ def train(cfg: DistillConfig, *, pipe=None, prompts: list[str] | None = None, co
 
     model = pipe.transformer
     guided = bool(getattr(model.config, "guidance_embeds", False))
-    dropout = (0.0 if guided or cfg.guidance_scale > 0 else 0.1) if cfg.caption_dropout < 0 else cfg.caption_dropout
+    if guided and cfg.guidance_scale > 0:
+        raise ValueError("clear_distill: the transformer is guidance-distilled (guidance_embeds: FLUX.1-dev), which is "
+                         "sampled without classifier-free guidance; pass --guidance-scale 0")
     data = _generate(pipe, family, cfg, prompts, limit, out / "data", accelerator, log)
     data["empty"] = tuple(t.float().cpu() for t in _encode(pipe, family, [""], limit))  # the CFG branch's condition
     grid = None
@@ -321,7 +325,7 @@ def train(cfg: DistillConfig, *, pipe=None, prompts: list[str] | None = None, co
             shard_model(teacher, accelerator, cfg.mixed_precision, "clear_distill")
         trainable = [p for p in model.parameters() if p.requires_grad]
     log(f"{family}: {sum(p.numel() for p in trainable) / 1e6:.2f} M trainable ({'full' if cfg.full else f'LoRA r={cfg.rank}'}), "
-        f"attention loss on {len(sites)} layers, {data['latents'].shape[0]} teacher samples, caption dropout {dropout}"
+        f"attention loss on {len(sites)} layers, {data['latents'].shape[0]} teacher samples, caption dropout {cfg.caption_dropout}"
         + (f", guided prediction at scale {cfg.guidance_scale}" if cfg.guidance_scale > 0 else "")
         + (f", sharded over {accelerator.num_processes} processes (FSDP)" if cfg.fsdp else ""))
 
@@ -339,8 +343,7 @@ def train(cfg: DistillConfig, *, pipe=None, prompts: list[str] | None = None, co
     step = start
     try:
         while step < cfg.steps:
-            x0, noise, sigma, embeds, pooled = _batch(data, cfg, step, accelerator.process_index, accelerator.num_processes,
-                                                      accelerator.device, dropout)
+            x0, noise, sigma, embeds, pooled = _batch(data, cfg, step, accelerator.process_index, accelerator.num_processes, accelerator.device)
             s = sigma.view(-1, *([1] * (x0.dim() - 1)))
             xt = (1 - s) * x0 + s * noise
             target = noise - x0

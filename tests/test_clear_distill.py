@@ -124,8 +124,9 @@ def test_caption_dropout_puts_the_empty_prompt_in_its_share_of_the_batch(tmp_pat
     data = {"latents": torch.randn(n, 16, 4), "embeds": torch.randn(n, tokens, 8), "pooled": torch.randn(n, 6),
             "empty": (torch.randn(1, tokens, 8), torch.randn(1, 6))}
     cfg = _cfg(tmp_path, batch_size=n, num_samples=n)
-    plain = clear_distill._batch(data, cfg, 3, 0, 1, "cpu", 0.0)
-    dropped = clear_distill._batch(data, cfg, 3, 0, 1, "cpu", 0.25)
+    plain = clear_distill._batch(data, cfg, 3, 0, 1, "cpu")
+    cfg = dataclasses.replace(cfg, caption_dropout=0.25)
+    dropped = clear_distill._batch(data, cfg, 3, 0, 1, "cpu")
     for a, b in zip(plain[:3], dropped[:3]):  # samples, noise and noise levels are the ones drawn without dropout
         assert torch.equal(a, b)
     empty = (dropped[3] == data["empty"][0]).flatten(1).all(1)
@@ -133,14 +134,10 @@ def test_caption_dropout_puts_the_empty_prompt_in_its_share_of_the_batch(tmp_pat
     assert 4 <= int(empty.sum()) <= 28  # about a quarter of 64
     assert torch.equal(dropped[3][~empty], plain[3][~empty]) and torch.equal(dropped[4][~empty], plain[4][~empty])
     assert not (plain[3] == data["empty"][0]).flatten(1).all(1).any()
-    assert not torch.equal(clear_distill._batch(data, cfg, 4, 0, 1, "cpu", 0.25)[3], dropped[3])  # a new draw per step
+    later = clear_distill._batch(data, cfg, 4, 0, 1, "cpu")[3]
+    assert not torch.equal((later == data["empty"][0]).flatten(1).all(1), empty)  # a new draw per step
     with pytest.raises(ValueError, match="caption_dropout must be in"):
         _cfg(tmp_path, caption_dropout=1.0)
-
-
-def test_caption_dropout_is_on_by_default_for_a_model_sampled_with_cfg(tmp_path, capsys):
-    _train(_cfg(tmp_path, steps=1))  # the testbed FLUX is sampled with true_cfg_scale and has no guidance embedding
-    assert "caption dropout 0.1" in capsys.readouterr().out
 
 
 def test_guided_loss_is_the_cfg_prediction_error_over_both_branches(tmp_path):
@@ -153,7 +150,7 @@ def test_guided_loss_is_the_cfg_prediction_error_over_both_branches(tmp_path):
     pipe = load_pipeline("image-dit")
     data = load(str(out / "data" / "shard_00000.safetensors"))
     data["empty"] = clear_distill._encode(pipe, "flux", [""], 32)
-    x0, noise, sigma, embeds, pooled = clear_distill._batch(data, _cfg(tmp_path), 0, 0, 1, "cpu", 0.0)
+    x0, noise, sigma, embeds, pooled = clear_distill._batch(data, _cfg(tmp_path), 0, 0, 1, "cpu")
     n, s = x0.shape[0], sigma.view(-1, 1, 1)
     xt = torch.cat([(1 - s) * x0 + s * noise] * 2)
     args = (torch.cat([sigma, sigma]), torch.cat([embeds, data["empty"][0].expand_as(embeds)]),
@@ -170,5 +167,11 @@ def test_guided_loss_is_the_cfg_prediction_error_over_both_branches(tmp_path):
     assert logged["loss"] == pytest.approx(logged["fm"] + 0.25 * logged["pred"] + 0.5 * logged["attn"] + 0.75 * expected, rel=1e-4)
     with pytest.raises(ValueError, match="guidance_scale must be >= 0"):
         _cfg(tmp_path, guidance_scale=-1.0)
+    with pytest.raises(ValueError, match="guided_weight must be >= 0"):
+        _cfg(tmp_path, guidance_scale=4.0, guided_weight=-0.5)
     with pytest.raises(ValueError, match="pass --caption-dropout 0"):
         _cfg(tmp_path, guidance_scale=4.0, caption_dropout=0.1)
+    pipe = load_pipeline("image-dit")
+    pipe.transformer.register_to_config(guidance_embeds=True)  # as FLUX.1-dev declares (read before any forward)
+    with pytest.raises(ValueError, match="guidance-distilled .* pass --guidance-scale 0"):
+        clear_distill.train(_cfg(tmp_path / "dev", guidance_scale=4.0), pipe=pipe, prompts=PROMPTS)
