@@ -31,8 +31,9 @@ The recipe of research/clear.md §3 (Huage001/CLEAR ``distill.py``), with LoRA b
 Resuming: every ``checkpoint_every`` steps the trainable tensors, the optimizer state (safetensors +
 JSON) and the step are written atomically to ``out/checkpoints``; everything random (batch, noise,
 sigma, caption dropout) is drawn from generators seeded by (seed, step, process), so the data
-position and RNG follow from the step. Running the same command again resumes from the newest checkpoint (at most
-``checkpoint_every`` steps are lost) and gives the same result as an uninterrupted run. A changed
+position and RNG follow from the step. Running the same command again resumes from the newest
+checkpoint (at most ``checkpoint_every`` steps are lost) and gives the same result as an
+uninterrupted run. A changed
 option (other than ``steps``, ``max_minutes``, ``checkpoint_every``, ``fsdp``) raises.
 
 FSDP (``--fsdp true``, under ``accelerate launch``): the student, and a full fine-tune's teacher
@@ -341,6 +342,7 @@ def train(cfg: DistillConfig, *, pipe=None, prompts: list[str] | None = None, co
     run = RunLog(accelerator, out, "clear_distill", cfg, cfg.steps, start)
     deadline = None if not cfg.max_minutes else now() + 60 * cfg.max_minutes
     step = start
+    empty = tuple(t.to(accelerator.device) for t in data["empty"])  # [1, T, C], [1, P]: the guided loss's empty branch
     try:
         while step < cfg.steps:
             x0, noise, sigma, embeds, pooled = _batch(data, cfg, step, accelerator.process_index, accelerator.num_processes, accelerator.device)
@@ -350,8 +352,7 @@ def train(cfg: DistillConfig, *, pipe=None, prompts: list[str] | None = None, co
             if cfg.guidance_scale > 0:  # [prompted; empty] of the same noisy latents: both branches of a CFG step
                 n = x0.shape[0]
                 xt, sigma, target = torch.cat([xt, xt]), torch.cat([sigma, sigma]), torch.cat([target, target])
-                empty = tuple(t.to(embeds.device).expand(n, *t.shape[1:]) for t in data["empty"])
-                embeds, pooled = torch.cat([embeds, empty[0]]), torch.cat([pooled, empty[1]])
+                embeds, pooled = torch.cat([embeds, empty[0].expand_as(embeds)]), torch.cat([pooled, empty[1].expand_as(pooled)])
             with accelerator.autocast():
                 with torch.no_grad(), _teacher_mode(model, teacher is None), teacher_handle.bypass(), teacher_handle.capture(teacher_sites) as t_attn:
                     v_teacher = _forward(teacher if teacher is not None else model, family, xt, sigma, embeds, pooled, grid, guided)
